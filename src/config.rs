@@ -1,0 +1,428 @@
+//! Configuration: one typed [`Config`], layered with figment.
+//!
+//! Layers, later wins: built-in defaults < `herald.toml` (or `--config FILE`,
+//! which must exist) < `HERALD_*` environment variables (nested keys joined by
+//! `__`, e.g. `HERALD_SERVER__LISTEN`) < command-line flags. Unknown keys and bad
+//! values fail at start with the key named. Secrets are redacted by
+//! [`Config::redacted`] for `herald config print`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners and connection timeouts.
+    pub server: ServerConfig,
+    /// SSE stream behaviour.
+    pub stream: StreamConfig,
+    /// Request and connection limits.
+    pub limits: LimitsConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// casbin policy files.
+    pub policy: PolicyConfig,
+    /// Browser cross-origin access.
+    pub cors: CorsConfig,
+    /// Graceful drain on SIGTERM.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Public listener (API and streams).
+    pub listen: SocketAddr,
+    /// Admin listener (metrics, health, admin views). Keep it private.
+    pub admin_listen: SocketAddr,
+    /// Time allowed for a client to send the request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time allowed for a client to send a request body.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+}
+
+/// `[stream]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Interval of the comment heartbeat on idle streams.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// The `retry:` hint sent first on every stream.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+    /// Frames one connection may have queued before it is closed as a slow consumer.
+    pub queue_frames: usize,
+    /// Events kept in memory for `Last-Event-ID` resume (embedded bus).
+    pub replay_buffer: usize,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest accepted event (canonical JSON), in bytes.
+    pub max_event_bytes: usize,
+    /// Most registrations in one subscribe request.
+    pub max_registrations: usize,
+    /// Most open streams of one identity on one project.
+    pub connections_per_identity_project: usize,
+    /// Most open streams on this instance.
+    pub max_connections: usize,
+    /// Sustained subscribe requests per second per identity.
+    pub subscribe_rate: f64,
+    /// Subscribe requests one identity may make in a burst.
+    pub subscribe_burst: f64,
+    /// Most events in one publish request.
+    pub max_publish_batch: usize,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Shared secret for HS256/384/512 tokens (secret: redacted in `config print`).
+    pub hs_secret: Option<String>,
+    /// File holding the HS secret (trailing newline ignored).
+    pub hs_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256, ES256 or EdDSA tokens.
+    pub public_key_file: Option<PathBuf>,
+    /// Accepted algorithms; empty means every algorithm a configured key can verify.
+    pub algorithms: Vec<String>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// casbin model file.
+    pub model: PathBuf,
+    /// casbin policy file.
+    pub policy: PathBuf,
+    /// Most cached delivery-time decisions.
+    pub cache_size: usize,
+}
+
+/// `[cors]`
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call the API from a browser, e.g. `https://app.example.com`.
+    /// `"*"` allows any origin, but then never with credentials.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Time between failing `/readyz` and closing streams, so a load balancer notices.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Window over which open streams are told to reconnect, spread evenly.
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
+    /// Hard deadline for the whole shutdown.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 9090).into(),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(3),
+            queue_frames: 1024,
+            replay_buffer: 10_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            max_event_bytes: 64 * 1024,
+            max_registrations: 10,
+            connections_per_identity_project: 5,
+            max_connections: 50_000,
+            subscribe_rate: 5.0,
+            subscribe_burst: 20.0,
+            max_publish_batch: 100,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hs_secret: None,
+            hs_secret_file: None,
+            public_key_file: None,
+            algorithms: Vec::new(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::from("policies/model.conf"),
+            policy: PathBuf::from("policies/policy.csv"),
+            cache_size: 100_000,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(2),
+            drain_window: Duration::from_secs(5),
+            deadline: Duration::from_secs(15),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            stream: StreamConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            policy: PolicyConfig::default(),
+            cors: CorsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key (and how to set it).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Figment(Box<figment::Error>),
+    #[error("invalid configuration: `{key}` (env HERALD_{env}): {message}")]
+    Invalid {
+        key: &'static str,
+        env: String,
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        env: key.replace('.', "__").to_uppercase(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Loads the layered configuration. `file` is `--config` (must exist) or
+    /// `None` for `./herald.toml` when present. `overrides` are the command-line
+    /// flags as `(dotted.key, value)` pairs, applied last.
+    pub fn load(
+        file: Option<&Path>,
+        overrides: &[(&str, figment::value::Value)],
+    ) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(f) => {
+                if !f.is_file() {
+                    return Err(ConfigError::MissingFile(f.to_path_buf()));
+                }
+                fig = fig.merge(Toml::file_exact(f));
+            }
+            None => fig = fig.merge(Toml::file_exact("herald.toml")),
+        }
+        fig = fig.merge(Env::prefixed("HERALD_").split("__"));
+        for (k, v) in overrides {
+            fig = fig.merge((*k, v.clone()));
+        }
+        let cfg: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Figment(Box::new(e)))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_body_bytes < 1024 {
+            return Err(invalid("limits.max_body_bytes", "must be at least 1024"));
+        }
+        if l.max_event_bytes < 256 || l.max_event_bytes > 8 * 1024 * 1024 {
+            return Err(invalid(
+                "limits.max_event_bytes",
+                "must be between 256 and 8388608",
+            ));
+        }
+        if l.max_registrations == 0 || l.max_registrations > 100 {
+            return Err(invalid(
+                "limits.max_registrations",
+                "must be between 1 and 100",
+            ));
+        }
+        if l.connections_per_identity_project == 0 {
+            return Err(invalid(
+                "limits.connections_per_identity_project",
+                "must be at least 1",
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if !(l.subscribe_rate > 0.0 && l.subscribe_rate.is_finite()) {
+            return Err(invalid(
+                "limits.subscribe_rate",
+                "must be a positive number",
+            ));
+        }
+        if !(l.subscribe_burst >= 1.0 && l.subscribe_burst.is_finite()) {
+            return Err(invalid("limits.subscribe_burst", "must be at least 1"));
+        }
+        if l.max_publish_batch == 0 {
+            return Err(invalid("limits.max_publish_batch", "must be at least 1"));
+        }
+        if self.stream.queue_frames < 2 {
+            return Err(invalid("stream.queue_frames", "must be at least 2"));
+        }
+        if self.stream.heartbeat < Duration::from_millis(100) {
+            return Err(invalid("stream.heartbeat", "must be at least 100ms"));
+        }
+        if self.server.header_read_timeout.is_zero() {
+            return Err(invalid("server.header_read_timeout", "must be positive"));
+        }
+        if self.server.body_read_timeout.is_zero() {
+            return Err(invalid("server.body_read_timeout", "must be positive"));
+        }
+        for a in &self.auth.algorithms {
+            if crate::auth::parse_algorithm(a).is_none() {
+                return Err(invalid(
+                    "auth.algorithms",
+                    format!("unsupported algorithm {a:?}; allowed: HS256, HS384, HS512, RS256, ES256, EdDSA"),
+                ));
+            }
+        }
+        for o in &self.cors.allowed_origins {
+            if o != "*"
+                && url::Url::parse(o)
+                    .map(|u| u.origin().ascii_serialization() != *o)
+                    .unwrap_or(true)
+            {
+                return Err(invalid(
+                    "cors.allowed_origins",
+                    format!("{o:?} is not an origin like https://app.example.com (scheme://host[:port], no path)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets redacted.
+    pub fn redacted(&self) -> String {
+        let mut c = self.clone();
+        if c.auth.hs_secret.is_some() {
+            c.auth.hs_secret = Some("<redacted>".to_owned());
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn layers_apply_in_order() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                "[server]\nlisten = \"127.0.0.1:1000\"\nadmin_listen = \"127.0.0.1:1001\"\n",
+            )?;
+            jail.set_env("HERALD_SERVER__ADMIN_LISTEN", "127.0.0.1:2001");
+            jail.set_env("HERALD_STREAM__HEARTBEAT", "2s");
+            let cfg = Config::load(None, &[("limits.max_registrations", 3.into())])
+                .map_err(|e| e.to_string())?;
+            assert_eq!(cfg.server.listen.port(), 1000);
+            assert_eq!(cfg.server.admin_listen.port(), 2001);
+            assert_eq!(cfg.stream.heartbeat, Duration::from_secs(2));
+            assert_eq!(cfg.limits.max_registrations, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("herald.toml", "[server]\nlisten_addr = \"x\"\n")?;
+            let err = Config::load(None, &[]).unwrap_err().to_string();
+            assert!(err.contains("listen_addr"), "{err}");
+            jail.create_file("herald.toml", "[limits]\nmax_registrations = 0\n")?;
+            let err = Config::load(None, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("limits.max_registrations")
+                    && err.contains("HERALD_LIMITS__MAX_REGISTRATIONS"),
+                "{err}"
+            );
+            jail.create_file("herald.toml", "")?;
+            jail.set_env("HERALD_STREAM__HEARTBEAT", "soon");
+            let err = Config::load(None, &[]).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("stream.heartbeat"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/herald.toml")), &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut c = Config::default();
+        c.auth.hs_secret = Some("topsecret".into());
+        let out = c.redacted();
+        assert!(!out.contains("topsecret"));
+        assert!(out.contains("<redacted>"));
+    }
+}

@@ -1,0 +1,220 @@
+//! Prometheus metrics: one [`Metrics`] value owns the registry and every series.
+//!
+//! Names follow Prometheus conventions (`_total` counters, base units) and the
+//! list of DESIGN.md section 8. Labels are closed sets chosen in code, never
+//! values from requests, so a client cannot blow up the series count.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric herald exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Open SSE streams.
+    pub connections: IntGauge,
+    /// Subscribe attempts by result.
+    pub subscriptions: IntCounterVec,
+    /// Events accepted into the router, by source (`api`, `nats`).
+    pub events_received: IntCounterVec,
+    /// Event frames handed to client connections.
+    pub events_delivered: IntCounter,
+    /// Events refused, by reason.
+    pub events_rejected: IntCounterVec,
+    /// Deliveries dropped, by reason.
+    pub events_dropped: IntCounterVec,
+    /// Publish-to-write latency.
+    pub delivery_latency: Histogram,
+    /// NATS subscriptions held (0 with the embedded bus).
+    pub nats_subscriptions: IntGauge,
+    /// 1 while connected to NATS (0 with the embedded bus).
+    pub nats_connected: IntGauge,
+    /// Token refusals, by reason.
+    pub auth_failures: IntCounterVec,
+    /// Permission denials, by stage (`subscribe`, `delivery`, `publish`).
+    pub permission_denied: IntCounterVec,
+    /// Generation of the policy in force.
+    pub policy_generation: IntGauge,
+    /// Policy loads, by result.
+    pub policy_reloads: IntCounterVec,
+    /// Events sent from the replay buffer on resume.
+    pub replayed_events: IntCounter,
+    /// Requests refused by a limit, by limit.
+    pub limit_rejections: IntCounterVec,
+    /// Delivery-time decision cache lookups, by result (`hit`, `miss`).
+    pub decision_cache: IntCounterVec,
+    /// Streams closed, by reason.
+    pub streams_closed: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label])
+        .expect("static metric definition is valid");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("static metric definition is valid");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition is valid");
+    r.register(Box::new(g.clone()))
+        .expect("metric names are unique");
+    g
+}
+
+impl Metrics {
+    /// Creates and registers every metric, plus the process collector.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            // Registering can only fail on a duplicate, impossible on a fresh registry.
+            let _ = r.register(Box::new(pc));
+        }
+        let delivery_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "herald_delivery_latency_seconds",
+                "Time from an event being accepted to its frame being written to a client.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ]),
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(delivery_latency.clone()))
+            .expect("metric names are unique");
+        let m = Metrics {
+            connections: gauge(&r, "herald_connections", "Open SSE streams."),
+            subscriptions: counter_vec(
+                &r,
+                "herald_subscriptions_total",
+                "Subscribe requests by result.",
+                "result",
+            ),
+            events_received: counter_vec(
+                &r,
+                "herald_events_received_total",
+                "Events accepted, by source.",
+                "source",
+            ),
+            events_delivered: counter(
+                &r,
+                "herald_events_delivered_total",
+                "Event frames written to client streams.",
+            ),
+            events_rejected: counter_vec(
+                &r,
+                "herald_events_rejected_total",
+                "Events refused, by reason.",
+                "reason",
+            ),
+            events_dropped: counter_vec(
+                &r,
+                "herald_events_dropped_total",
+                "Deliveries dropped, by reason.",
+                "reason",
+            ),
+            delivery_latency,
+            nats_subscriptions: gauge(
+                &r,
+                "herald_nats_subscriptions",
+                "NATS subscriptions held by this instance.",
+            ),
+            nats_connected: gauge(&r, "herald_nats_connected", "1 while connected to NATS."),
+            auth_failures: counter_vec(
+                &r,
+                "herald_auth_failures_total",
+                "Refused bearer tokens, by reason.",
+                "reason",
+            ),
+            permission_denied: counter_vec(
+                &r,
+                "herald_permission_denied_total",
+                "Permission denials, by stage.",
+                "stage",
+            ),
+            policy_generation: gauge(
+                &r,
+                "herald_policy_generation",
+                "Generation of the policy in force.",
+            ),
+            policy_reloads: counter_vec(
+                &r,
+                "herald_policy_reloads_total",
+                "Policy loads, by result.",
+                "result",
+            ),
+            replayed_events: counter(
+                &r,
+                "herald_replayed_events_total",
+                "Events sent from the replay buffer on resume.",
+            ),
+            limit_rejections: counter_vec(
+                &r,
+                "herald_limit_rejections_total",
+                "Requests refused by a limit, by limit.",
+                "limit",
+            ),
+            decision_cache: counter_vec(
+                &r,
+                "herald_decision_cache_lookups_total",
+                "Delivery-time permission cache lookups, by result.",
+                "result",
+            ),
+            streams_closed: counter_vec(
+                &r,
+                "herald_streams_closed_total",
+                "SSE streams ended, by reason.",
+                "reason",
+            ),
+            registry: r,
+        };
+        // Pre-create the label sets operators alert on, so they read 0, not absent.
+        for r in [
+            "accepted",
+            "bad_request",
+            "unauthorized",
+            "forbidden",
+            "limited",
+            "draining",
+        ] {
+            m.subscriptions.with_label_values(&[r]);
+        }
+        for s in ["subscribe", "delivery", "publish"] {
+            m.permission_denied.with_label_values(&[s]);
+        }
+        m.events_dropped.with_label_values(&["slow_consumer"]);
+        m.events_received.with_label_values(&["api"]);
+        for r in ["success", "error"] {
+            m.policy_reloads.with_label_values(&[r]);
+        }
+        for r in ["hit", "miss"] {
+            m.decision_cache.with_label_values(&[r]);
+        }
+        m
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,492 @@
+//! Secret paths and path patterns.
+//!
+//! A [`SecretPath`] is a concrete, normalized, absolute folder path of an event
+//! (`/`, `/apps`, `/apps/db`). A [`PathPattern`] is what a subscription or a policy
+//! line asks for: literal segments, `*` (exactly one segment), `**` (zero or more
+//! segments) and segments with `*` inside (`db-*`, any run of characters within
+//! one segment).
+//!
+//! Matching never allocates and never panics; it runs on the delivery hot path and
+//! inside casbin's matcher. The pattern-against-pattern relations
+//! ([`PathPattern::overlaps`], [`PathPattern::covers`]) serve the subscribe-time
+//! permission check, where a registration is itself a pattern.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest accepted path, in bytes.
+pub const MAX_PATH_LEN: usize = 1024;
+/// Most accepted segments in a path or pattern.
+pub const MAX_SEGMENTS: usize = 32;
+
+/// Why a path or pattern was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("must start with '/'")]
+    NotAbsolute,
+    #[error("must be at most {MAX_PATH_LEN} bytes")]
+    TooLong,
+    #[error("must have at most {MAX_SEGMENTS} segments")]
+    TooManySegments,
+    #[error("must not contain empty segments ('//') or a trailing '/'")]
+    EmptySegment,
+    #[error("must not contain '.' or '..' segments")]
+    DotSegment,
+    #[error("must not contain control characters")]
+    ControlChar,
+}
+
+fn split_checked(s: &str) -> Result<impl Iterator<Item = &str>, PathError> {
+    if !s.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if s.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong);
+    }
+    if s.chars().any(char::is_control) {
+        return Err(PathError::ControlChar);
+    }
+    let body = &s[1..];
+    if body.is_empty() {
+        return Ok(None.into_iter().flatten());
+    }
+    let mut count = 0;
+    for seg in body.split('/') {
+        count += 1;
+        if seg.is_empty() {
+            return Err(PathError::EmptySegment);
+        }
+        if seg == "." || seg == ".." {
+            return Err(PathError::DotSegment);
+        }
+    }
+    if count > MAX_SEGMENTS {
+        return Err(PathError::TooManySegments);
+    }
+    Ok(Some(body.split('/')).into_iter().flatten())
+}
+
+/// A concrete, normalized, absolute secret folder path.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SecretPath(Arc<str>);
+
+impl SecretPath {
+    /// Checks and wraps a concrete path. A `*` in a concrete path is an ordinary
+    /// character: only patterns give it a meaning.
+    pub fn parse(s: &str) -> Result<Self, PathError> {
+        split_checked(s)?.for_each(drop);
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// The root folder `/`.
+    pub fn root() -> Self {
+        Self(Arc::from("/"))
+    }
+
+    /// The path as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The segments, empty for the root.
+    pub fn segments(&self) -> impl Iterator<Item = &str> + Clone {
+        let body = &self.0[1..];
+        body.split('/').filter(|s| !s.is_empty())
+    }
+}
+
+impl fmt::Display for SecretPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// One segment of a [`PathPattern`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Seg {
+    /// A literal segment.
+    Lit(Box<str>),
+    /// `*`: exactly one segment.
+    Any,
+    /// `**`: zero or more segments.
+    AnyDeep,
+    /// A segment with `*` inside, such as `db-*`.
+    Glob(Box<str>),
+}
+
+/// A pattern over secret paths.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PathPattern {
+    text: Arc<str>,
+    segs: Box<[Seg]>,
+}
+
+impl PathPattern {
+    /// Parses a pattern exactly as written: `/apps` matches only `/apps`.
+    /// This is the policy-file reading.
+    pub fn parse_exact(s: &str) -> Result<Self, PathError> {
+        let mut segs = Vec::new();
+        for seg in split_checked(s)? {
+            segs.push(match seg {
+                "*" => Seg::Any,
+                "**" => Seg::AnyDeep,
+                g if g.contains('*') => Seg::Glob(g.into()),
+                lit => Seg::Lit(lit.into()),
+            });
+        }
+        // Collapse `**/**`: same meaning, and it keeps matching linear.
+        segs.dedup_by(|a, b| *a == Seg::AnyDeep && *b == Seg::AnyDeep);
+        let text = render(&segs);
+        Ok(Self {
+            text: Arc::from(text),
+            segs: segs.into(),
+        })
+    }
+
+    /// Parses a subscription's `secretPath`: a path without wildcards means that
+    /// folder and everything below it (`/apps` is `/apps/**`); a pattern with
+    /// wildcards is taken as written.
+    pub fn parse_subscription(s: &str) -> Result<Self, PathError> {
+        let p = Self::parse_exact(s)?;
+        if p.segs.iter().all(|s| matches!(s, Seg::Lit(_))) {
+            let mut segs = p.segs.into_vec();
+            if segs.len() >= MAX_SEGMENTS {
+                return Err(PathError::TooManySegments);
+            }
+            segs.push(Seg::AnyDeep);
+            let text = render(&segs);
+            return Ok(Self {
+                text: Arc::from(text),
+                segs: segs.into(),
+            });
+        }
+        Ok(p)
+    }
+
+    /// Everything: `/**`.
+    pub fn everything() -> Self {
+        Self {
+            text: Arc::from("/**"),
+            segs: vec![Seg::AnyDeep].into(),
+        }
+    }
+
+    /// The normalized pattern text.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The segments.
+    pub fn segs(&self) -> &[Seg] {
+        &self.segs
+    }
+
+    /// Whether the concrete `path` is matched by this pattern.
+    pub fn matches(&self, path: &SecretPath) -> bool {
+        let text: smallvec_free::Segs = path.segments().collect();
+        seq_match(&self.segs, text.as_slice(), |p, t| match p {
+            Seg::Lit(l) => &**l == *t,
+            Seg::Any => true,
+            Seg::Glob(g) => glob_match(g, t),
+            Seg::AnyDeep => false,
+        })
+    }
+
+    /// Whether every path `other` matches is also matched by `self` (sound: a
+    /// `true` is always right; some exotic true cases answer `false`).
+    pub fn covers(&self, other: &PathPattern) -> bool {
+        seq_match(&self.segs, &other.segs, |p, t| match (p, t) {
+            (_, Seg::AnyDeep) => false,
+            (Seg::AnyDeep, _) => false,
+            (Seg::Any, _) => true,
+            (Seg::Lit(a), Seg::Lit(b)) => a == b,
+            (Seg::Lit(_), _) => false,
+            (Seg::Glob(g), Seg::Lit(b)) => glob_match(g, b),
+            (Seg::Glob(g), Seg::Glob(h)) => glob_covers(g, h),
+            (Seg::Glob(g), Seg::Any) => g.chars().all(|c| c == '*'),
+        })
+    }
+
+    /// Whether some concrete path is matched by both patterns.
+    pub fn overlaps(&self, other: &PathPattern) -> bool {
+        let (a, b) = (&self.segs[..], &other.segs[..]);
+        // reach[i][j]: a[..i] and b[..j] can match the same segment sequence.
+        let mut reach = vec![vec![false; b.len() + 1]; a.len() + 1];
+        reach[0][0] = true;
+        for i in 0..=a.len() {
+            for j in 0..=b.len() {
+                if !reach[i][j] {
+                    continue;
+                }
+                if i < a.len() && a[i] == Seg::AnyDeep {
+                    reach[i + 1][j] = true;
+                    if j < b.len() {
+                        reach[i][j + 1] = true;
+                    }
+                }
+                if j < b.len() && b[j] == Seg::AnyDeep {
+                    reach[i][j + 1] = true;
+                    if i < a.len() {
+                        reach[i + 1][j] = true;
+                    }
+                }
+                if i < a.len() && j < b.len() && seg_overlap(&a[i], &b[j]) {
+                    reach[i + 1][j + 1] = true;
+                }
+            }
+        }
+        reach[a.len()][b.len()]
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Debug for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.text, f)
+    }
+}
+
+fn render(segs: &[Seg]) -> String {
+    if segs.is_empty() {
+        return "/".to_owned();
+    }
+    let mut out = String::new();
+    for s in segs {
+        out.push('/');
+        out.push_str(match s {
+            Seg::Lit(l) | Seg::Glob(l) => l,
+            Seg::Any => "*",
+            Seg::AnyDeep => "**",
+        });
+    }
+    out
+}
+
+/// Without an external small-vector crate: the segments of one path on the stack.
+mod smallvec_free {
+    use super::MAX_SEGMENTS;
+
+    /// Up to [`MAX_SEGMENTS`] borrowed segments, no heap allocation.
+    pub struct Segs<'a> {
+        items: [&'a str; MAX_SEGMENTS],
+        len: usize,
+    }
+
+    impl<'a> Segs<'a> {
+        pub fn as_slice(&self) -> &[&'a str] {
+            &self.items[..self.len]
+        }
+    }
+
+    impl<'a> FromIterator<&'a str> for Segs<'a> {
+        fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
+            let mut s = Segs {
+                items: [""; MAX_SEGMENTS],
+                len: 0,
+            };
+            // A SecretPath has at most MAX_SEGMENTS segments (checked at parse).
+            for seg in iter.into_iter().take(MAX_SEGMENTS) {
+                s.items[s.len] = seg;
+                s.len += 1;
+            }
+            s
+        }
+    }
+}
+
+/// Greedy wildcard matching over sequences, with `Seg::AnyDeep` as the
+/// many-token wildcard of `pat`. O(len(pat) * len(text)) worst case.
+fn seq_match<T>(pat: &[Seg], text: &[T], single: impl Fn(&Seg, &T) -> bool) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pat.len() && pat[p] == Seg::AnyDeep {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pat.len() && single(&pat[p], &text[t]) {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pat[p..].iter().all(|s| *s == Seg::AnyDeep)
+}
+
+/// Matches `text` against a glob where `*` is any run of characters.
+pub fn glob_match(glob: &str, text: &str) -> bool {
+    let (g, t) = (glob.as_bytes(), text.as_bytes());
+    let (mut p, mut i) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while i < t.len() {
+        if p < g.len() && g[p] == b'*' {
+            star = Some((p, i));
+            p += 1;
+        } else if p < g.len() && g[p] == t[i] {
+            p += 1;
+            i += 1;
+        } else if let Some((sp, si)) = star {
+            p = sp + 1;
+            i = si + 1;
+            star = Some((sp, si + 1));
+        } else {
+            return false;
+        }
+    }
+    g[p..].iter().all(|c| *c == b'*')
+}
+
+/// Whether every text matched by glob `inner` is matched by glob `outer`
+/// (sound approximation: `inner`'s `*` is matched only by `outer`'s `*`).
+pub fn glob_covers(outer: &str, inner: &str) -> bool {
+    // Treat inner's '*' as a literal that only outer's '*' may absorb: that is
+    // plain glob matching, because outer's literals never equal '*'.
+    glob_match(outer, inner)
+}
+
+/// Whether two globs match at least one common text.
+pub fn glob_overlap(a: &str, b: &str) -> bool {
+    match (a.contains('*'), b.contains('*')) {
+        (false, false) => a == b,
+        (true, false) => glob_match(a, b),
+        (false, true) => glob_match(b, a),
+        (true, true) => {
+            // Both have a star: the middles absorb each other, so only the literal
+            // prefixes (before the first star) and suffixes (after the last star)
+            // must be compatible.
+            let (pa, pb) = (prefix(a), prefix(b));
+            let (sa, sb) = (suffix(a), suffix(b));
+            (pa.starts_with(pb) || pb.starts_with(pa)) && (sa.ends_with(sb) || sb.ends_with(sa))
+        }
+    }
+}
+
+fn prefix(g: &str) -> &str {
+    g.split('*').next().unwrap_or("")
+}
+
+fn suffix(g: &str) -> &str {
+    g.rsplit('*').next().unwrap_or("")
+}
+
+fn seg_overlap(a: &Seg, b: &Seg) -> bool {
+    match (a, b) {
+        (Seg::AnyDeep, _) | (_, Seg::AnyDeep) => false, // handled by the caller
+        (Seg::Any, _) | (_, Seg::Any) => true,
+        (Seg::Lit(x), Seg::Lit(y)) => x == y,
+        (Seg::Lit(x), Seg::Glob(g)) | (Seg::Glob(g), Seg::Lit(x)) => glob_match(g, x),
+        (Seg::Glob(g), Seg::Glob(h)) => glob_overlap(g, h),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> SecretPath {
+        SecretPath::parse(s).unwrap()
+    }
+    fn exact(s: &str) -> PathPattern {
+        PathPattern::parse_exact(s).unwrap()
+    }
+    fn sub(s: &str) -> PathPattern {
+        PathPattern::parse_subscription(s).unwrap()
+    }
+
+    #[test]
+    fn concrete_paths_are_normalized_or_refused() {
+        assert!(SecretPath::parse("/").is_ok());
+        assert!(SecretPath::parse("/apps/db").is_ok());
+        assert!(SecretPath::parse("/ünïcode/ok space").is_ok());
+        assert_eq!(SecretPath::parse("apps"), Err(PathError::NotAbsolute));
+        assert_eq!(SecretPath::parse(""), Err(PathError::NotAbsolute));
+        assert_eq!(SecretPath::parse("/apps/"), Err(PathError::EmptySegment));
+        assert_eq!(SecretPath::parse("//apps"), Err(PathError::EmptySegment));
+        assert_eq!(SecretPath::parse("/apps/../x"), Err(PathError::DotSegment));
+        assert_eq!(SecretPath::parse("/./x"), Err(PathError::DotSegment));
+        assert_eq!(SecretPath::parse("/a\nb"), Err(PathError::ControlChar));
+        assert_eq!(SecretPath::parse("/a\u{7f}"), Err(PathError::ControlChar));
+        assert!(SecretPath::parse("/a/*").is_ok());
+        assert!(!exact("/a/b").matches(&p("/a/*")));
+        assert!(exact("/a/*").matches(&p("/a/*")));
+        let long = format!("/{}", "a".repeat(1024));
+        assert_eq!(SecretPath::parse(&long), Err(PathError::TooLong));
+        let deep = "/a".repeat(33);
+        assert_eq!(SecretPath::parse(&deep), Err(PathError::TooManySegments));
+        assert!(SecretPath::parse(&"/a".repeat(32)).is_ok());
+    }
+
+    #[test]
+    fn plain_subscription_path_is_folder_and_below() {
+        let pat = sub("/apps");
+        assert_eq!(pat.as_str(), "/apps/**");
+        assert!(pat.matches(&p("/apps")));
+        assert!(pat.matches(&p("/apps/db")));
+        assert!(pat.matches(&p("/apps/db/x/y")));
+        assert!(!pat.matches(&p("/apps2")));
+        assert!(!pat.matches(&p("/")));
+        assert!(sub("/").matches(&p("/")));
+        assert!(sub("/").matches(&p("/a/b")));
+    }
+
+    #[test]
+    fn exact_policy_path_is_only_that_folder() {
+        assert!(exact("/apps").matches(&p("/apps")));
+        assert!(!exact("/apps").matches(&p("/apps/db")));
+        assert!(exact("/apps/**").matches(&p("/apps")));
+        assert!(exact("/**").matches(&p("/")));
+    }
+
+    #[test]
+    fn single_star_and_deep_globs() {
+        assert!(exact("/apps/*").matches(&p("/apps/db")));
+        assert!(!exact("/apps/*").matches(&p("/apps")));
+        assert!(!exact("/apps/*").matches(&p("/apps/db/x")));
+        assert!(exact("/apps/*/creds").matches(&p("/apps/db/creds")));
+        assert!(exact("/apps/**/creds").matches(&p("/apps/creds")));
+        assert!(exact("/apps/**/creds").matches(&p("/apps/a/b/creds")));
+        assert!(!exact("/apps/**/creds").matches(&p("/apps/a/b/creds2")));
+        assert!(exact("/apps/db-*").matches(&p("/apps/db-main")));
+        assert!(!exact("/apps/db-*").matches(&p("/apps/cache")));
+        assert_eq!(exact("/a/**/**/b").as_str(), "/a/**/b");
+    }
+
+    #[test]
+    fn covers_and_overlaps() {
+        assert!(exact("/**").covers(&sub("/apps")));
+        assert!(exact("/apps/**").covers(&sub("/apps/db")));
+        assert!(!exact("/apps/db/**").covers(&sub("/apps")));
+        assert!(exact("/apps/db/**").overlaps(&sub("/apps")));
+        assert!(!exact("/other/**").overlaps(&sub("/apps")));
+        assert!(exact("/apps/*").overlaps(&exact("/*/db")));
+        assert!(exact("/apps/db-*").overlaps(&exact("/apps/*-main")));
+        assert!(!exact("/apps/db-*").overlaps(&exact("/apps/cache-*")));
+        assert!(!exact("/apps").covers(&sub("/apps")));
+        assert!(exact("/apps/*").covers(&exact("/apps/db-*")));
+        assert!(!exact("/apps/db-*").covers(&exact("/apps/*")));
+    }
+
+    #[test]
+    fn glob_overlap_rules() {
+        assert!(glob_overlap("a*", "*b"));
+        assert!(glob_overlap("ab*", "a*"));
+        assert!(!glob_overlap("ab*", "ac*"));
+        assert!(!glob_overlap("*x", "*y"));
+        assert!(glob_overlap("prod", "pro*"));
+    }
+}

@@ -1,0 +1,851 @@
+//! casbin authorization: loading, validating, deciding, caching.
+//!
+//! The policy in force is an immutable [`PolicySet`] (a compiled casbin enforcer
+//! plus its generation and fingerprint) behind an `Arc` that is swapped whole.
+//! Every line is validated by herald before casbin sees it, and the matcher calls
+//! herald's own never-panicking `projectMatch`, `typeMatch`, `envMatch` and
+//! `pathMatch` functions instead of casbin's built-in globs.
+//!
+//! Two stages ask: subscribe time, with a registration that may itself be a
+//! pattern (allowed when an allow rule overlaps it and no deny rule covers it
+//! whole), and delivery time, with an event's concrete values. Delivery-time
+//! answers are cached per (generation, identity, project, type, env, path); the
+//! generation in the key means an answer of an old policy can never serve a new
+//! one. This module never blocks on I/O after loading and never panics on input.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use casbin::rhai::Dynamic;
+use casbin::{function_map::OperatorFunction, MemoryAdapter};
+use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi};
+use parking_lot::{Mutex, RwLock};
+
+use crate::event::{EventType, EVENT_TYPES};
+use crate::ident::{EnvSlug, ProjectId};
+use crate::interest::Interest;
+use crate::metrics::Metrics;
+use crate::path::{glob_covers, glob_match, glob_overlap, PathPattern, SecretPath};
+
+/// The model shipped in `policies/model.conf`, used when `--dev` finds no files.
+pub const SHIPPED_MODEL: &str = include_str!("../policies/model.conf");
+/// The policy shipped in `policies/policy.csv`, used when `--dev` finds no files.
+pub const SHIPPED_POLICY: &str = include_str!("../policies/policy.csv");
+
+/// Marks a request path that is a pattern (a registration), not an event's path.
+const PATTERN_MARK: &str = "pattern:";
+/// The request environment of a registration without one.
+const ANY_ENV: &str = "*";
+
+/// The actions a policy line can grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Receive events.
+    Subscribe,
+    /// Send events.
+    Publish,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Subscribe => "subscribe",
+            Action::Publish => "publish",
+        }
+    }
+}
+
+/// Where the model and policy text come from.
+#[derive(Clone, Debug)]
+pub struct PolicySource {
+    /// Name of the model file, for messages.
+    pub model_name: String,
+    /// Model text.
+    pub model: String,
+    /// Name of the policy file, for messages.
+    pub policy_name: String,
+    /// Policy text.
+    pub policy: String,
+}
+
+impl PolicySource {
+    /// Reads both files.
+    pub fn read(model: &Path, policy: &Path) -> Result<Self, Vec<Problem>> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| {
+                vec![Problem::new(
+                    p.display().to_string(),
+                    0,
+                    format!("cannot read: {e}"),
+                )]
+            })
+        };
+        Ok(Self {
+            model_name: model.display().to_string(),
+            model: read(model)?,
+            policy_name: policy.display().to_string(),
+            policy: read(policy)?,
+        })
+    }
+
+    /// The policy shipped with herald.
+    pub fn shipped() -> Self {
+        Self {
+            model_name: "<shipped policies/model.conf>".into(),
+            model: SHIPPED_MODEL.into(),
+            policy_name: "<shipped policies/policy.csv>".into(),
+            policy: SHIPPED_POLICY.into(),
+        }
+    }
+}
+
+/// One problem found in a policy, with its place.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// File name.
+    pub file: String,
+    /// 1-based line, or 0 for the whole file.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Problem {
+    fn new(file: impl Into<String>, line: usize, message: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}:{}: {}", self.file, self.line, self.message)
+        }
+    }
+}
+
+/// A parsed policy: `p` rules and `g` role links, deduplicated, in file order.
+#[derive(Debug, Default)]
+struct ParsedPolicy {
+    rules: Vec<Vec<String>>,
+    links: Vec<Vec<String>>,
+}
+
+fn is_pattern_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'*')
+}
+
+fn is_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && !s
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+}
+
+/// Parses and validates a policy text; every problem is reported with its line.
+fn parse_policy(name: &str, text: &str) -> Result<ParsedPolicy, Vec<Problem>> {
+    let mut out = ParsedPolicy::default();
+    let mut problems = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if trimmed.contains('"') {
+            problems.push(Problem::new(
+                name,
+                line,
+                "quotes are not supported in herald policies",
+            ));
+            continue;
+        }
+        let fields: Vec<String> = trimmed.split(',').map(|f| f.trim().to_owned()).collect();
+        let mut err = |m: String| problems.push(Problem::new(name, line, m));
+        match fields[0].as_str() {
+            "p" => {
+                if fields.len() != 8 {
+                    err(format!(
+                        "a `p` line has 7 fields (subject, project, event type, action, environment, path, allow|deny); found {}",
+                        fields.len() - 1
+                    ));
+                    continue;
+                }
+                let f = &fields[1..];
+                let before = problems.len();
+                let mut err = |m: String| problems.push(Problem::new(name, line, m));
+                if !is_subject(&f[0]) {
+                    err(format!(
+                        "subject {:?} must be non-empty without spaces or control characters",
+                        f[0]
+                    ));
+                }
+                if !is_pattern_ident(&f[1]) {
+                    err(format!("project {:?} must be `*` or a project id (A-Z a-z 0-9 _ -, `*` as wildcard)", f[1]));
+                }
+                if !EVENT_TYPES.iter().any(|d| glob_match(&f[2], d.name)) {
+                    err(format!(
+                        "event type {:?} matches no known event type ({})",
+                        f[2],
+                        EVENT_TYPES
+                            .iter()
+                            .map(|d| d.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                if f[3] != "subscribe" && f[3] != "publish" {
+                    err(format!(
+                        "action {:?} must be `subscribe` or `publish`",
+                        f[3]
+                    ));
+                }
+                if !is_pattern_ident(&f[4]) {
+                    err(format!(
+                        "environment {:?} must be `*` or a slug (A-Z a-z 0-9 _ -, `*` as wildcard)",
+                        f[4]
+                    ));
+                }
+                if let Err(e) = PathPattern::parse_exact(&f[5]) {
+                    err(format!("path {:?}: {e}", f[5]));
+                }
+                if f[6] != "allow" && f[6] != "deny" {
+                    err(format!("effect {:?} must be `allow` or `deny`", f[6]));
+                }
+                if problems.len() == before {
+                    let mut rule = f.to_vec();
+                    // Store paths normalized, so `/a/**/**` and `/a/**` are one rule.
+                    if let Ok(p) = PathPattern::parse_exact(&rule[5]) {
+                        rule[5] = p.as_str().to_owned();
+                    }
+                    if seen.insert(("p", rule.clone())) {
+                        out.rules.push(rule);
+                    }
+                }
+            }
+            "g" => {
+                if fields.len() != 4 {
+                    err(format!(
+                        "a `g` line has 3 fields (member, role, project or *); found {}",
+                        fields.len() - 1
+                    ));
+                    continue;
+                }
+                let f = &fields[1..];
+                if !is_subject(&f[0]) || !is_subject(&f[1]) {
+                    err(
+                        "member and role must be non-empty without spaces or control characters"
+                            .into(),
+                    );
+                    continue;
+                }
+                if f[2] != "*" && ProjectId::parse(&f[2]).is_err() {
+                    err(format!("domain {:?} must be a project id or `*`", f[2]));
+                    continue;
+                }
+                if f[0] == f[1] {
+                    err(format!("{:?} cannot be a member of itself", f[0]));
+                    continue;
+                }
+                if seen.insert(("g", f.to_vec())) {
+                    out.links.push(f.to_vec());
+                }
+            }
+            other => err(format!(
+                "unknown policy type {other:?}: herald policies have `p` and `g` lines"
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+fn dyn_str(d: &Dynamic) -> String {
+    casbin::function_map::dynamic_to_str(d).into_owned()
+}
+
+fn f_project_match(req: Dynamic, pol: Dynamic) -> Dynamic {
+    glob_match(&dyn_str(&pol), &dyn_str(&req)).into()
+}
+
+fn f_type_match(req: Dynamic, pol: Dynamic) -> Dynamic {
+    glob_match(&dyn_str(&pol), &dyn_str(&req)).into()
+}
+
+fn f_env_match(req: Dynamic, pol: Dynamic, eft: Dynamic) -> Dynamic {
+    let (req, pol) = (dyn_str(&req), dyn_str(&pol));
+    if req == ANY_ENV {
+        // A registration for every environment.
+        return if dyn_str(&eft) == "deny" {
+            glob_covers(&pol, &req)
+        } else {
+            glob_overlap(&pol, &req)
+        }
+        .into();
+    }
+    glob_match(&pol, &req).into()
+}
+
+fn f_path_match(req: Dynamic, pol: Dynamic, eft: Dynamic) -> Dynamic {
+    let (req, pol) = (dyn_str(&req), dyn_str(&pol));
+    let Ok(pol) = PathPattern::parse_exact(&pol) else {
+        return false.into();
+    };
+    if let Some(pat) = req.strip_prefix(PATTERN_MARK) {
+        let Ok(pat) = PathPattern::parse_exact(pat) else {
+            return false.into();
+        };
+        return if dyn_str(&eft) == "deny" {
+            pol.covers(&pat)
+        } else {
+            pol.overlaps(&pat)
+        }
+        .into();
+    }
+    match SecretPath::parse(&req) {
+        Ok(p) => pol.matches(&p).into(),
+        Err(_) => false.into(),
+    }
+}
+
+/// A compiled, validated policy.
+pub struct PolicySet {
+    enforcer: Enforcer,
+    /// Increases by one on every successful load.
+    pub generation: u64,
+    /// Hash of the normalized model and policy (FNV-1a 64, hex).
+    pub fingerprint: String,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    /// Number of `p` rules and `g` links.
+    pub size: (usize, usize),
+}
+
+impl PolicySet {
+    /// Compiles a policy from text, validating everything first.
+    pub async fn compile(src: &PolicySource, generation: u64) -> Result<PolicySet, Vec<Problem>> {
+        let parsed = parse_policy(&src.policy_name, &src.policy)?;
+        let model = DefaultModel::from_str(&src.model).await.map_err(|e| {
+            vec![Problem::new(
+                &src.model_name,
+                0,
+                format!("model does not compile: {e}"),
+            )]
+        })?;
+        let mut enforcer = Enforcer::new(model, MemoryAdapter::default())
+            .await
+            .map_err(|e| {
+                vec![Problem::new(
+                    &src.model_name,
+                    0,
+                    format!("model does not compile: {e}"),
+                )]
+            })?;
+        enforcer.add_function("projectMatch", OperatorFunction::Arg2(f_project_match));
+        enforcer.add_function("typeMatch", OperatorFunction::Arg2(f_type_match));
+        enforcer.add_function("envMatch", OperatorFunction::Arg3(f_env_match));
+        enforcer.add_function("pathMatch", OperatorFunction::Arg3(f_path_match));
+        let size = (parsed.rules.len(), parsed.links.len());
+        if !parsed.rules.is_empty() {
+            enforcer
+                .add_policies(parsed.rules.clone())
+                .await
+                .map_err(|e| {
+                    vec![Problem::new(
+                        &src.policy_name,
+                        0,
+                        format!("casbin refused the rules: {e}"),
+                    )]
+                })?;
+        }
+        if !parsed.links.is_empty() {
+            enforcer
+                .add_grouping_policies(parsed.links.clone())
+                .await
+                .map_err(|e| {
+                    vec![Problem::new(
+                        &src.policy_name,
+                        0,
+                        format!("casbin refused the roles: {e}"),
+                    )]
+                })?;
+        }
+        // The model must take herald's request shape: probe it once.
+        let probe = ("probe", "p", "secret:created", "subscribe", "prod", "/");
+        if let Err(e) = enforcer.enforce(probe) {
+            return Err(vec![Problem::new(
+                &src.model_name,
+                0,
+                format!(
+                    "model cannot evaluate a herald request (sub, proj, typ, act, env, path): {e}"
+                ),
+            )]);
+        }
+        let mut norm: Vec<String> = parsed
+            .rules
+            .iter()
+            .chain(parsed.links.iter())
+            .map(|r| r.join(","))
+            .collect();
+        norm.sort();
+        let mut h = Fnv::new();
+        for l in src
+            .model
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            h.write(l.as_bytes());
+            h.write(b"\n");
+        }
+        for l in &norm {
+            h.write(l.as_bytes());
+            h.write(b"\n");
+        }
+        Ok(PolicySet {
+            enforcer,
+            generation,
+            fingerprint: format!("{:016x}", h.0),
+            loaded_at: SystemTime::now(),
+            size,
+        })
+    }
+
+    fn enforce(
+        &self,
+        sub: &str,
+        proj: &str,
+        typ: &str,
+        act: Action,
+        env: &str,
+        path: &str,
+    ) -> bool {
+        match self
+            .enforcer
+            .enforce((sub, proj, typ, act.as_str(), env, path))
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "policy evaluation failed; denying");
+                false
+            }
+        }
+    }
+
+    /// Whether `sub` may subscribe to `interest` in `project`.
+    pub fn may_subscribe(&self, sub: &str, project: &ProjectId, interest: &Interest) -> bool {
+        let env = interest
+            .env
+            .as_ref()
+            .map(EnvSlug::as_str)
+            .unwrap_or(ANY_ENV);
+        let path = format!("{PATTERN_MARK}{}", interest.path);
+        self.enforce(
+            sub,
+            project.as_str(),
+            interest.event_type.name(),
+            Action::Subscribe,
+            env,
+            &path,
+        )
+    }
+
+    /// Decides one concrete request.
+    pub fn decide(
+        &self,
+        sub: &str,
+        project: &ProjectId,
+        ty: EventType,
+        act: Action,
+        env: &EnvSlug,
+        path: &SecretPath,
+    ) -> bool {
+        self.enforce(
+            sub,
+            project.as_str(),
+            ty.name(),
+            act,
+            env.as_str(),
+            path.as_str(),
+        )
+    }
+}
+
+/// FNV-1a, 64 bit: a stable fingerprint across processes and versions.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf29ce484222325)
+    }
+    fn write(&mut self, b: &[u8]) {
+        for x in b {
+            self.0 ^= *x as u64;
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct DecisionKey {
+    generation: u64,
+    sub: Arc<str>,
+    project: ProjectId,
+    ty: EventType,
+    env: EnvSlug,
+    path: SecretPath,
+}
+
+const SHARDS: usize = 16;
+
+/// Bounded, sharded cache of delivery-time decisions.
+struct DecisionCache {
+    shards: Vec<Mutex<HashMap<DecisionKey, bool>>>,
+    hasher: RandomState,
+    per_shard: usize,
+}
+
+impl DecisionCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            per_shard: (capacity / SHARDS).max(16),
+        }
+    }
+
+    fn shard(&self, k: &DecisionKey) -> &Mutex<HashMap<DecisionKey, bool>> {
+        let mut h = self.hasher.build_hasher();
+        k.hash(&mut h);
+        &self.shards[(std::hash::Hasher::finish(&h) as usize) % SHARDS]
+    }
+
+    fn get(&self, k: &DecisionKey) -> Option<bool> {
+        self.shard(k).lock().get(k).copied()
+    }
+
+    fn put(&self, k: DecisionKey, v: bool) {
+        let mut s = self.shard(&k).lock();
+        // Full: start the shard over. Simple, bounded, and a refill costs one
+        // casbin evaluation per distinct key.
+        if s.len() >= self.per_shard {
+            s.clear();
+        }
+        s.insert(k, v);
+    }
+
+    fn clear(&self) {
+        for s in &self.shards {
+            s.lock().clear();
+        }
+    }
+}
+
+/// The state of the policy in force, for `/admin/policy`.
+#[derive(serde::Serialize)]
+pub struct PolicyStatus {
+    /// Generation in force.
+    pub generation: u64,
+    /// Fingerprint in force.
+    pub fingerprint: String,
+    /// When the policy in force was loaded (RFC 3339).
+    pub loaded_at: String,
+    /// Rules and role links in force.
+    pub rules: usize,
+    /// Role links in force.
+    pub role_links: usize,
+    /// Files it was read from.
+    pub model_file: String,
+    /// Policy file.
+    pub policy_file: String,
+    /// Problems of the last failed load, if the last load failed.
+    pub last_error: Option<Vec<String>>,
+}
+
+/// The policy in force and the decision cache in front of it.
+pub struct Authorizer {
+    current: RwLock<Arc<PolicySet>>,
+    cache: DecisionCache,
+    metrics: Arc<Metrics>,
+    next_generation: AtomicU64,
+    last_error: Mutex<Option<Vec<Problem>>>,
+    files: (String, String),
+}
+
+impl Authorizer {
+    /// Compiles the first policy.
+    pub async fn new(
+        src: &PolicySource,
+        cache_size: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Vec<Problem>> {
+        let set = PolicySet::compile(src, 1).await.inspect_err(|_| {
+            metrics.policy_reloads.with_label_values(&["error"]).inc();
+        })?;
+        metrics.policy_reloads.with_label_values(&["success"]).inc();
+        metrics.policy_generation.set(1);
+        Ok(Self {
+            current: RwLock::new(Arc::new(set)),
+            cache: DecisionCache::new(cache_size),
+            metrics,
+            next_generation: AtomicU64::new(2),
+            last_error: Mutex::new(None),
+            files: (src.model_name.clone(), src.policy_name.clone()),
+        })
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<PolicySet> {
+        self.current.read().clone()
+    }
+
+    /// Compiles `src` and, only if it is fully valid, swaps it in. On error the
+    /// previous policy stays in force and the problems are kept for `status`.
+    pub async fn reload(&self, src: &PolicySource) -> Result<Arc<PolicySet>, Vec<Problem>> {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        match PolicySet::compile(src, generation).await {
+            Ok(set) => {
+                let set = Arc::new(set);
+                *self.current.write() = set.clone();
+                self.cache.clear();
+                *self.last_error.lock() = None;
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                self.metrics.policy_generation.set(generation as i64);
+                Ok(set)
+            }
+            Err(p) => {
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                *self.last_error.lock() = Some(p.clone());
+                Err(p)
+            }
+        }
+    }
+
+    /// Whether `sub` may receive this concrete event (cached).
+    pub fn may_receive(
+        &self,
+        sub: &Arc<str>,
+        project: &ProjectId,
+        ty: EventType,
+        env: &EnvSlug,
+        path: &SecretPath,
+    ) -> bool {
+        let set = self.current();
+        let key = DecisionKey {
+            generation: set.generation,
+            sub: sub.clone(),
+            project: project.clone(),
+            ty,
+            env: env.clone(),
+            path: path.clone(),
+        };
+        if let Some(v) = self.cache.get(&key) {
+            self.metrics
+                .decision_cache
+                .with_label_values(&["hit"])
+                .inc();
+            return v;
+        }
+        self.metrics
+            .decision_cache
+            .with_label_values(&["miss"])
+            .inc();
+        let v = set.decide(sub, project, ty, Action::Subscribe, env, path);
+        self.cache.put(key, v);
+        v
+    }
+
+    /// The status shown on `/admin/policy`.
+    pub fn status(&self) -> PolicyStatus {
+        let set = self.current();
+        let loaded_at = time::OffsetDateTime::from(set.loaded_at)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        PolicyStatus {
+            generation: set.generation,
+            fingerprint: set.fingerprint.clone(),
+            loaded_at,
+            rules: set.size.0,
+            role_links: set.size.1,
+            model_file: self.files.0.clone(),
+            policy_file: self.files.1.clone(),
+            last_error: self
+                .last_error
+                .lock()
+                .as_ref()
+                .map(|v| v.iter().map(|p| p.to_string()).collect()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(policy: &str) -> PolicySource {
+        PolicySource {
+            model_name: "model.conf".into(),
+            model: SHIPPED_MODEL.into(),
+            policy_name: "policy.csv".into(),
+            policy: policy.into(),
+        }
+    }
+
+    fn interest(ty: &str, env: Option<&str>, path: &str) -> Interest {
+        Interest {
+            event_type: EventType::parse(ty).unwrap(),
+            env: env.map(|e| EnvSlug::parse(e).unwrap()),
+            path: PathPattern::parse_subscription(path).unwrap(),
+        }
+    }
+
+    fn p(s: &str) -> ProjectId {
+        ProjectId::parse(s).unwrap()
+    }
+
+    fn decide(set: &PolicySet, sub: &str, proj: &str, env: &str, path: &str) -> bool {
+        set.decide(
+            sub,
+            &p(proj),
+            EventType::parse("secret:created").unwrap(),
+            Action::Subscribe,
+            &EnvSlug::parse(env).unwrap(),
+            &SecretPath::parse(path).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn shipped_policy_semantics() {
+        let set = PolicySet::compile(&PolicySource::shipped(), 1)
+            .await
+            .unwrap();
+        assert!(decide(&set, "dev-subscriber", "p1", "prod", "/apps/db"));
+        assert!(!decide(
+            &set,
+            "dev-subscriber",
+            "p1",
+            "prod",
+            "/internal/keys"
+        ));
+        assert!(!decide(&set, "dev-subscriber", "p1", "prod", "/internal"));
+        assert!(decide(&set, "dev-subscriber", "p1", "prod", "/internals"));
+        assert!(!decide(&set, "nobody", "p1", "prod", "/apps"));
+        assert!(set.may_subscribe(
+            "dev-subscriber",
+            &p("p1"),
+            &interest("secret:created", None, "/")
+        ));
+        assert!(!set.may_subscribe(
+            "dev-subscriber",
+            &p("p1"),
+            &interest("secret:created", None, "/internal/x")
+        ));
+        assert!(!set.may_subscribe("nobody", &p("p1"), &interest("secret:created", None, "/")));
+    }
+
+    #[tokio::test]
+    async fn domains_roles_and_env_patterns() {
+        let set = PolicySet::compile(
+            &src("p, role:r, *, secret:*, subscribe, prod, /apps/**, allow\n\
+                  p, role:base, *, *, subscribe, stag*, /**, allow\n\
+                  g, alice, role:r, p1\n\
+                  g, bob, role:mid, *\n\
+                  g, role:mid, role:base, *\n"),
+            1,
+        )
+        .await
+        .unwrap();
+        assert!(decide(&set, "alice", "p1", "prod", "/apps/x"));
+        assert!(!decide(&set, "alice", "p2", "prod", "/apps/x"));
+        assert!(!decide(&set, "alice", "p1", "dev", "/apps/x"));
+        assert!(decide(&set, "bob", "p9", "staging", "/x"));
+        assert!(!decide(&set, "bob", "p9", "prod", "/x"));
+        // A registration narrower or wider than the grant: allowed when it overlaps.
+        assert!(set.may_subscribe("alice", &p("p1"), &interest("secret:created", None, "/")));
+        assert!(!set.may_subscribe(
+            "alice",
+            &p("p1"),
+            &interest("secret:created", Some("dev"), "/")
+        ));
+        assert!(!set.may_subscribe(
+            "alice",
+            &p("p1"),
+            &interest("secret:created", None, "/other")
+        ));
+    }
+
+    #[tokio::test]
+    async fn problems_name_file_and_line() {
+        let errs = PolicySet::compile(
+            &src("# c\np, a, p1, secret:created, subscribe, prod, /x\n\
+                  p, a, p1, secret:nope, read, prod, /x/../y, maybe\n\
+                  x, y\ng, a, a, *\n"),
+            1,
+        )
+        .await
+        .err()
+        .unwrap();
+        let lines: Vec<usize> = errs.iter().map(|p| p.line).collect();
+        assert!(
+            lines.contains(&2) && lines.contains(&3) && lines.contains(&4) && lines.contains(&5),
+            "{errs:?}"
+        );
+        assert_eq!(errs.iter().filter(|p| p.line == 3).count(), 4, "{errs:?}");
+        assert!(errs[0].to_string().starts_with("policy.csv:2: "));
+    }
+
+    #[tokio::test]
+    async fn broken_model_is_refused() {
+        let mut s = src("");
+        s.model = "[request_definition]\nr = sub\n".into();
+        assert!(PolicySet::compile(&s, 1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn cache_is_keyed_by_generation() {
+        let m = Arc::new(Metrics::new());
+        let a = Authorizer::new(&src("p, alice, *, *, subscribe, *, /**, allow\n"), 1000, m)
+            .await
+            .unwrap();
+        let sub: Arc<str> = Arc::from("alice");
+        let args = (
+            p("p1"),
+            EventType::parse("secret:created").unwrap(),
+            EnvSlug::parse("prod").unwrap(),
+            SecretPath::parse("/a").unwrap(),
+        );
+        assert!(a.may_receive(&sub, &args.0, args.1, &args.2, &args.3));
+        assert!(a.may_receive(&sub, &args.0, args.1, &args.2, &args.3));
+        a.reload(&src("p, bob, *, *, subscribe, *, /**, allow\n"))
+            .await
+            .unwrap();
+        assert!(!a.may_receive(&sub, &args.0, args.1, &args.2, &args.3));
+        assert!(a.reload(&src("p, broken\n")).await.is_err());
+        assert_eq!(a.current().generation, 2);
+        assert!(a.status().last_error.is_some());
+    }
+}
