@@ -269,7 +269,11 @@ impl Config {
                 }
                 fig = fig.merge(Toml::file_exact(f));
             }
-            None => fig = fig.merge(Toml::file_exact("herald.toml")),
+            // Only ./herald.toml, never a parent folder's (which `Toml::file` would find).
+            None if Path::new("herald.toml").is_file() => {
+                fig = fig.merge(Toml::file_exact("herald.toml"))
+            }
+            None => {}
         }
         fig = fig.merge(Env::prefixed("HERALD_").split("__"));
         for (k, v) in overrides {

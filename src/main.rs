@@ -1,1 +1,5 @@
-fn main() {}
+//! The `herald` binary: everything lives in the library.
+
+fn main() {
+    std::process::exit(herald::cli::main());
+}

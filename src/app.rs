@@ -1,0 +1,214 @@
+//! Wiring: builds every component from the config, starts the listeners, and
+//! runs the graceful drain.
+//!
+//! Start-up order: verifier (fails without a key), policy (fails on any
+//! problem), router, bus, listeners. Drain order on SIGTERM/SIGINT: readiness
+//! fails and new subscribes are told to reconnect; after `shutdown.grace`, open
+//! streams get `reconnect` spread over `shutdown.drain_window`; listeners stop
+//! when the streams are gone or at `shutdown.deadline`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::auth::Verifier;
+use crate::bus::{Bus, EmbeddedBus};
+use crate::config::Config;
+use crate::http::{self, admin::Admin, api::Api, ServeOptions};
+use crate::limits::{ConnectionLimiter, RateLimiter};
+use crate::metrics::Metrics;
+use crate::policy::{Authorizer, PolicySource};
+use crate::router::Router;
+use crate::shutdown::{Phase, Shutdown};
+use crate::stream::CloseReason;
+
+/// Everything a request handler needs.
+pub struct App {
+    /// The effective configuration.
+    pub config: Config,
+    /// Token verification.
+    pub verifier: Verifier,
+    /// The policy in force.
+    pub authorizer: Arc<Authorizer>,
+    /// The event bus.
+    pub bus: Bus,
+    /// Open streams.
+    pub router: Arc<Router>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Stream slots.
+    pub conn_limiter: ConnectionLimiter,
+    /// Subscribe rate.
+    pub rate_limiter: RateLimiter,
+    /// Lifecycle.
+    pub shutdown: Shutdown,
+}
+
+impl App {
+    /// Builds every component. Fails with a message naming what to fix.
+    pub async fn build(config: Config, policy: PolicySource) -> anyhow::Result<Arc<App>> {
+        let verifier = Verifier::from_config(&config.auth)?;
+        let metrics = Arc::new(Metrics::new());
+        let authorizer = Authorizer::new(&policy, config.policy.cache_size, metrics.clone())
+            .await
+            .map_err(|problems| {
+                let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+                anyhow::anyhow!("the policy has problems:\n  {}", list.join("\n  "))
+            })?;
+        let authorizer = Arc::new(authorizer);
+        let router = Arc::new(Router::new(authorizer.clone(), metrics.clone()));
+        let bus = Bus::Embedded(EmbeddedBus::new(
+            router.clone(),
+            metrics.clone(),
+            config.stream.replay_buffer,
+        ));
+        Ok(Arc::new(App {
+            conn_limiter: ConnectionLimiter::new(&config.limits),
+            rate_limiter: RateLimiter::new(
+                config.limits.subscribe_rate,
+                config.limits.subscribe_burst,
+            ),
+            verifier,
+            authorizer,
+            bus,
+            router,
+            metrics,
+            shutdown: Shutdown::new(),
+            config,
+        }))
+    }
+
+    /// A jittered `retry:` for streams told to reconnect: spread between half
+    /// and one and a half times `stream.retry`, so clients do not come back at once.
+    pub fn drain_retry_ms(&self) -> u64 {
+        let base = self.config.stream.retry.as_millis().max(2) as u64;
+        rand::thread_rng().gen_range(base / 2..=base + base / 2)
+    }
+}
+
+/// A started server.
+pub struct Running {
+    /// The app.
+    pub app: Arc<App>,
+    /// Bound public address.
+    pub public_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Binds both listeners and starts serving.
+pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
+    let cfg = &app.config;
+    let public = TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.listen, HERALD_SERVER__LISTEN)",
+                cfg.server.listen
+            )
+        })?;
+    let admin = TcpListener::bind(cfg.server.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.admin_listen, HERALD_SERVER__ADMIN_LISTEN)",
+                cfg.server.admin_listen
+            )
+        })?;
+    let public_addr = public.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let opts = ServeOptions {
+        header_read_timeout: cfg.server.header_read_timeout,
+    };
+    // Connections left after the drain get this much longer to finish.
+    let close_deadline = Duration::from_secs(2);
+    let tasks = vec![
+        tokio::spawn(http::serve(
+            public,
+            Arc::new(Api(app.clone())),
+            opts,
+            app.shutdown.clone(),
+            close_deadline,
+        )),
+        tokio::spawn(http::serve(
+            admin,
+            Arc::new(Admin(app.clone())),
+            opts,
+            app.shutdown.clone(),
+            close_deadline,
+        )),
+    ];
+    Ok(Running {
+        app,
+        public_addr,
+        admin_addr,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Drains gracefully (see the module docs) and waits for the listeners.
+    pub async fn drain(self) {
+        let app = self.app.clone();
+        let cfg = app.config.shutdown.clone();
+        let all = async {
+            app.shutdown.advance(Phase::Draining);
+            tracing::info!(streams = app.router.len(), "draining");
+            if !app.router.is_empty() {
+                tokio::time::sleep(cfg.grace).await;
+            }
+            let mut conns = app.router.connections();
+            conns.shuffle(&mut rand::thread_rng());
+            let n = conns.len().max(1) as u32;
+            let start = tokio::time::Instant::now();
+            for (i, c) in conns.iter().enumerate() {
+                tokio::time::sleep_until(start + cfg.drain_window * i as u32 / n).await;
+                c.close(CloseReason::Reconnect {
+                    retry_ms: app.drain_retry_ms(),
+                });
+            }
+            while !app.router.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(cfg.deadline, all).await.is_err() {
+            tracing::warn!(streams = app.router.len(), "drain deadline reached");
+        }
+        app.shutdown.advance(Phase::Stopped);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,332 @@
+//! The command line: `serve`, `token mint`, `config print`, `policy check`.
+//!
+//! This is glue: it parses flags, loads the layered config and calls the
+//! library. Errors are `anyhow` here and nowhere else.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use rand::RngCore;
+
+use crate::app::{self, App};
+use crate::auth::{parse_algorithm, Signer};
+use crate::config::Config;
+use crate::policy::{PolicySet, PolicySource};
+
+/// herald: real-time secret events over Server-Sent Events.
+#[derive(Parser, Debug)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Token tools.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct ConfigArgs {
+    /// Config file (default: ./herald.toml when present). Must exist when given.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Development mode: ephemeral signing key, loopback only, ready-made tokens.
+    #[arg(long)]
+    dev: bool,
+    /// Public listen address (server.listen).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin listen address (server.admin_listen).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Print a signed token.
+    Mint {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The subject (`sub` claim), the identity policies name.
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. `1h`, `30m`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Algorithm: HS256/384/512 (uses auth.hs_secret) or RS256/ES256/EdDSA (needs --key).
+        #[arg(long, default_value = "HS256")]
+        alg: String,
+        /// PEM private key for RS256, ES256 or EdDSA.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// `iss` claim (default: auth.issuer).
+        #[arg(long)]
+        iss: Option<String>,
+        /// `aud` claim (default: auth.audience).
+        #[arg(long)]
+        aud: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Print the effective configuration, secrets redacted.
+    Print(ConfigArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Validate policy files; prints `file:line: message` per problem, exit 1 on any.
+    Check {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Model file (default: policy.model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Policy file (default: policy.policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            1
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn load(cfg: &ConfigArgs, overrides: &[(&str, figment::value::Value)]) -> anyhow::Result<Config> {
+    Ok(Config::load(cfg.config.as_deref(), overrides)?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await.map(|_| 0),
+        Command::Config(ConfigCmd::Print(cfg)) => {
+            let c = load(&cfg, &[])?;
+            print!("{}", c.redacted());
+            Ok(0)
+        }
+        Command::Token(TokenCmd::Mint {
+            cfg,
+            sub,
+            ttl,
+            alg,
+            key,
+            iss,
+            aud,
+        }) => {
+            let c = load(&cfg, &[])?;
+            let a =
+                parse_algorithm(&alg).with_context(|| format!("unsupported algorithm {alg:?}"))?;
+            let signer = match key {
+                Some(k) => {
+                    let pem = std::fs::read(&k)
+                        .with_context(|| format!("cannot read {}", k.display()))?;
+                    Signer::from_pem(a, &pem).map_err(anyhow::Error::msg)?
+                }
+                None => {
+                    if !alg.starts_with("HS") {
+                        bail!("{alg} needs --key PRIVATE_KEY.pem");
+                    }
+                    let secret = hs_secret(&c)?.context(
+                        "no HS secret configured: set auth.hs_secret (HERALD_AUTH__HS_SECRET) or auth.hs_secret_file, or pass --key",
+                    )?;
+                    Signer::hmac(a, &secret)
+                }
+            };
+            let iss = iss.or(c.auth.issuer.clone());
+            let aud = aud.or(c.auth.audience.clone());
+            println!(
+                "{}",
+                signer
+                    .mint(&sub, ttl, iss.as_deref(), aud.as_deref())
+                    .map_err(anyhow::Error::msg)?
+            );
+            Ok(0)
+        }
+        Command::Policy(PolicyCmd::Check { cfg, model, policy }) => {
+            let c = load(&cfg, &[])?;
+            let model = model.unwrap_or(c.policy.model);
+            let policy = policy.unwrap_or(c.policy.policy);
+            let src = match PolicySource::read(&model, &policy) {
+                Ok(s) => s,
+                Err(problems) => {
+                    for p in problems {
+                        println!("{p}");
+                    }
+                    return Ok(1);
+                }
+            };
+            match PolicySet::compile(&src, 1).await {
+                Ok(set) => {
+                    println!(
+                        "ok: {} rules, {} role links, fingerprint {}",
+                        set.size.0, set.size.1, set.fingerprint
+                    );
+                    Ok(0)
+                }
+                Err(problems) => {
+                    for p in problems {
+                        println!("{p}");
+                    }
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
+
+fn hs_secret(c: &Config) -> anyhow::Result<Option<Vec<u8>>> {
+    if let Some(s) = &c.auth.hs_secret {
+        return Ok(Some(s.as_bytes().to_vec()));
+    }
+    if let Some(f) = &c.auth.hs_secret_file {
+        let mut b = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+        while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+            b.pop();
+        }
+        return Ok(Some(b));
+    }
+    Ok(None)
+}
+
+fn loopback(mut a: SocketAddr) -> SocketAddr {
+    if !a.ip().is_loopback() {
+        a.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    a
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut overrides: Vec<(&str, figment::value::Value)> = Vec::new();
+    if let Some(l) = args.listen {
+        overrides.push(("server.listen", l.to_string().into()));
+    }
+    if let Some(l) = args.admin_listen {
+        overrides.push(("server.admin_listen", l.to_string().into()));
+    }
+    let mut cfg = load(&args.cfg, &overrides)?;
+    let mut dev_secret = None;
+    let policy = if args.dev {
+        cfg.server.listen = loopback(cfg.server.listen);
+        cfg.server.admin_listen = loopback(cfg.server.admin_listen);
+        if cfg.auth.hs_secret.is_none() && cfg.auth.hs_secret_file.is_none() {
+            let mut key = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut key);
+            let secret: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            cfg.auth.hs_secret = Some(secret);
+        }
+        dev_secret = hs_secret(&cfg)?;
+        if cfg.policy.model.is_file() && cfg.policy.policy.is_file() {
+            PolicySource::read(&cfg.policy.model, &cfg.policy.policy).map_err(problems_error)?
+        } else {
+            tracing::info!("policy files not found; using the policy shipped with herald");
+            PolicySource::shipped()
+        }
+    } else {
+        PolicySource::read(&cfg.policy.model, &cfg.policy.policy).map_err(problems_error)?
+    };
+    let app = App::build(cfg, policy).await?;
+    let running = app::start(app).await?;
+    tracing::info!(public = %running.public_addr, admin = %running.admin_addr, "herald ready");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "herald ready public={} admin={}",
+        running.public_addr, running.admin_addr
+    );
+    if let Some(secret) = dev_secret {
+        let _ = write!(out, "{}", dev_banner(&secret, running.public_addr));
+    }
+    let _ = out.flush();
+    drop(out);
+    app::wait_for_signal().await;
+    running.drain().await;
+    Ok(())
+}
+
+fn problems_error(problems: Vec<crate::policy::Problem>) -> anyhow::Error {
+    let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    anyhow::anyhow!("cannot load the policy:\n  {}", list.join("\n  "))
+}
+
+fn dev_banner(secret: &[u8], addr: SocketAddr) -> String {
+    let signer = Signer::hmac(jsonwebtoken::Algorithm::HS256, secret);
+    let day = Duration::from_secs(24 * 3600);
+    let sub = signer
+        .mint("dev-subscriber", day, None, None)
+        .unwrap_or_default();
+    let publ = signer
+        .mint("dev-publisher", day, None, None)
+        .unwrap_or_default();
+    let base = format!("http://{addr}");
+    format!(
+        r#"
+== herald dev mode: loopback only, ephemeral signing key, tokens valid 24h ==
+
+SUB_TOKEN={sub}
+PUB_TOKEN={publ}
+
+# Terminal 1: subscribe (dev-subscriber may read every secret event except /internal/**)
+curl -N -H "Authorization: Bearer $SUB_TOKEN" -H 'Content-Type: application/json' \
+  -d '{{"projectId":"demo","register":[{{"event":"secret:created","conditions":{{"environmentSlug":"dev","secretPath":"/apps"}}}}]}}' \
+  {base}/api/v1/events/subscribe/project-events
+
+# Terminal 2: publish (dev-publisher)
+curl -H "Authorization: Bearer $PUB_TOKEN" -H 'Content-Type: application/json' \
+  -d '{{"specversion":"1.0","source":"/dev","type":"secret:created","projectid":"demo","environment":"dev","secretpath":"/apps/db","data":{{"secretKeys":["DB_PASSWORD"]}}}}' \
+  {base}/api/v1/events/publish
+
+"#
+    )
+}

@@ -1,0 +1,191 @@
+//! Which connections want this event.
+//!
+//! The router holds the open streams of this instance, indexed by project, and
+//! delivers one accepted event: for each connection of the event's project it
+//! matches the registrations, asks the authorizer (cached) whether the identity
+//! may see this concrete event now, and pushes the one shared encoded frame into
+//! the connection's bounded queue. It is independent of the bus that feeds it
+//! and of HTTP. `dispatch` never blocks, never awaits, and allocates nothing per
+//! connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+
+use crate::event::EventType;
+use crate::ident::{EnvSlug, ProjectId};
+use crate::metrics::Metrics;
+use crate::path::SecretPath;
+use crate::policy::Authorizer;
+use crate::stream::{Conn, Frame, Push};
+
+/// An accepted event, encoded once, ready to fan out.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Sequence number, the SSE `id`.
+    pub seq: u64,
+    /// Project.
+    pub project: ProjectId,
+    /// Type.
+    pub event_type: EventType,
+    /// Environment.
+    pub env: EnvSlug,
+    /// Folder path.
+    pub path: SecretPath,
+    /// The encoded SSE frame, shared by every receiver.
+    pub frame: Bytes,
+    /// When herald accepted it.
+    pub accepted_at: Instant,
+}
+
+/// Counts of one dispatch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// Frames queued.
+    pub queued: usize,
+    /// Connections that wanted it but may not see it.
+    pub denied: usize,
+    /// Connections closed as slow consumers by this dispatch.
+    pub overflowed: usize,
+}
+
+/// The open streams of this instance.
+pub struct Router {
+    by_project: RwLock<HashMap<ProjectId, Vec<Arc<Conn>>>>,
+    authorizer: Arc<Authorizer>,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+}
+
+/// Removes a connection from the router when dropped (held by its stream).
+pub struct Registration {
+    router: Arc<Router>,
+    project: ProjectId,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.router.remove(&self.project, self.id);
+    }
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new(authorizer: Arc<Authorizer>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            by_project: RwLock::new(HashMap::new()),
+            authorizer,
+            metrics,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a connection; it is removed when the returned guard is dropped.
+    pub fn add(self: &Arc<Self>, conn: Arc<Conn>) -> Registration {
+        let reg = Registration {
+            router: self.clone(),
+            project: conn.project.clone(),
+            id: conn.id,
+        };
+        self.by_project
+            .write()
+            .entry(conn.project.clone())
+            .or_default()
+            .push(conn);
+        reg
+    }
+
+    fn remove(&self, project: &ProjectId, id: u64) {
+        let mut map = self.by_project.write();
+        if let Some(v) = map.get_mut(project) {
+            v.retain(|c| c.id != id);
+            if v.is_empty() {
+                map.remove(project);
+            }
+        }
+    }
+
+    /// Whether `conn`'s identity may see this delivery now (and wants it).
+    pub fn admits(&self, conn: &Conn, d: &Delivery) -> bool {
+        conn.wants(d.event_type, &d.env, &d.path)
+            && self
+                .authorizer
+                .may_receive(&conn.subject, &d.project, d.event_type, &d.env, &d.path)
+    }
+
+    /// Fans one delivery out to every connection that wants it and may see it.
+    pub fn dispatch(&self, d: &Delivery) -> DispatchStats {
+        let mut stats = DispatchStats::default();
+        let map = self.by_project.read();
+        let Some(conns) = map.get(&d.project) else {
+            return stats;
+        };
+        // Consecutive connections of one identity share one decision.
+        let mut last: Option<(&Arc<str>, bool)> = None;
+        for conn in conns {
+            if !conn.wants(d.event_type, &d.env, &d.path) {
+                continue;
+            }
+            let allowed = match last {
+                Some((s, v)) if Arc::ptr_eq(s, &conn.subject) || **s == *conn.subject => v,
+                _ => {
+                    let v = self.authorizer.may_receive(
+                        &conn.subject,
+                        &d.project,
+                        d.event_type,
+                        &d.env,
+                        &d.path,
+                    );
+                    last = Some((&conn.subject, v));
+                    v
+                }
+            };
+            if !allowed {
+                stats.denied += 1;
+                continue;
+            }
+            let frame = Frame {
+                seq: d.seq,
+                bytes: d.frame.clone(),
+                accepted_at: d.accepted_at,
+            };
+            match conn.push(frame) {
+                Push::Queued => stats.queued += 1,
+                Push::Overflow => stats.overflowed += 1,
+                Push::Closed => {}
+            }
+        }
+        if stats.denied > 0 {
+            self.metrics
+                .permission_denied
+                .with_label_values(&["delivery"])
+                .inc_by(stats.denied as u64);
+        }
+        stats
+    }
+
+    /// Every open connection (admin view, drain, policy re-check).
+    pub fn connections(&self) -> Vec<Arc<Conn>> {
+        self.by_project.read().values().flatten().cloned().collect()
+    }
+
+    /// Number of open connections.
+    pub fn len(&self) -> usize {
+        self.by_project.read().values().map(Vec::len).sum()
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.by_project.read().is_empty()
+    }
+}

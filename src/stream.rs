@@ -1,0 +1,377 @@
+//! One client's SSE stream: its bounded queue and the response body that drains it.
+//!
+//! A [`Conn`] is the router-facing half: the identity, the project, the
+//! registrations, and the sending side of a bounded queue. [`SseStream`] is the
+//! HTTP-facing half, an `http_body::Body` that writes the preamble (`retry:`,
+//! replayed events), then queued frames, heartbeats, and finally one control
+//! event when the stream is closed (`slow_consumer`, `permission_revoked`,
+//! `token_expired`, `reconnect`).
+//!
+//! The queue is bounded in frames; overflow is decided here: the connection is
+//! closed with `slow_consumer` and its backlog dropped, so memory stays bounded
+//! and a client that resumes with `Last-Event-ID` loses nothing retained.
+//! Pushing never blocks and never allocates beyond the queue slot.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use http_body::{Body, Frame as BodyFrame};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::time::{Interval, MissedTickBehavior, Sleep};
+
+use crate::event::EventType;
+use crate::ident::{EnvSlug, ProjectId};
+use crate::interest::Interest;
+use crate::metrics::Metrics;
+use crate::path::SecretPath;
+use crate::sse::{self, Control};
+
+/// An encoded event frame on its way to one connection (the bytes are shared).
+#[derive(Clone, Debug)]
+pub struct Frame {
+    /// The event's sequence number (its SSE `id`).
+    pub seq: u64,
+    /// The encoded SSE frame.
+    pub bytes: Bytes,
+    /// When herald accepted the event, for the latency histogram.
+    pub accepted_at: Instant,
+}
+
+/// Why a stream is being closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client did not keep up; its queue overflowed.
+    SlowConsumer,
+    /// The policy no longer allows one of its registrations.
+    PermissionRevoked(String),
+    /// Its token expired.
+    TokenExpired,
+    /// The instance is draining; come back after `retry_ms`.
+    Reconnect {
+        /// The `retry:` hint, jittered per connection.
+        retry_ms: u64,
+    },
+}
+
+impl CloseReason {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::PermissionRevoked(_) => "permission_revoked",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::Reconnect { .. } => "reconnect",
+        }
+    }
+
+    fn frame(&self) -> Bytes {
+        use serde_json::json;
+        match self {
+            CloseReason::SlowConsumer => sse::control_frame(
+                Control::Error,
+                &json!({"code": "slow_consumer", "message": "the client did not keep up; reconnect with Last-Event-ID"}),
+                None,
+            ),
+            CloseReason::PermissionRevoked(reg) => sse::control_frame(
+                Control::Error,
+                &json!({"code": "permission_revoked", "message": format!("the policy no longer allows {reg}"), "registration": reg}),
+                None,
+            ),
+            CloseReason::TokenExpired => sse::control_frame(
+                Control::Error,
+                &json!({"code": "token_expired", "message": "the token has expired; reconnect with a fresh token"}),
+                None,
+            ),
+            CloseReason::Reconnect { retry_ms } => sse::control_frame(
+                Control::Reconnect,
+                &json!({"reason": "draining", "message": "this instance is shutting down; reconnect with Last-Event-ID"}),
+                Some(*retry_ms),
+            ),
+        }
+    }
+
+    /// Whether frames already queued are still written before the control event.
+    fn flushes_queue(&self) -> bool {
+        matches!(self, CloseReason::Reconnect { .. })
+    }
+}
+
+/// What happened to a pushed frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Queued.
+    Queued,
+    /// The queue was full: the connection is now closing as a slow consumer.
+    Overflow,
+    /// The connection is already closing or gone.
+    Closed,
+}
+
+/// The router-facing half of a stream.
+pub struct Conn {
+    /// Instance-unique id.
+    pub id: u64,
+    /// The identity (`sub` claim).
+    pub subject: Arc<str>,
+    /// The project.
+    pub project: ProjectId,
+    /// The registrations.
+    pub interests: Box<[Interest]>,
+    /// When the stream was opened.
+    pub opened_at: SystemTime,
+    tx: mpsc::Sender<Frame>,
+    capacity: usize,
+    close: Mutex<Option<CloseReason>>,
+    waker: AtomicWaker,
+}
+
+impl Conn {
+    /// Whether any registration wants an event of this type, environment and path.
+    #[inline]
+    pub fn wants(&self, ty: EventType, env: &EnvSlug, path: &SecretPath) -> bool {
+        self.interests.iter().any(|i| i.matches(ty, env, path))
+    }
+
+    /// Queues a frame without blocking; a full queue closes the connection.
+    pub fn push(&self, frame: Frame) -> Push {
+        if self.is_closing() {
+            return Push::Closed;
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => Push::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(CloseReason::SlowConsumer);
+                Push::Overflow
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
+        }
+    }
+
+    /// Asks the stream to end with `reason`. The first reason wins; returns
+    /// whether this call set it.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let mut c = self.close.lock();
+        if c.is_some() {
+            return false;
+        }
+        *c = Some(reason);
+        drop(c);
+        self.waker.wake();
+        true
+    }
+
+    /// Whether a close was requested.
+    pub fn is_closing(&self) -> bool {
+        self.close.lock().is_some()
+    }
+
+    /// Frames waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+}
+
+/// Settings for a new stream.
+pub struct StreamSettings {
+    /// Queue capacity, in frames.
+    pub queue_frames: usize,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// The first `retry:` hint.
+    pub retry: Duration,
+    /// Time until the token expires.
+    pub expires_in: Duration,
+}
+
+/// The HTTP-facing half of a stream: a response body.
+pub struct SseStream {
+    conn: Arc<Conn>,
+    rx: mpsc::Receiver<Frame>,
+    preamble: VecDeque<Bytes>,
+    last_seq: u64,
+    heartbeat: Interval,
+    expiry: Pin<Box<Sleep>>,
+    done: bool,
+    metrics: Arc<Metrics>,
+    /// Dropped with the stream: router registration, limit slots.
+    _guards: Vec<Box<dyn Send + Sync>>,
+}
+
+/// Creates both halves of a stream.
+pub fn new_stream(
+    id: u64,
+    subject: Arc<str>,
+    project: ProjectId,
+    interests: Vec<Interest>,
+    settings: &StreamSettings,
+    metrics: Arc<Metrics>,
+) -> (Arc<Conn>, SseStream) {
+    let (tx, rx) = mpsc::channel(settings.queue_frames);
+    let conn = Arc::new(Conn {
+        id,
+        subject,
+        project,
+        interests: interests.into_boxed_slice(),
+        opened_at: SystemTime::now(),
+        tx,
+        capacity: settings.queue_frames,
+        close: Mutex::new(None),
+        waker: AtomicWaker::new(),
+    });
+    let mut heartbeat = tokio::time::interval_at(
+        tokio::time::Instant::now() + settings.heartbeat,
+        settings.heartbeat,
+    );
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut preamble = VecDeque::new();
+    preamble.push_back(sse::retry_frame(settings.retry.as_millis() as u64));
+    metrics.connections.inc();
+    let stream = SseStream {
+        conn: conn.clone(),
+        rx,
+        preamble,
+        last_seq: 0,
+        heartbeat,
+        expiry: Box::pin(tokio::time::sleep(settings.expires_in)),
+        done: false,
+        metrics,
+        _guards: Vec::new(),
+    };
+    (conn, stream)
+}
+
+impl SseStream {
+    /// Appends frames to write before anything queued (replay, `gap`).
+    pub fn push_preamble(&mut self, frame: Bytes) {
+        self.preamble.push_back(frame);
+    }
+
+    /// Marks `seq` as already written: queued frames up to it are skipped, so
+    /// the seam between replay and live delivery has no duplicate.
+    pub fn set_last_seq(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
+    }
+
+    /// Keeps `guard` alive as long as the stream.
+    pub fn hold(&mut self, guard: Box<dyn Send + Sync>) {
+        self._guards.push(guard);
+    }
+
+    /// The router-facing half.
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    fn finish(
+        &mut self,
+        reason: &CloseReason,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
+        self.done = true;
+        self.rx.close();
+        self.metrics
+            .streams_closed
+            .with_label_values(&[reason.label()])
+            .inc();
+        if *reason == CloseReason::SlowConsumer {
+            // The backlog is dropped with the stream; count what was lost here.
+            let dropped = self.rx.len() as u64 + 1;
+            self.metrics
+                .events_dropped
+                .with_label_values(&["slow_consumer"])
+                .inc_by(dropped);
+        }
+        Poll::Ready(Some(Ok(BodyFrame::data(reason.frame()))))
+    }
+
+    fn deliver(&mut self, frame: Frame) -> Option<Bytes> {
+        if frame.seq <= self.last_seq {
+            return None;
+        }
+        self.last_seq = frame.seq;
+        self.metrics.events_delivered.inc();
+        self.metrics
+            .delivery_latency
+            .observe(frame.accepted_at.elapsed().as_secs_f64());
+        Some(frame.bytes)
+    }
+}
+
+impl Body for SseStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(b) = this.preamble.pop_front() {
+            return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+        }
+        // Register before looking, so a close that lands in between still wakes us.
+        this.conn.waker.register(cx.waker());
+        let closing = this.conn.close.lock().clone();
+        if let Some(reason) = closing {
+            if reason.flushes_queue() {
+                while let Ok(f) = this.rx.try_recv() {
+                    if let Some(b) = this.deliver(f) {
+                        return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+                    }
+                }
+            }
+            return this.finish(&reason);
+        }
+        loop {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(f)) => {
+                    if let Some(b) = this.deliver(f) {
+                        return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+                    }
+                }
+                // Every sender is gone: nothing more can arrive.
+                Poll::Ready(None) => {
+                    this.done = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => break,
+            }
+        }
+        if this.expiry.as_mut().poll(cx).is_ready() {
+            this.conn.close(CloseReason::TokenExpired);
+            return this.finish(&CloseReason::TokenExpired);
+        }
+        if this.heartbeat.poll_tick(cx).is_ready() {
+            return Poll::Ready(Some(Ok(BodyFrame::data(Bytes::from_static(
+                sse::HEARTBEAT,
+            )))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+        if !self.done {
+            self.metrics
+                .streams_closed
+                .with_label_values(&["client_gone"])
+                .inc();
+        }
+    }
+}
