@@ -275,7 +275,8 @@ impl Config {
             }
             None => {}
         }
-        fig = fig.merge(Env::prefixed("HERALD_").split("__"));
+        // HERALD_LOG is the log filter, read before the config exists.
+        fig = fig.merge(Env::prefixed("HERALD_").ignore(&["LOG"]).split("__"));
         for (k, v) in overrides {
             fig = fig.merge((*k, v.clone()));
         }

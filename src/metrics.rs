@@ -194,6 +194,44 @@ impl Metrics {
             m.permission_denied.with_label_values(&[s]);
         }
         m.events_dropped.with_label_values(&["slow_consumer"]);
+        for r in [
+            "malformed",
+            "missing_attribute",
+            "bad_attribute",
+            "unknown_type",
+            "too_large",
+        ] {
+            m.events_rejected.with_label_values(&[r]);
+        }
+        for r in [
+            "missing",
+            "malformed",
+            "algorithm",
+            "signature",
+            "expired",
+            "not_yet_valid",
+            "missing_claim",
+            "claims",
+        ] {
+            m.auth_failures.with_label_values(&[r]);
+        }
+        for r in [
+            "connections_per_identity_project",
+            "max_connections",
+            "subscribe_rate",
+            "max_body_bytes",
+        ] {
+            m.limit_rejections.with_label_values(&[r]);
+        }
+        for r in [
+            "slow_consumer",
+            "permission_revoked",
+            "token_expired",
+            "reconnect",
+            "client_gone",
+        ] {
+            m.streams_closed.with_label_values(&[r]);
+        }
         m.events_received.with_label_values(&["api"]);
         for r in ["success", "error"] {
             m.policy_reloads.with_label_values(&[r]);

@@ -1,0 +1,467 @@
+//! Test harness: starts the real `herald` binary on ephemeral loopback ports,
+//! talks to it over real HTTP, parses its SSE streams, and kills it on drop
+//! (also when the test panics, printing the tail of its log).
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use herald::auth::Signer;
+use serde_json::{json, Value};
+
+/// The HS256 secret every test instance trusts.
+pub const SECRET: &str = "herald-test-secret-0123456789abcdef";
+/// How long any awaited condition may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub const SUBSCRIBE: &str = "/api/v1/events/subscribe/project-events";
+pub const PUBLISH: &str = "/api/v1/events/publish";
+
+pub fn repo_path(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// Mints an HS256 token for `sub` valid for `ttl`.
+pub fn token_for(sub: &str, ttl: Duration) -> String {
+    Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes())
+        .mint(sub, ttl, None, None)
+        .expect("minting with a valid key")
+}
+
+/// Test policy: a few identities with distinct rights, on top of the shipped roles.
+pub const TEST_POLICY_EXTRA: &str = "
+p, reader, *, secret:*, subscribe, *, /**, allow
+p, reader, *, secret:*, subscribe, *, /internal/**, deny
+p, writer, *, secret:*, publish, *, /**, allow
+p, prod-db, p1, secret:*, subscribe, prod, /apps/db/**, allow
+";
+
+pub struct HeraldBuilder {
+    env: Vec<(String, String)>,
+    policy: String,
+    config: String,
+    args: Vec<String>,
+}
+
+impl Default for HeraldBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HeraldBuilder {
+    pub fn new() -> Self {
+        let shipped = std::fs::read_to_string(repo_path("policies/policy.csv"))
+            .expect("shipped policy exists");
+        Self {
+            env: Vec::new(),
+            policy: format!("{shipped}\n{TEST_POLICY_EXTRA}"),
+            config: format!("[auth]\nhs_secret = \"{SECRET}\"\n"),
+            args: Vec::new(),
+        }
+    }
+
+    /// Sets `HERALD_{key}` (e.g. `STREAM__HEARTBEAT`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((format!("HERALD_{key}"), value.to_owned()));
+        self
+    }
+
+    /// Replaces the policy text.
+    pub fn policy(mut self, csv: &str) -> Self {
+        self.policy = csv.to_owned();
+        self
+    }
+
+    /// Replaces the config file text.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = toml.to_owned();
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_owned());
+        self
+    }
+
+    pub fn start(self) -> Herald {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = repo_path("policies/model.conf");
+        let policy = dir.path().join("policy.csv");
+        std::fs::write(&policy, &self.policy).expect("write policy");
+        let cfg = dir.path().join("herald.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}\n[policy]\nmodel = {:?}\npolicy = {:?}\n",
+                self.config,
+                model.display().to_string(),
+                policy.display().to_string()
+            ),
+        )
+        .expect("write config");
+        let log = dir.path().join("herald.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.current_dir(dir.path())
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(&self.args)
+            .env("HERALD_LOG", "herald=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn herald");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && line.starts_with("herald ready ") {
+                    let _ = tx.send(line);
+                    sent = true;
+                }
+            }
+        });
+        let line = match rx.recv_timeout(WAIT) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "herald did not become ready; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|a| a.parse().ok())
+                .expect("ready line names the addresses")
+        };
+        Herald {
+            public: addr("public="),
+            admin: addr("admin="),
+            child: Some(child),
+            log,
+            _dir: dir,
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+pub struct Herald {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+impl Herald {
+    pub fn start() -> Herald {
+        HeraldBuilder::new().start()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.public, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// POSTs a subscribe request.
+    pub async fn subscribe_raw(&self, token: Option<&str>, body: &Value) -> reqwest::Response {
+        let mut r = self.http.post(self.url(SUBSCRIBE)).json(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.expect("subscribe request")
+    }
+
+    /// Subscribes and returns the open stream (asserts 200 and the SSE headers).
+    pub async fn subscribe(&self, token: &str, body: &Value) -> SseClient {
+        let resp = self.subscribe_raw(Some(token), body).await;
+        SseClient::open(resp).await
+    }
+
+    /// Publishes one event or an array (asserts nothing).
+    pub async fn publish_raw(&self, token: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(PUBLISH))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("publish request")
+    }
+
+    /// Publishes and asserts 202; returns the response body.
+    pub async fn publish(&self, token: &str, body: &Value) -> Value {
+        let resp = self.publish_raw(token, body).await;
+        let status = resp.status();
+        let v: Value = resp.json().await.expect("publish answer is JSON");
+        assert_eq!(status, 202, "publish refused: {v}");
+        v
+    }
+
+    pub async fn admin_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .expect("admin request");
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of one metric series line (`name{labels}`), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until `series` reaches `value`.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.metric(series).await;
+            if v == value {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} stayed {v}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "herald did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- herald log (last 40 lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A test event envelope.
+pub fn event(ty: &str, project: &str, env: &str, path: &str) -> Value {
+    json!({
+        "specversion": "1.0", "source": "/test", "type": ty,
+        "projectid": project, "environment": env, "secretpath": path,
+        "data": {"secretKeys": ["KEY"]}
+    })
+}
+
+/// A subscribe body with one registration.
+pub fn registration(project: &str, ty: &str, env: Option<&str>, path: Option<&str>) -> Value {
+    let mut cond = serde_json::Map::new();
+    if let Some(e) = env {
+        cond.insert("environmentSlug".into(), e.into());
+    }
+    if let Some(p) = path {
+        cond.insert("secretPath".into(), p.into());
+    }
+    json!({"projectId": project, "register": [{"event": ty, "conditions": cond}]})
+}
+
+/// One parsed SSE message (or comment).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+    pub retry: Option<u64>,
+    pub comment: bool,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// A minimal, strict SSE client over a real HTTP response.
+pub struct SseClient {
+    stream: ByteStream,
+    buf: Vec<u8>,
+    pub ended: bool,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl SseClient {
+    pub async fn open(resp: reqwest::Response) -> SseClient {
+        let status = resp.status();
+        if status != 200 {
+            let body = resp.text().await.unwrap_or_default();
+            panic!("expected a stream, got {status}: {body}");
+        }
+        let headers = resp.headers().clone();
+        assert_eq!(
+            headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("text/event-stream")
+        );
+        assert_eq!(
+            headers.get("cache-control").and_then(|v| v.to_str().ok()),
+            Some("no-cache")
+        );
+        assert_eq!(
+            headers
+                .get("x-accel-buffering")
+                .and_then(|v| v.to_str().ok()),
+            Some("no")
+        );
+        SseClient {
+            stream: Box::pin(resp.bytes_stream()),
+            buf: Vec::new(),
+            ended: false,
+            headers,
+        }
+    }
+
+    fn parse_one(&mut self) -> Option<SseEvent> {
+        let pos = self.buf.windows(2).position(|w| w == b"\n\n")?;
+        let block: Vec<u8> = self.buf.drain(..pos + 2).collect();
+        let text = String::from_utf8(block).expect("SSE is UTF-8");
+        let mut ev = SseEvent::default();
+        let mut data = Vec::new();
+        for line in text.lines() {
+            assert!(!line.contains('\r'), "CR inside an SSE line: {line:?}");
+            if line.is_empty() {
+                continue;
+            }
+            if line.starts_with(':') {
+                ev.comment = true;
+                continue;
+            }
+            let (k, v) = line.split_once(": ").unwrap_or((line, ""));
+            match k {
+                "id" => ev.id = Some(v.to_owned()),
+                "event" => ev.event = Some(v.to_owned()),
+                "data" => data.push(v.to_owned()),
+                "retry" => ev.retry = v.parse().ok(),
+                other => panic!("unknown SSE field {other:?} in {text:?}"),
+            }
+        }
+        ev.data = data.join("\n");
+        Some(ev)
+    }
+
+    /// The next message or comment; `None` when the stream ended. Panics after `within`.
+    pub async fn next_raw(&mut self, within: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(ev) = self.parse_one() {
+                return Some(ev);
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => panic!("no SSE message within {within:?}"),
+                Ok(Some(Ok(b))) => self.buf.extend_from_slice(&b),
+                Ok(Some(Err(_))) | Ok(None) => self.ended = true,
+            }
+        }
+    }
+
+    /// The next real message (skips comments and bare `retry:` hints).
+    pub async fn next_event(&mut self) -> SseEvent {
+        loop {
+            match self.next_raw(WAIT).await {
+                None => panic!("stream ended while waiting for an event"),
+                Some(ev) if ev.comment || (ev.event.is_none() && ev.data.is_empty()) => continue,
+                Some(ev) => return ev,
+            }
+        }
+    }
+
+    /// Waits for the end of the stream, returning messages seen on the way.
+    pub async fn until_end(&mut self) -> Vec<SseEvent> {
+        let mut seen = Vec::new();
+        while let Some(ev) = self.next_raw(WAIT).await {
+            if !ev.comment {
+                seen.push(ev);
+            }
+        }
+        seen
+    }
+}
