@@ -274,6 +274,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             PolicySource::shipped()
         }
     } else {
+        // Check the key first: it is the setting a new operator is most likely missing.
+        crate::auth::Verifier::from_config(&cfg.auth)?;
         PolicySource::read(&cfg.policy.model, &cfg.policy.policy).map_err(problems_error)?
     };
     let app = App::build(cfg, policy).await?;

@@ -15,7 +15,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Listeners and connection timeouts.
@@ -64,6 +64,10 @@ pub struct StreamConfig {
     pub queue_frames: usize,
     /// Events kept in memory for `Last-Event-ID` resume (embedded bus).
     pub replay_buffer: usize,
+    /// How long a stream being closed may take to write its last event before
+    /// its connection is dropped (a client that stopped reading).
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
 }
 
 /// `[limits]`
@@ -163,6 +167,7 @@ impl Default for StreamConfig {
             retry: Duration::from_secs(3),
             queue_frames: 1024,
             replay_buffer: 10_000,
+            close_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -212,20 +217,6 @@ impl Default for ShutdownConfig {
             grace: Duration::from_secs(2),
             drain_window: Duration::from_secs(5),
             deadline: Duration::from_secs(15),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            stream: StreamConfig::default(),
-            limits: LimitsConfig::default(),
-            auth: AuthConfig::default(),
-            policy: PolicyConfig::default(),
-            cors: CorsConfig::default(),
-            shutdown: ShutdownConfig::default(),
         }
     }
 }
@@ -372,6 +363,8 @@ impl Config {
 }
 
 #[cfg(test)]
+// figment's Jail closures return its large error type; test-only.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -24,7 +25,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame as BodyFrame};
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::{Interval, MissedTickBehavior, Sleep};
 
 use crate::event::EventType;
@@ -115,6 +116,26 @@ pub enum Push {
     Closed,
 }
 
+/// Drops a whole client connection (set per TCP connection by the listener).
+///
+/// A stream whose client stopped reading cannot write its closing event: hyper
+/// is blocked on the socket and never asks the body for more. After
+/// `stream.close_timeout` such a connection is dropped through this handle.
+#[derive(Default)]
+pub struct ConnectionAbort(Notify);
+
+impl ConnectionAbort {
+    /// Drops the connection.
+    pub fn abort(&self) {
+        self.0.notify_one();
+    }
+
+    /// Resolves when [`abort`](Self::abort) is called.
+    pub async fn aborted(&self) {
+        self.0.notified().await
+    }
+}
+
 /// The router-facing half of a stream.
 pub struct Conn {
     /// Instance-unique id.
@@ -131,6 +152,10 @@ pub struct Conn {
     capacity: usize,
     close: Mutex<Option<CloseReason>>,
     waker: AtomicWaker,
+    finished: Arc<AtomicBool>,
+    close_timeout: Duration,
+    abort: Option<Arc<ConnectionAbort>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Conn {
@@ -148,6 +173,10 @@ impl Conn {
         match self.tx.try_send(frame) {
             Ok(()) => Push::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics
+                    .events_dropped
+                    .with_label_values(&["slow_consumer"])
+                    .inc();
                 self.close(CloseReason::SlowConsumer);
                 Push::Overflow
             }
@@ -162,10 +191,32 @@ impl Conn {
         if c.is_some() {
             return false;
         }
+        self.metrics
+            .streams_closed
+            .with_label_values(&[reason.label()])
+            .inc();
         *c = Some(reason);
         drop(c);
         self.waker.wake();
+        self.abort_if_stuck();
         true
+    }
+
+    /// Drops the client connection if the stream has not ended within
+    /// `close_timeout` of being asked to close.
+    fn abort_if_stuck(&self) {
+        let (Some(abort), Ok(rt)) = (self.abort.clone(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let timeout = self.close_timeout;
+        let finished = self.finished.clone();
+        rt.spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if !finished.load(Ordering::Acquire) {
+                abort.abort();
+            }
+        });
     }
 
     /// Whether a close was requested.
@@ -189,6 +240,8 @@ pub struct StreamSettings {
     pub retry: Duration,
     /// Time until the token expires.
     pub expires_in: Duration,
+    /// How long a closing stream may take to end before its connection is dropped.
+    pub close_timeout: Duration,
 }
 
 /// The HTTP-facing half of a stream: a response body.
@@ -212,6 +265,7 @@ pub fn new_stream(
     project: ProjectId,
     interests: Vec<Interest>,
     settings: &StreamSettings,
+    abort: Option<Arc<ConnectionAbort>>,
     metrics: Arc<Metrics>,
 ) -> (Arc<Conn>, SseStream) {
     let (tx, rx) = mpsc::channel(settings.queue_frames);
@@ -225,6 +279,10 @@ pub fn new_stream(
         capacity: settings.queue_frames,
         close: Mutex::new(None),
         waker: AtomicWaker::new(),
+        finished: Arc::new(AtomicBool::new(false)),
+        close_timeout: settings.close_timeout,
+        abort,
+        metrics: metrics.clone(),
     });
     let mut heartbeat = tokio::time::interval_at(
         tokio::time::Instant::now() + settings.heartbeat,
@@ -275,19 +333,8 @@ impl SseStream {
         reason: &CloseReason,
     ) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
         self.done = true;
+        self.conn.finished.store(true, Ordering::Release);
         self.rx.close();
-        self.metrics
-            .streams_closed
-            .with_label_values(&[reason.label()])
-            .inc();
-        if *reason == CloseReason::SlowConsumer {
-            // The backlog is dropped with the stream; count what was lost here.
-            let dropped = self.rx.len() as u64 + 1;
-            self.metrics
-                .events_dropped
-                .with_label_values(&["slow_consumer"])
-                .inc_by(dropped);
-        }
         Poll::Ready(Some(Ok(BodyFrame::data(reason.frame()))))
     }
 
@@ -342,6 +389,7 @@ impl Body for SseStream {
                 // Every sender is gone: nothing more can arrive.
                 Poll::Ready(None) => {
                     this.done = true;
+                    this.conn.finished.store(true, Ordering::Release);
                     return Poll::Ready(None);
                 }
                 Poll::Pending => break,
@@ -349,7 +397,14 @@ impl Body for SseStream {
         }
         if this.expiry.as_mut().poll(cx).is_ready() {
             this.conn.close(CloseReason::TokenExpired);
-            return this.finish(&CloseReason::TokenExpired);
+            // Another reason may have won the race; end with whichever did.
+            let reason = this
+                .conn
+                .close
+                .lock()
+                .clone()
+                .unwrap_or(CloseReason::TokenExpired);
+            return this.finish(&reason);
         }
         if this.heartbeat.poll_tick(cx).is_ready() {
             return Poll::Ready(Some(Ok(BodyFrame::data(Bytes::from_static(
@@ -366,12 +421,26 @@ impl Body for SseStream {
 
 impl Drop for SseStream {
     fn drop(&mut self) {
+        self.conn.finished.store(true, Ordering::Release);
         self.metrics.connections.dec();
-        if !self.done {
+        // Frames still queued are lost with the stream: count them.
+        let backlog = self.rx.len() as u64;
+        let closing = self.conn.close.lock().clone();
+        let label = match closing {
+            Some(r) => r.label(),
+            None => {
+                self.metrics
+                    .streams_closed
+                    .with_label_values(&["client_gone"])
+                    .inc();
+                "client_gone"
+            }
+        };
+        if backlog > 0 {
             self.metrics
-                .streams_closed
-                .with_label_values(&["client_gone"])
-                .inc();
+                .events_dropped
+                .with_label_values(&[label])
+                .inc_by(backlog);
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::interest::Interest;
 use crate::path::PathPattern;
 use crate::policy::Action;
 use crate::sse::{self, Control};
-use crate::stream::{new_stream, StreamSettings};
+use crate::stream::{new_stream, ConnectionAbort, StreamSettings};
 
 /// Subscribe route.
 pub const SUBSCRIBE_PATH: &str = "/api/v1/events/subscribe/project-events";
@@ -56,7 +56,7 @@ impl Handler for Api {
             _ => Err(ApiError::not_found()),
         };
         let mut resp = result.unwrap_or_else(|e| {
-            tracing::debug!(%method, path = %path, status = e.status.as_u16(), code = e.code, "request refused");
+            tracing::debug!(%method, path = %path, status = e.status().as_u16(), code = e.code(), "request refused");
             e.into_response()
         });
         add_cors(app, origin.as_ref(), resp.headers_mut());
@@ -450,6 +450,7 @@ async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Ht
         ));
     }
     let resume = resume_point(req.headers(), &query);
+    let abort = req.extensions().get::<Arc<ConnectionAbort>>().cloned();
     let body = if req.method() == Method::GET {
         subscribe_from_query(&query)
     } else {
@@ -512,6 +513,7 @@ async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Ht
         heartbeat: app.config.stream.heartbeat,
         retry: app.config.stream.retry,
         expires_in: identity.remaining(),
+        close_timeout: app.config.stream.close_timeout,
     };
     let id = app.router.next_conn_id();
     let (_conn, mut stream) = new_stream(
@@ -520,6 +522,7 @@ async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Ht
         sub.project,
         sub.interests,
         &settings,
+        abort,
         app.metrics.clone(),
     );
     stream.hold(Box::new(slot));

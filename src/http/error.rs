@@ -11,40 +11,49 @@ use super::HttpBody;
 use crate::auth::AuthError;
 use crate::limits::Limit;
 
-/// An error answer.
+/// An error answer (boxed: it travels through many `Result`s on the way out).
 #[derive(Debug)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Stable machine-readable code.
-    pub code: &'static str,
-    /// Human-readable message.
-    pub message: String,
-    /// Extra structured details (field names, limits).
-    pub details: Value,
+pub struct ApiError(Box<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Value,
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
     /// An error with no details.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(Inner {
             status,
             code,
             message: message.into(),
             details: json!({}),
             headers: Vec::new(),
-        }
+        }))
     }
 
-    /// Adds details.
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.0.status
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        self.0.code
+    }
+
+    /// Adds details (field names, limits).
     pub fn with_details(mut self, details: Value) -> Self {
-        self.details = details;
+        self.0.details = details;
         self
     }
 
     fn with_header(mut self, name: HeaderName, value: &'static str) -> Self {
-        self.headers.push((name, HeaderValue::from_static(value)));
+        self.0.headers.push((name, HeaderValue::from_static(value)));
         self
     }
 
@@ -110,10 +119,10 @@ impl ApiError {
 
     /// The response.
     pub fn into_response(self) -> Response<HttpBody> {
-        let body =
-            json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
-        let mut resp = json_response(self.status, &body);
-        for (k, v) in self.headers {
+        let e = *self.0;
+        let body = json!({"error": {"code": e.code, "message": e.message, "details": e.details}});
+        let mut resp = json_response(e.status, &body);
+        for (k, v) in e.headers {
             resp.headers_mut().insert(k, v);
         }
         resp

@@ -28,7 +28,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::shutdown::{Phase, Shutdown};
-use crate::stream::SseStream;
+use crate::stream::{ConnectionAbort, SseStream};
 
 /// Every response body herald sends: a complete buffer or an SSE stream.
 pub enum HttpBody {
@@ -146,13 +146,21 @@ pub async fn serve<H: Handler>(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return, // silent, closed or failed before the first byte
             }
-            let service = hyper::service::service_fn(move |req| {
+            let abort = Arc::new(ConnectionAbort::default());
+            let for_requests = abort.clone();
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(for_requests.clone());
                 let h = handler.clone();
                 async move { Ok::<_, Infallible>(h.handle(req, peer).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            tokio::select! {
+                r = watcher.watch(conn.into_owned()) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                }
+                _ = abort.aborted() => tracing::debug!(%peer, "connection dropped: a closing stream could not be written"),
             }
         });
     }
