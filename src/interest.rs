@@ -9,7 +9,7 @@ use std::fmt;
 
 use crate::event::EventType;
 use crate::ident::EnvSlug;
-use crate::path::{PathPattern, SecretPath};
+use crate::path::{PathPattern, PathSegments, SecretPath};
 
 /// One registration.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -26,9 +26,15 @@ impl Interest {
     /// Whether an event of this type, environment and path is wanted.
     #[inline]
     pub fn matches(&self, ty: EventType, env: &EnvSlug, path: &SecretPath) -> bool {
+        self.matches_split(ty, env, &path.split())
+    }
+
+    /// [`matches`](Self::matches) with the path split once per event.
+    #[inline]
+    pub fn matches_split(&self, ty: EventType, env: &EnvSlug, path: &PathSegments<'_>) -> bool {
         self.event_type == ty
             && self.env.as_ref().is_none_or(|e| e == env)
-            && self.path.matches(path)
+            && self.path.matches_split(path)
     }
 }
 

@@ -93,6 +93,20 @@ impl SecretPath {
         let body = &self.0[1..];
         body.split('/').filter(|s| !s.is_empty())
     }
+
+    /// The segments on the stack, for matching against many patterns.
+    pub fn split(&self) -> PathSegments<'_> {
+        let mut s = PathSegments {
+            items: [""; MAX_SEGMENTS],
+            len: 0,
+        };
+        // A SecretPath has at most MAX_SEGMENTS segments (checked at parse).
+        for seg in self.segments().take(MAX_SEGMENTS) {
+            s.items[s.len] = seg;
+            s.len += 1;
+        }
+        s
+    }
 }
 
 impl fmt::Display for SecretPath {
@@ -189,8 +203,12 @@ impl PathPattern {
 
     /// Whether the concrete `path` is matched by this pattern.
     pub fn matches(&self, path: &SecretPath) -> bool {
-        let text: smallvec_free::Segs = path.segments().collect();
-        seq_match(&self.segs, text.as_slice(), |p, t| match p {
+        self.matches_split(&path.split())
+    }
+
+    /// [`matches`](Self::matches) on a path split once for many patterns.
+    pub fn matches_split(&self, path: &PathSegments<'_>) -> bool {
+        seq_match(&self.segs, path.as_slice(), |p, t| match p {
             Seg::Lit(l) => &**l == *t,
             Seg::Any => true,
             Seg::Glob(g) => glob_match(g, t),
@@ -273,35 +291,17 @@ fn render(segs: &[Seg]) -> String {
     out
 }
 
-/// Without an external small-vector crate: the segments of one path on the stack.
-mod smallvec_free {
-    use super::MAX_SEGMENTS;
+/// The segments of one concrete path, borrowed, on the stack (no allocation).
+/// Split once per event, matched against every interested pattern.
+pub struct PathSegments<'a> {
+    items: [&'a str; MAX_SEGMENTS],
+    len: usize,
+}
 
-    /// Up to [`MAX_SEGMENTS`] borrowed segments, no heap allocation.
-    pub struct Segs<'a> {
-        items: [&'a str; MAX_SEGMENTS],
-        len: usize,
-    }
-
-    impl<'a> Segs<'a> {
-        pub fn as_slice(&self) -> &[&'a str] {
-            &self.items[..self.len]
-        }
-    }
-
-    impl<'a> FromIterator<&'a str> for Segs<'a> {
-        fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
-            let mut s = Segs {
-                items: [""; MAX_SEGMENTS],
-                len: 0,
-            };
-            // A SecretPath has at most MAX_SEGMENTS segments (checked at parse).
-            for seg in iter.into_iter().take(MAX_SEGMENTS) {
-                s.items[s.len] = seg;
-                s.len += 1;
-            }
-            s
-        }
+impl<'a> PathSegments<'a> {
+    /// The segments.
+    pub fn as_slice(&self) -> &[&'a str] {
+        &self.items[..self.len]
     }
 }
 

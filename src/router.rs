@@ -1,14 +1,16 @@
 //! Which connections want this event.
 //!
-//! The router holds the open streams of this instance, indexed by project, and
-//! delivers one accepted event: for each connection of the event's project it
-//! matches the registrations, asks the authorizer (cached) whether the identity
-//! may see this concrete event now, and pushes the one shared encoded frame into
-//! the connection's bounded queue. It is independent of the bus that feeds it
-//! and of HTTP. `dispatch` never blocks, never awaits, and allocates nothing per
-//! connection.
+//! The router holds the open streams of this instance, indexed by project and,
+//! inside a project, grouped by registration: identical registrations (the
+//! common case: many agents watching the same folder) are matched once per
+//! event, not once per connection. For each matching group it asks the
+//! authorizer (cached) whether each identity may see this concrete event now,
+//! and pushes the one shared encoded frame into the connection's bounded queue.
+//!
+//! It is independent of the bus that feeds it and of HTTP. `dispatch` never
+//! blocks, never awaits, and allocates nothing per connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +20,7 @@ use parking_lot::RwLock;
 
 use crate::event::EventType;
 use crate::ident::{EnvSlug, ProjectId};
+use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::path::SecretPath;
 use crate::policy::Authorizer;
@@ -53,9 +56,16 @@ pub struct DispatchStats {
     pub overflowed: usize,
 }
 
+/// The open streams of one project.
+#[derive(Default)]
+struct ProjectConns {
+    by_interest: HashMap<Interest, Vec<Arc<Conn>>>,
+    count: usize,
+}
+
 /// The open streams of this instance.
 pub struct Router {
-    by_project: RwLock<HashMap<ProjectId, Vec<Arc<Conn>>>>,
+    projects: RwLock<HashMap<ProjectId, ProjectConns>>,
     authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
@@ -64,13 +74,12 @@ pub struct Router {
 /// Removes a connection from the router when dropped (held by its stream).
 pub struct Registration {
     router: Arc<Router>,
-    project: ProjectId,
-    id: u64,
+    conn: Arc<Conn>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.router.remove(&self.project, self.id);
+        self.router.remove(&self.conn);
     }
 }
 
@@ -78,7 +87,7 @@ impl Router {
     /// An empty router.
     pub fn new(authorizer: Arc<Authorizer>, metrics: Arc<Metrics>) -> Self {
         Self {
-            by_project: RwLock::new(HashMap::new()),
+            projects: RwLock::new(HashMap::new()),
             authorizer,
             metrics,
             next_id: AtomicU64::new(1),
@@ -92,30 +101,41 @@ impl Router {
 
     /// Adds a connection; it is removed when the returned guard is dropped.
     pub fn add(self: &Arc<Self>, conn: Arc<Conn>) -> Registration {
-        let reg = Registration {
+        let mut map = self.projects.write();
+        let pc = map.entry(conn.project.clone()).or_default();
+        for i in conn.interests.iter() {
+            pc.by_interest
+                .entry(i.clone())
+                .or_default()
+                .push(conn.clone());
+        }
+        pc.count += 1;
+        Registration {
             router: self.clone(),
-            project: conn.project.clone(),
-            id: conn.id,
-        };
-        self.by_project
-            .write()
-            .entry(conn.project.clone())
-            .or_default()
-            .push(conn);
-        reg
-    }
-
-    fn remove(&self, project: &ProjectId, id: u64) {
-        let mut map = self.by_project.write();
-        if let Some(v) = map.get_mut(project) {
-            v.retain(|c| c.id != id);
-            if v.is_empty() {
-                map.remove(project);
-            }
+            conn,
         }
     }
 
-    /// Whether `conn`'s identity may see this delivery now (and wants it).
+    fn remove(&self, conn: &Arc<Conn>) {
+        let mut map = self.projects.write();
+        let Some(pc) = map.get_mut(&conn.project) else {
+            return;
+        };
+        for i in conn.interests.iter() {
+            if let Some(v) = pc.by_interest.get_mut(i) {
+                v.retain(|c| c.id != conn.id);
+                if v.is_empty() {
+                    pc.by_interest.remove(i);
+                }
+            }
+        }
+        pc.count -= 1;
+        if pc.count == 0 {
+            map.remove(&conn.project);
+        }
+    }
+
+    /// Whether `conn` wants this delivery and its identity may see it now.
     pub fn admits(&self, conn: &Conn, d: &Delivery) -> bool {
         conn.wants(d.event_type, &d.env, &d.path)
             && self
@@ -126,43 +146,49 @@ impl Router {
     /// Fans one delivery out to every connection that wants it and may see it.
     pub fn dispatch(&self, d: &Delivery) -> DispatchStats {
         let mut stats = DispatchStats::default();
-        let map = self.by_project.read();
-        let Some(conns) = map.get(&d.project) else {
+        let map = self.projects.read();
+        let Some(pc) = map.get(&d.project) else {
             return stats;
         };
+        let segs = d.path.split();
         // Consecutive connections of one identity share one decision.
         let mut last: Option<(&Arc<str>, bool)> = None;
-        for conn in conns {
-            if !conn.wants(d.event_type, &d.env, &d.path) {
+        for (interest, conns) in &pc.by_interest {
+            if !interest.matches_split(d.event_type, &d.env, &segs) {
                 continue;
             }
-            let allowed = match last {
-                Some((s, v)) if Arc::ptr_eq(s, &conn.subject) || **s == *conn.subject => v,
-                _ => {
-                    let v = self.authorizer.may_receive(
-                        &conn.subject,
-                        &d.project,
-                        d.event_type,
-                        &d.env,
-                        &d.path,
-                    );
-                    last = Some((&conn.subject, v));
-                    v
+            for conn in conns {
+                if !conn.mark_dispatched(d.seq) {
+                    continue; // another of its registrations matched already
                 }
-            };
-            if !allowed {
-                stats.denied += 1;
-                continue;
-            }
-            let frame = Frame {
-                seq: d.seq,
-                bytes: d.frame.clone(),
-                accepted_at: d.accepted_at,
-            };
-            match conn.push(frame) {
-                Push::Queued => stats.queued += 1,
-                Push::Overflow => stats.overflowed += 1,
-                Push::Closed => {}
+                let allowed = match last {
+                    Some((s, v)) if Arc::ptr_eq(s, &conn.subject) || **s == *conn.subject => v,
+                    _ => {
+                        let v = self.authorizer.may_receive(
+                            &conn.subject,
+                            &d.project,
+                            d.event_type,
+                            &d.env,
+                            &d.path,
+                        );
+                        last = Some((&conn.subject, v));
+                        v
+                    }
+                };
+                if !allowed {
+                    stats.denied += 1;
+                    continue;
+                }
+                let frame = Frame {
+                    seq: d.seq,
+                    bytes: d.frame.clone(),
+                    accepted_at: d.accepted_at,
+                };
+                match conn.push(frame) {
+                    Push::Queued => stats.queued += 1,
+                    Push::Overflow => stats.overflowed += 1,
+                    Push::Closed => {}
+                }
             }
         }
         if stats.denied > 0 {
@@ -176,16 +202,22 @@ impl Router {
 
     /// Every open connection (admin view, drain, policy re-check).
     pub fn connections(&self) -> Vec<Arc<Conn>> {
-        self.by_project.read().values().flatten().cloned().collect()
+        let map = self.projects.read();
+        let mut seen = HashSet::new();
+        map.values()
+            .flat_map(|pc| pc.by_interest.values().flatten())
+            .filter(|c| seen.insert(c.id))
+            .cloned()
+            .collect()
     }
 
     /// Number of open connections.
     pub fn len(&self) -> usize {
-        self.by_project.read().values().map(Vec::len).sum()
+        self.projects.read().values().map(|pc| pc.count).sum()
     }
 
     /// Whether no connection is open.
     pub fn is_empty(&self) -> bool {
-        self.by_project.read().is_empty()
+        self.projects.read().is_empty()
     }
 }

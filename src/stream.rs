@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -153,6 +153,7 @@ pub struct Conn {
     close: Mutex<Option<CloseReason>>,
     waker: AtomicWaker,
     finished: Arc<AtomicBool>,
+    last_dispatched: AtomicU64,
     close_timeout: Duration,
     abort: Option<Arc<ConnectionAbort>>,
     metrics: Arc<Metrics>,
@@ -163,6 +164,13 @@ impl Conn {
     #[inline]
     pub fn wants(&self, ty: EventType, env: &EnvSlug, path: &SecretPath) -> bool {
         self.interests.iter().any(|i| i.matches(ty, env, path))
+    }
+
+    /// Marks event `seq` as dispatched to this connection; `false` if it already
+    /// was (another of its registrations matched), so it is queued only once.
+    #[inline]
+    pub fn mark_dispatched(&self, seq: u64) -> bool {
+        self.last_dispatched.swap(seq, Ordering::Relaxed) != seq
     }
 
     /// Queues a frame without blocking; a full queue closes the connection.
@@ -280,6 +288,7 @@ pub fn new_stream(
         close: Mutex::new(None),
         waker: AtomicWaker::new(),
         finished: Arc::new(AtomicBool::new(false)),
+        last_dispatched: AtomicU64::new(0),
         close_timeout: settings.close_timeout,
         abort,
         metrics: metrics.clone(),
