@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http_body::Body;
 
@@ -166,7 +165,7 @@ fn router(c: &mut Criterion) {
         drain(s, &mut cx); // the retry: preamble
     }
     let target = SecretPath::parse("/apps/svc-7/db").unwrap();
-    let frame = Bytes::from(sse::event_frame(1, t.name(), EVENT_JSON));
+    let frame = sse::event_frame(1, t.name(), EVENT_JSON);
     let mut seq = 1;
     c.bench_function("router/dispatch_10k_conns_1k_interests_10_match", |b| {
         b.iter(|| {
