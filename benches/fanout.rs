@@ -1,0 +1,270 @@
+//! Fan-out load benchmark: the real herald binary, N real SSE connections,
+//! E events published at R per second through the publish API.
+//!
+//! Prints connections, deliveries/s, lost, duplicates, publish-to-parse latency
+//! percentiles, herald's CPU time per delivery (from /proc/PID/stat over the
+//! publish window) and RSS per idle connection.
+//!
+//! Run: `scripts/bench-fanout` (raises the open-file limit), or
+//! `FANOUT_CONNS=1000 FANOUT_EVENTS=2000 FANOUT_RATE=200 cargo bench --bench fanout`.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use herald::auth::Signer;
+use serde_json::json;
+
+const SECRET: &str = "herald-bench-secret-0123456789abcdef";
+const IDENTITIES: usize = 100;
+
+fn env_usize(k: &str, default: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// (utime + stime) in seconds, and RSS in bytes, of a process.
+fn proc_stats(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields after the command: state is index 0, utime 11, stime 12, rss (pages) 21.
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let rss = ticks(21) as u64 * 4096;
+    (cpu, rss)
+}
+
+struct Herald {
+    child: Child,
+    public: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_herald(queue_frames: usize) -> Herald {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut policy = String::from("p, role:bench, *, *, subscribe, *, /**, allow\np, bench-publisher, *, *, publish, *, /**, allow\n");
+    for i in 0..IDENTITIES {
+        policy.push_str(&format!("g, bench-{i}, role:bench, *\n"));
+    }
+    std::fs::write(dir.path().join("policy.csv"), policy).unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/model.conf");
+    std::fs::write(
+        dir.path().join("herald.toml"),
+        format!(
+            "[auth]\nhs_secret = \"{SECRET}\"\n[policy]\nmodel = {:?}\npolicy = \"policy.csv\"\n\
+             [limits]\nconnections_per_identity_project = 1000000\nmax_connections = 1000000\nsubscribe_rate = 1000000.0\nsubscribe_burst = 1000000.0\n\
+             [stream]\nqueue_frames = {queue_frames}\n",
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("HERALD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start herald");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let public = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("public="))
+        .expect("ready line")
+        .to_owned();
+    Herald {
+        child,
+        public,
+        _dir: dir,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let conns = env_usize("FANOUT_CONNS", 1000);
+    let events = env_usize("FANOUT_EVENTS", 2000);
+    let rate = env_usize("FANOUT_RATE", 200).max(1);
+    let projects = env_usize("FANOUT_PROJECTS", 1).max(1);
+    let herald = start_herald(env_usize("FANOUT_QUEUE_FRAMES", 1024));
+    let pid = herald.child.id();
+    let base = format!("http://{}", herald.public);
+    let signer = Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes());
+    let tokens: Vec<String> = (0..IDENTITIES)
+        .map(|i| {
+            signer
+                .mint(&format!("bench-{i}"), Duration::from_secs(3600), None, None)
+                .unwrap()
+        })
+        .collect();
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, rss_before) = proc_stats(pid);
+    let expected_per_conn: Vec<usize> = (0..conns)
+        .map(|i| (0..events).filter(|e| e % projects == i % projects).count())
+        .collect();
+    let ready = Arc::new(tokio::sync::Barrier::new(conns + 1));
+    let mut tasks = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let client = client.clone();
+        let url = format!("{base}/api/v1/events/subscribe/project-events");
+        let token = tokens[i % IDENTITIES].clone();
+        let body = json!({"projectId": format!("proj-{}", i % projects), "register": [{"event": "secret:updated"}]});
+        let ready = ready.clone();
+        let expect = expected_per_conn[i];
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .expect("subscribe");
+            assert_eq!(resp.status(), 200);
+            let mut stream = resp.bytes_stream();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut lat = Vec::with_capacity(expect);
+            let mut ids = HashSet::with_capacity(expect);
+            let mut dups = 0usize;
+            // The first chunk is the retry: hint; the stream is registered by then.
+            if let Some(Ok(b)) = stream.next().await {
+                buf.extend_from_slice(&b);
+            }
+            ready.wait().await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+            while lat.len() + dups < expect {
+                let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(Ok(b))) => b,
+                    _ => break,
+                };
+                buf.extend_from_slice(&chunk);
+                while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                    let frame = std::str::from_utf8(&buf[..pos]).unwrap_or("").to_owned();
+                    buf.drain(..pos + 2);
+                    let (mut id, mut sent) = (None, None);
+                    for l in frame.lines() {
+                        if let Some(v) = l.strip_prefix("id: ") {
+                            id = v.parse::<u64>().ok();
+                        } else if let Some(v) = l.strip_prefix("data: ") {
+                            sent = v
+                                .split("\"sentNanos\":")
+                                .nth(1)
+                                .and_then(|r| r.split(['}', ',']).next())
+                                .and_then(|n| n.parse::<u128>().ok());
+                        }
+                    }
+                    if let (Some(id), Some(sent)) = (id, sent) {
+                        if ids.insert(id) {
+                            lat.push((now_nanos().saturating_sub(sent)) as u64);
+                        } else {
+                            dups += 1;
+                        }
+                    }
+                }
+            }
+            (lat, dups, expect)
+        }));
+    }
+    ready.wait().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (cpu0, rss_after) = proc_stats(pid);
+    let publisher = signer
+        .mint("bench-publisher", Duration::from_secs(3600), None, None)
+        .unwrap();
+    let t0 = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for e in 0..events {
+        tick.tick().await;
+        // A 1 KiB payload: the same bytes per event whatever the broker.
+        let ev = json!({"specversion": "1.0", "source": "/bench", "type": "secret:updated",
+            "projectid": format!("proj-{}", e % projects), "environment": "prod", "secretpath": "/apps/db",
+            "data": {"pad": "x".repeat(1024), "sentNanos": now_nanos()}});
+        let r = client
+            .post(format!("{base}/api/v1/events/publish"))
+            .bearer_auth(&publisher)
+            .json(&ev)
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(r.status(), 202);
+    }
+    let publish_window = t0.elapsed();
+    let mut all = Vec::new();
+    let (mut lost, mut dups, mut delivered) = (0usize, 0usize, 0usize);
+    for t in tasks {
+        let (lat, d, expect) = t.await.unwrap();
+        lost += expect.saturating_sub(lat.len());
+        dups += d;
+        delivered += lat.len();
+        all.extend(lat);
+    }
+    let total_window = t0.elapsed();
+    let (cpu1, _) = proc_stats(pid);
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    println!("herald fan-out: {conns} connections over {projects} project(s), {events} events at {rate}/s (1 KiB payload)");
+    println!("  connected            {conns}");
+    println!("  delivered            {delivered} (lost {lost}, duplicates {dups})");
+    println!(
+        "  deliveries/s         {:.0} (publish window {:.2}s, all received after {:.2}s)",
+        delivered as f64 / publish_window.as_secs_f64(),
+        publish_window.as_secs_f64(),
+        total_window.as_secs_f64()
+    );
+    println!(
+        "  latency ms           p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!(
+        "  herald CPU/delivery  {:.2} us ({:.2} CPU s)",
+        (cpu1 - cpu0) * 1e6 / delivered.max(1) as f64,
+        cpu1 - cpu0
+    );
+    println!(
+        "  RSS per idle conn    {:.1} KB ({} -> {} KB)",
+        (rss_after.saturating_sub(rss_before)) as f64 / 1024.0 / conns as f64,
+        rss_before / 1024,
+        rss_after / 1024
+    );
+}
