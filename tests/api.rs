@@ -718,7 +718,7 @@ async fn admin_endpoints_and_metrics_exposition() {
         }
         None => {
             assert!(
-                std::env::var_os("HERALD_REQUIRE_TOOLS").is_none(),
+                std::env::var_os("REQUIRE_TEST_TOOLS").is_none(),
                 "promtool is required (apt-get install prometheus)"
             );
             eprintln!(

@@ -115,10 +115,16 @@ impl HeraldBuilder {
             .arg(&cfg)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(&self.args)
-            .env("HERALD_LOG", "herald=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"));
+        // Hermetic: nothing from the developer's HERALD_* environment leaks in.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("HERALD_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("HERALD_LOG", "herald=debug,info");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
