@@ -47,6 +47,9 @@ impl Handler for Api {
         let origin = req.headers().get(ORIGIN).cloned();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        let http1 = req.version() < http::Version::HTTP_2;
+        let has_body = req.headers().contains_key(CONTENT_LENGTH)
+            || req.headers().contains_key(http::header::TRANSFER_ENCODING);
         let result = match (path.as_str(), &method) {
             (SUBSCRIBE_PATH | PUBLISH_PATH, &Method::OPTIONS) => Ok(preflight(app, &path)),
             (SUBSCRIBE_PATH, &Method::GET | &Method::POST) => subscribe(app, req).await,
@@ -57,7 +60,13 @@ impl Handler for Api {
         };
         let mut resp = result.unwrap_or_else(|e| {
             tracing::debug!(%method, path = %path, status = e.status().as_u16(), code = e.code(), "request refused");
-            e.into_response()
+            let mut resp = e.into_response();
+            // The body may be unread (refused before reading it): the connection
+            // cannot be reused, so tell the client instead of letting it race.
+            if http1 && has_body {
+                resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         });
         add_cors(app, origin.as_ref(), resp.headers_mut());
         resp
