@@ -19,7 +19,7 @@ use herald::metrics::Metrics;
 use herald::path::{PathPattern, SecretPath};
 use herald::policy::{Action, Authorizer, PolicySet, PolicySource};
 use herald::router::{Delivery, Router};
-use herald::stream::{new_stream, SseStream, StreamSettings};
+use herald::stream::{new_stream, SseStream, StreamSettings, Subscriber};
 use herald::{sse, subject};
 
 fn ids() -> (ProjectId, EnvSlug, EventType, SecretPath) {
@@ -124,7 +124,7 @@ fn router(c: &mut Criterion) {
         rt.block_on(Authorizer::new(&shipped_policy(), 100_000, metrics.clone()))
             .unwrap(),
     );
-    let router = Arc::new(Router::new(auth, metrics.clone()));
+    let router = Arc::new(Router::new(auth.clone(), metrics.clone()));
     let (p, e, t, _) = ids();
     let settings = StreamSettings {
         queue_frames: 1024,
@@ -147,12 +147,15 @@ fn router(c: &mut Criterion) {
             "dev-admin"
         });
         let (conn, mut stream) = new_stream(
-            router.next_conn_id(),
-            subject,
-            p.clone(),
-            vec![interest],
+            Subscriber {
+                id: router.next_conn_id(),
+                subject: subject,
+                project: p.clone(),
+                interests: vec![interest],
+            },
             &settings,
             None,
+            auth.clone(),
             metrics.clone(),
         );
         let reg = router.add(conn);
@@ -170,7 +173,7 @@ fn router(c: &mut Criterion) {
     c.bench_function("router/dispatch_10k_conns_1k_interests_10_match", |b| {
         b.iter(|| {
             seq += 1;
-            let d = Delivery {
+            let d = Arc::new(Delivery {
                 seq,
                 project: p.clone(),
                 event_type: t,
@@ -178,7 +181,7 @@ fn router(c: &mut Criterion) {
                 path: target.clone(),
                 frame: frame.clone(),
                 accepted_at: Instant::now(),
-            };
+            });
             let stats = router.dispatch(&d);
             debug_assert_eq!(stats.queued, 10);
             for i in (7..10_000).step_by(1000) {

@@ -8,6 +8,7 @@
 //! when the streams are gone or at `shutdown.deadline`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::http::{self, admin::Admin, api::Api, ServeOptions};
 use crate::limits::{ConnectionLimiter, RateLimiter};
 use crate::metrics::Metrics;
+use crate::policy::watch::FileWatch;
 use crate::policy::{Authorizer, PolicySource};
 use crate::router::Router;
 use crate::shutdown::{Phase, Shutdown};
@@ -48,6 +50,8 @@ pub struct App {
     pub rate_limiter: RateLimiter,
     /// Lifecycle.
     pub shutdown: Shutdown,
+    /// The policy files (model, policy), when the policy came from files.
+    pub policy_files: Option<(PathBuf, PathBuf)>,
 }
 
 impl App {
@@ -65,10 +69,13 @@ impl App {
         let router = Arc::new(Router::new(authorizer.clone(), metrics.clone()));
         let bus = Bus::Embedded(EmbeddedBus::new(
             router.clone(),
+            authorizer.clone(),
             metrics.clone(),
             config.stream.replay_buffer,
         ));
+        let policy_files = policy.files.clone();
         Ok(Arc::new(App {
+            policy_files,
             conn_limiter: ConnectionLimiter::new(&config.limits),
             rate_limiter: RateLimiter::new(
                 config.limits.subscribe_rate,
@@ -82,6 +89,57 @@ impl App {
             shutdown: Shutdown::new(),
             config,
         }))
+    }
+
+    /// Re-reads the policy files and swaps the policy in if it is fully valid;
+    /// then closes every open stream with a registration the new policy no
+    /// longer allows. A broken policy leaves the one in force untouched.
+    pub async fn reload_policy(&self, why: &str) {
+        let Some((model, policy)) = &self.policy_files else {
+            tracing::warn!(
+                why,
+                "the policy is the built-in copy; there are no files to reload"
+            );
+            return;
+        };
+        let loaded = match PolicySource::read(model, policy) {
+            Ok(src) => self.authorizer.reload(&src).await,
+            Err(problems) => {
+                self.authorizer.record_failure(problems.clone());
+                Err(problems)
+            }
+        };
+        match loaded {
+            Ok(set) => {
+                let revoked = self.revoke_disallowed(&set);
+                tracing::info!(why, generation = set.generation, fingerprint = %set.fingerprint, revoked, "policy reloaded");
+            }
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!(why, problem = %p, "policy reload failed; the previous policy stays in force");
+                }
+            }
+        }
+    }
+
+    /// Closes the streams `set` no longer allows; returns how many.
+    pub fn revoke_disallowed(&self, set: &crate::policy::PolicySet) -> usize {
+        let mut revoked = 0;
+        for conn in self.router.connections() {
+            let denied = conn
+                .interests
+                .iter()
+                .enumerate()
+                .find(|(_, it)| !set.may_subscribe(&conn.subject, &conn.project, it));
+            if let Some((i, it)) = denied {
+                if conn.close(CloseReason::PermissionRevoked(format!(
+                    "register[{i}]: {it}"
+                ))) {
+                    revoked += 1;
+                }
+            }
+        }
+        revoked
     }
 
     /// A jittered `retry:` for streams told to reconnect: spread between half
@@ -144,6 +202,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             app.shutdown.clone(),
             close_deadline,
         )),
+        tokio::spawn(policy_reloader(app.clone())),
     ];
     Ok(Running {
         app,
@@ -186,6 +245,48 @@ impl Running {
             let _ = t.await;
         }
         tracing::info!("stopped");
+    }
+}
+
+/// Reloads the policy on SIGHUP and, with `policy.watch`, when its files change.
+async fn policy_reloader(app: Arc<App>) {
+    let mut watch = app
+        .policy_files
+        .as_ref()
+        .filter(|_| app.config.policy.watch)
+        .map(|(m, p)| FileWatch::new(vec![m.clone(), p.clone()]));
+    let mut tick = tokio::time::interval(app.config.policy.watch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|e| tracing::error!(error = %e, "cannot listen for SIGHUP"))
+        .ok();
+    let stopped = app.shutdown.reached(Phase::Stopped);
+    tokio::pin!(stopped);
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tick.tick(), if watch.is_some() => {
+                if watch.as_mut().is_some_and(FileWatch::poll) {
+                    app.reload_policy("file change").await;
+                }
+            }
+            _ = hangup => {
+                if let Some(w) = watch.as_mut() {
+                    w.mark_loaded();
+                }
+                app.reload_policy("SIGHUP").await;
+            }
+        }
     }
 }
 

@@ -19,9 +19,10 @@ use serde_json::json;
 
 use crate::event::Event;
 use crate::metrics::Metrics;
+use crate::policy::Authorizer;
 use crate::router::{Delivery, Router};
 use crate::sse::{self, Control};
-use crate::stream::SseStream;
+use crate::stream::{Frame, SseStream};
 
 /// The result of publishing one event.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -87,12 +88,18 @@ struct Ring {
 pub struct EmbeddedBus {
     ring: Mutex<Ring>,
     router: Arc<Router>,
+    authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
 }
 
 impl EmbeddedBus {
     /// A bus keeping the last `replay_capacity` events.
-    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>, replay_capacity: usize) -> Self {
+    pub fn new(
+        router: Arc<Router>,
+        authorizer: Arc<Authorizer>,
+        metrics: Arc<Metrics>,
+        replay_capacity: usize,
+    ) -> Self {
         // Start numbering at the current time in microseconds: ids stay
         // increasing across restarts, so an id from an earlier process is always
         // older than this ring and gets `gap` instead of a wrong replay.
@@ -107,6 +114,7 @@ impl EmbeddedBus {
                 capacity: replay_capacity,
             }),
             router,
+            authorizer,
             metrics,
         }
     }
@@ -166,18 +174,23 @@ impl EmbeddedBus {
                         None,
                     ));
                 }
+                // Nothing at or before the resume point is written again.
+                stream.set_last_seq(last);
                 let skip = (last + 1).saturating_sub(oldest) as usize;
                 let mut replayed = 0u64;
+                let generation = self.authorizer.generation();
                 for d in ring.events.iter().skip(skip) {
                     if self.router.admits(stream.conn(), d) {
-                        stream.push_preamble(d.frame.clone());
+                        stream.push_replay(Frame {
+                            delivery: d.clone(),
+                            generation,
+                        });
                         replayed += 1;
                     }
                 }
                 self.metrics.replayed_events.inc_by(replayed);
             }
         }
-        stream.set_last_seq(newest);
         let reg = self.router.add(stream.conn().clone());
         stream.hold(Box::new(reg));
     }

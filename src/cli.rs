@@ -15,7 +15,10 @@ use rand::RngCore;
 use crate::app::{self, App};
 use crate::auth::{parse_algorithm, Signer};
 use crate::config::Config;
-use crate::policy::{PolicySet, PolicySource};
+use crate::event::EventType;
+use crate::ident::{EnvSlug, ProjectId};
+use crate::path::SecretPath;
+use crate::policy::{Action, PolicySet, PolicySource};
 
 /// herald: real-time secret events over Server-Sent Events.
 #[derive(Parser, Debug)]
@@ -108,6 +111,36 @@ enum PolicyCmd {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
+    /// Explain one decision: allow or deny, and the lines and roles that decided it.
+    /// Exit code 0 for allow, 1 for deny, 2 for bad input.
+    Explain {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Model file (default: policy.model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Policy file (default: policy.policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// The identity (a token's `sub`).
+        #[arg(long)]
+        sub: String,
+        /// Project id.
+        #[arg(long)]
+        project: String,
+        /// Event type, e.g. secret:updated.
+        #[arg(long)]
+        event: String,
+        /// Environment slug.
+        #[arg(long)]
+        env: String,
+        /// Secret folder path, e.g. /apps/db.
+        #[arg(long)]
+        path: String,
+        /// subscribe or publish.
+        #[arg(long, default_value = "subscribe")]
+        action: String,
+    },
 }
 
 /// Runs the command line; returns the process exit code.
@@ -193,6 +226,58 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .map_err(anyhow::Error::msg)?
             );
             Ok(0)
+        }
+        Command::Policy(PolicyCmd::Explain {
+            cfg,
+            model,
+            policy,
+            sub,
+            project,
+            event,
+            env,
+            path,
+            action,
+        }) => {
+            let c = load(&cfg, &[])?;
+            let src = PolicySource::read(
+                &model.unwrap_or(c.policy.model),
+                &policy.unwrap_or(c.policy.policy),
+            )
+            .map_err(problems_error)?;
+            let set = PolicySet::compile(&src, 1).await.map_err(problems_error)?;
+            let bad = |what: &str, e: String| {
+                eprintln!("herald: {what}: {e}");
+                Ok(2)
+            };
+            let project = match ProjectId::parse(&project) {
+                Ok(p) => p,
+                Err(e) => return bad("--project", e.to_string()),
+            };
+            let Some(ty) = EventType::parse(&event) else {
+                return bad(
+                    "--event",
+                    format!(
+                        "unknown event type; expected one of {}",
+                        EventType::accepted_names()
+                    ),
+                );
+            };
+            let env = match EnvSlug::parse(&env) {
+                Ok(e) => e,
+                Err(e) => return bad("--env", e.to_string()),
+            };
+            let path = match SecretPath::parse(&path) {
+                Ok(p) => p,
+                Err(e) => return bad("--path", e.to_string()),
+            };
+            let act = match action.as_str() {
+                "subscribe" => Action::Subscribe,
+                "publish" => Action::Publish,
+                _ => return bad("--action", "must be subscribe or publish".into()),
+            };
+            let ex = set.explain(&sub, &project, ty, act, &env, &path);
+            print!("{ex}");
+            Ok(if ex.allowed { 0 } else { 1 })
         }
         Command::Policy(PolicyCmd::Check { cfg, model, policy }) => {
             let c = load(&cfg, &[])?;

@@ -123,6 +123,11 @@ pub struct PolicyConfig {
     pub policy: PathBuf,
     /// Most cached delivery-time decisions.
     pub cache_size: usize,
+    /// Reload when the files change (SIGHUP always reloads).
+    pub watch: bool,
+    /// How often the files are checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
 }
 
 /// `[cors]`
@@ -207,6 +212,8 @@ impl Default for PolicyConfig {
             model: PathBuf::from("policies/model.conf"),
             policy: PathBuf::from("policies/policy.csv"),
             cache_size: 100_000,
+            watch: true,
+            watch_interval: Duration::from_millis(250),
         }
     }
 }
@@ -322,6 +329,9 @@ impl Config {
         }
         if self.stream.heartbeat < Duration::from_millis(100) {
             return Err(invalid("stream.heartbeat", "must be at least 100ms"));
+        }
+        if self.policy.watch_interval < Duration::from_millis(10) {
+            return Err(invalid("policy.watch_interval", "must be at least 10ms"));
         }
         if self.server.header_read_timeout.is_zero() {
             return Err(invalid("server.header_read_timeout", "must be positive"));

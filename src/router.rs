@@ -144,8 +144,10 @@ impl Router {
     }
 
     /// Fans one delivery out to every connection that wants it and may see it.
-    pub fn dispatch(&self, d: &Delivery) -> DispatchStats {
+    pub fn dispatch(&self, d: &Arc<Delivery>) -> DispatchStats {
         let mut stats = DispatchStats::default();
+        // Read before deciding: a frame is never tagged newer than its decision.
+        let generation = self.authorizer.generation();
         let map = self.projects.read();
         let Some(pc) = map.get(&d.project) else {
             return stats;
@@ -180,9 +182,8 @@ impl Router {
                     continue;
                 }
                 let frame = Frame {
-                    seq: d.seq,
-                    bytes: d.frame.clone(),
-                    accepted_at: d.accepted_at,
+                    delivery: d.clone(),
+                    generation,
                 };
                 match conn.push(frame) {
                     Push::Queued => stats.queued += 1,

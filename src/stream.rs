@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -33,17 +33,20 @@ use crate::ident::{EnvSlug, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::path::SecretPath;
+use crate::policy::Authorizer;
+use crate::router::Delivery;
 use crate::sse::{self, Control};
 
-/// An encoded event frame on its way to one connection (the bytes are shared).
+/// An event on its way to one connection: the shared delivery (encoded bytes
+/// and what the permission check needs) and the policy generation it was
+/// allowed under.
 #[derive(Clone, Debug)]
 pub struct Frame {
-    /// The event's sequence number (its SSE `id`).
-    pub seq: u64,
-    /// The encoded SSE frame.
-    pub bytes: Bytes,
-    /// When herald accepted the event, for the latency histogram.
-    pub accepted_at: Instant,
+    /// The delivery, shared by every receiver.
+    pub delivery: Arc<Delivery>,
+    /// The policy generation that allowed it. If another generation is in force
+    /// when the frame is written, it is checked again first.
+    pub generation: u64,
 }
 
 /// Why a stream is being closed.
@@ -257,25 +260,43 @@ pub struct SseStream {
     conn: Arc<Conn>,
     rx: mpsc::Receiver<Frame>,
     preamble: VecDeque<Bytes>,
+    replay: VecDeque<Frame>,
     last_seq: u64,
     heartbeat: Interval,
     expiry: Pin<Box<Sleep>>,
     done: bool,
     metrics: Arc<Metrics>,
+    authorizer: Arc<Authorizer>,
     /// Dropped with the stream: router registration, limit slots.
     _guards: Vec<Box<dyn Send + Sync>>,
 }
 
+/// Who a new stream is for and what it asks.
+pub struct Subscriber {
+    /// Instance-unique connection id.
+    pub id: u64,
+    /// The identity (`sub` claim).
+    pub subject: Arc<str>,
+    /// The project.
+    pub project: ProjectId,
+    /// The registrations.
+    pub interests: Vec<Interest>,
+}
+
 /// Creates both halves of a stream.
 pub fn new_stream(
-    id: u64,
-    subject: Arc<str>,
-    project: ProjectId,
-    interests: Vec<Interest>,
+    who: Subscriber,
     settings: &StreamSettings,
     abort: Option<Arc<ConnectionAbort>>,
+    authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
 ) -> (Arc<Conn>, SseStream) {
+    let Subscriber {
+        id,
+        subject,
+        project,
+        interests,
+    } = who;
     let (tx, rx) = mpsc::channel(settings.queue_frames);
     let conn = Arc::new(Conn {
         id,
@@ -305,20 +326,27 @@ pub fn new_stream(
         conn: conn.clone(),
         rx,
         preamble,
+        replay: VecDeque::new(),
         last_seq: 0,
         heartbeat,
         expiry: Box::pin(tokio::time::sleep(settings.expires_in)),
         done: false,
         metrics,
+        authorizer,
         _guards: Vec::new(),
     };
     (conn, stream)
 }
 
 impl SseStream {
-    /// Appends frames to write before anything queued (replay, `gap`).
+    /// Appends a control frame to write before anything else (`gap`).
     pub fn push_preamble(&mut self, frame: Bytes) {
         self.preamble.push_back(frame);
+    }
+
+    /// Appends a replayed event, written after the preamble and before live ones.
+    pub fn push_replay(&mut self, frame: Frame) {
+        self.replay.push_back(frame);
     }
 
     /// Marks `seq` as already written: queued frames up to it are skipped, so
@@ -348,15 +376,33 @@ impl SseStream {
     }
 
     fn deliver(&mut self, frame: Frame) -> Option<Bytes> {
-        if frame.seq <= self.last_seq {
+        let d = &frame.delivery;
+        if d.seq <= self.last_seq {
             return None;
         }
-        self.last_seq = frame.seq;
+        self.last_seq = d.seq;
+        // The policy changed since this frame was allowed: ask again, so nothing
+        // the policy in force denies is ever written.
+        if frame.generation != self.authorizer.generation()
+            && !self.authorizer.may_receive(
+                &self.conn.subject,
+                &d.project,
+                d.event_type,
+                &d.env,
+                &d.path,
+            )
+        {
+            self.metrics
+                .permission_denied
+                .with_label_values(&["delivery"])
+                .inc();
+            return None;
+        }
         self.metrics.events_delivered.inc();
         self.metrics
             .delivery_latency
-            .observe(frame.accepted_at.elapsed().as_secs_f64());
-        Some(frame.bytes)
+            .observe(d.accepted_at.elapsed().as_secs_f64());
+        Some(d.frame.clone())
     }
 }
 
@@ -374,6 +420,11 @@ impl Body for SseStream {
         }
         if let Some(b) = this.preamble.pop_front() {
             return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+        }
+        while let Some(f) = this.replay.pop_front() {
+            if let Some(b) = this.deliver(f) {
+                return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+            }
         }
         // Register before looking, so a close that lands in between still wakes us.
         this.conn.waker.register(cx.waker());
@@ -451,5 +502,206 @@ impl Drop for SseStream {
                 .with_label_values(&[label])
                 .inc_by(backlog);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ident::{EnvSlug, ProjectId};
+    use crate::path::PathPattern;
+    use crate::policy::PolicySource;
+    use std::time::Instant;
+
+    fn source(policy: &str) -> PolicySource {
+        let mut s = PolicySource::shipped();
+        s.policy = policy.into();
+        s
+    }
+
+    async fn next_data(s: &mut SseStream) -> Option<Bytes> {
+        let f = std::future::poll_fn(|cx| Pin::new(&mut *s).poll_frame(cx)).await?;
+        f.ok().and_then(|f| f.into_data().ok())
+    }
+
+    #[tokio::test]
+    async fn frames_queued_before_a_policy_swap_are_checked_again() {
+        let metrics = Arc::new(Metrics::new());
+        let auth = Arc::new(
+            Authorizer::new(
+                &source("p, alice, *, *, subscribe, *, /**, allow\n"),
+                100,
+                metrics.clone(),
+            )
+            .await
+            .unwrap(),
+        );
+        let settings = StreamSettings {
+            queue_frames: 8,
+            heartbeat: Duration::from_secs(3600),
+            retry: Duration::from_secs(1),
+            expires_in: Duration::from_secs(3600),
+            close_timeout: Duration::from_secs(10),
+        };
+        let ty = EventType::parse("secret:created").unwrap();
+        let interest = Interest {
+            event_type: ty,
+            env: None,
+            path: PathPattern::everything(),
+        };
+        let (conn, mut stream) = new_stream(
+            Subscriber {
+                id: 1,
+                subject: Arc::from("alice"),
+                project: ProjectId::parse("p1").unwrap(),
+                interests: vec![interest],
+            },
+            &settings,
+            None,
+            auth.clone(),
+            metrics,
+        );
+        let delivery = |seq: u64, path: &str| {
+            Arc::new(Delivery {
+                seq,
+                project: ProjectId::parse("p1").unwrap(),
+                event_type: ty,
+                env: EnvSlug::parse("prod").unwrap(),
+                path: SecretPath::parse(path).unwrap(),
+                frame: Bytes::from(format!("event {seq}\n\n")),
+                accepted_at: Instant::now(),
+            })
+        };
+        // Both allowed under generation 1 and queued.
+        assert_eq!(
+            conn.push(Frame {
+                delivery: delivery(1, "/public"),
+                generation: 1
+            }),
+            Push::Queued
+        );
+        assert_eq!(
+            conn.push(Frame {
+                delivery: delivery(2, "/secret"),
+                generation: 1
+            }),
+            Push::Queued
+        );
+        // The policy now denies /secret before the frames are written.
+        auth.reload(&source("p, alice, *, *, subscribe, *, /**, allow\np, alice, *, *, subscribe, *, /secret/**, deny\n"))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_data(&mut stream).await.unwrap(),
+            Bytes::from("retry: 1000\n\n")
+        );
+        assert_eq!(
+            next_data(&mut stream).await.unwrap(),
+            Bytes::from("event 1\n\n")
+        );
+        assert_eq!(
+            conn.push(Frame {
+                delivery: delivery(3, "/public/x"),
+                generation: 2
+            }),
+            Push::Queued
+        );
+        assert_eq!(
+            next_data(&mut stream).await.unwrap(),
+            Bytes::from("event 3\n\n"),
+            "event 2 was dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn overflow_closes_with_slow_consumer() {
+        let metrics = Arc::new(Metrics::new());
+        let auth = Arc::new(
+            Authorizer::new(
+                &source("p, a, *, *, subscribe, *, /**, allow\n"),
+                100,
+                metrics.clone(),
+            )
+            .await
+            .unwrap(),
+        );
+        let settings = StreamSettings {
+            queue_frames: 2,
+            heartbeat: Duration::from_secs(3600),
+            retry: Duration::from_secs(1),
+            expires_in: Duration::from_secs(3600),
+            close_timeout: Duration::from_secs(10),
+        };
+        let ty = EventType::parse("secret:created").unwrap();
+        let interest = Interest {
+            event_type: ty,
+            env: None,
+            path: PathPattern::everything(),
+        };
+        let (conn, mut stream) = new_stream(
+            Subscriber {
+                id: 1,
+                subject: Arc::from("a"),
+                project: ProjectId::parse("p").unwrap(),
+                interests: vec![interest],
+            },
+            &settings,
+            None,
+            auth,
+            metrics.clone(),
+        );
+        let d = |seq| {
+            Arc::new(Delivery {
+                seq,
+                project: ProjectId::parse("p").unwrap(),
+                event_type: ty,
+                env: EnvSlug::parse("e").unwrap(),
+                path: SecretPath::root(),
+                frame: Bytes::from_static(b"x\n\n"),
+                accepted_at: Instant::now(),
+            })
+        };
+        assert_eq!(
+            conn.push(Frame {
+                delivery: d(1),
+                generation: 1
+            }),
+            Push::Queued
+        );
+        assert_eq!(
+            conn.push(Frame {
+                delivery: d(2),
+                generation: 1
+            }),
+            Push::Queued
+        );
+        assert_eq!(
+            conn.push(Frame {
+                delivery: d(3),
+                generation: 1
+            }),
+            Push::Overflow
+        );
+        assert_eq!(
+            conn.push(Frame {
+                delivery: d(4),
+                generation: 1
+            }),
+            Push::Closed
+        );
+        let _retry = next_data(&mut stream).await;
+        let last = next_data(&mut stream).await.unwrap();
+        assert!(std::str::from_utf8(&last)
+            .unwrap()
+            .contains("\"code\":\"slow_consumer\""));
+        assert!(next_data(&mut stream).await.is_none());
+        drop(stream);
+        assert_eq!(
+            metrics
+                .events_dropped
+                .with_label_values(&["slow_consumer"])
+                .get(),
+            3
+        );
     }
 }

@@ -27,7 +27,7 @@ use crate::interest::Interest;
 use crate::path::PathPattern;
 use crate::policy::Action;
 use crate::sse::{self, Control};
-use crate::stream::{new_stream, ConnectionAbort, StreamSettings};
+use crate::stream::{new_stream, ConnectionAbort, StreamSettings, Subscriber};
 
 /// Subscribe route.
 pub const SUBSCRIBE_PATH: &str = "/api/v1/events/subscribe/project-events";
@@ -526,12 +526,15 @@ async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Ht
     };
     let id = app.router.next_conn_id();
     let (_conn, mut stream) = new_stream(
-        id,
-        identity.subject.clone(),
-        sub.project,
-        sub.interests,
+        Subscriber {
+            id,
+            subject: identity.subject.clone(),
+            project: sub.project,
+            interests: sub.interests,
+        },
         &settings,
         abort,
+        app.authorizer.clone(),
         app.metrics.clone(),
     );
     stream.hold(Box::new(slot));

@@ -159,6 +159,7 @@ impl HeraldBuilder {
         Herald {
             public: addr("public="),
             admin: addr("admin="),
+            policy_path: policy,
             child: Some(child),
             log,
             _dir: dir,
@@ -170,6 +171,8 @@ impl HeraldBuilder {
 pub struct Herald {
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    /// The policy file this instance watches.
+    pub policy_path: PathBuf,
     child: Option<Child>,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -282,13 +285,31 @@ impl Herald {
         }
     }
 
-    /// Sends SIGTERM.
-    pub fn terminate(&self) {
+    /// Sends a signal by name (`TERM`, `HUP`).
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .expect("run kill");
         assert!(status.success());
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Waits until `/admin/policy` satisfies `pred`, returning it.
+    pub async fn wait_policy(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (_, v) = self.admin_json("/admin/policy").await;
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "policy state never matched: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits for the process to exit.

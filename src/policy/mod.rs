@@ -13,33 +13,35 @@
 //! generation in the key means an answer of an old policy can never serve a new
 //! one. This module never blocks on I/O after loading and never panics on input.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, RandomState};
-use std::path::Path;
+mod cache;
+pub mod explain;
+mod functions;
+mod parse;
+pub mod watch;
+
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use casbin::rhai::Dynamic;
-use casbin::{function_map::OperatorFunction, MemoryAdapter};
+use casbin::MemoryAdapter;
 use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi};
 use parking_lot::{Mutex, RwLock};
 
-use crate::event::{EventType, EVENT_TYPES};
+use crate::event::EventType;
 use crate::ident::{EnvSlug, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
-use crate::path::{glob_covers, glob_match, glob_overlap, PathPattern, SecretPath};
+use crate::path::SecretPath;
+
+use cache::{DecisionCache, DecisionKey};
+use functions::{ANY_ENV, PATTERN_MARK};
+use parse::{parse_policy, ParsedPolicy};
 
 /// The model shipped in `policies/model.conf`, used when `--dev` finds no files.
-pub const SHIPPED_MODEL: &str = include_str!("../policies/model.conf");
+pub const SHIPPED_MODEL: &str = include_str!("../../policies/model.conf");
 /// The policy shipped in `policies/policy.csv`, used when `--dev` finds no files.
-pub const SHIPPED_POLICY: &str = include_str!("../policies/policy.csv");
-
-/// Marks a request path that is a pattern (a registration), not an event's path.
-const PATTERN_MARK: &str = "pattern:";
-/// The request environment of a registration without one.
-const ANY_ENV: &str = "*";
+pub const SHIPPED_POLICY: &str = include_str!("../../policies/policy.csv");
 
 /// The actions a policy line can grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -51,7 +53,8 @@ pub enum Action {
 }
 
 impl Action {
-    fn as_str(self) -> &'static str {
+    /// The action as the policy names it.
+    pub fn as_str(self) -> &'static str {
         match self {
             Action::Subscribe => "subscribe",
             Action::Publish => "publish",
@@ -70,6 +73,8 @@ pub struct PolicySource {
     pub policy_name: String,
     /// Policy text.
     pub policy: String,
+    /// The files it was read from (model, policy); `None` for the built-in copy.
+    pub files: Option<(PathBuf, PathBuf)>,
 }
 
 impl PolicySource {
@@ -89,6 +94,7 @@ impl PolicySource {
             model: read(model)?,
             policy_name: policy.display().to_string(),
             policy: read(policy)?,
+            files: Some((model.to_path_buf(), policy.to_path_buf())),
         })
     }
 
@@ -99,6 +105,7 @@ impl PolicySource {
             model: SHIPPED_MODEL.into(),
             policy_name: "<shipped policies/policy.csv>".into(),
             policy: SHIPPED_POLICY.into(),
+            files: None,
         }
     }
 }
@@ -134,198 +141,6 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// A parsed policy: `p` rules and `g` role links, deduplicated, in file order.
-#[derive(Debug, Default)]
-struct ParsedPolicy {
-    rules: Vec<Vec<String>>,
-    links: Vec<Vec<String>>,
-}
-
-fn is_pattern_ident(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'*')
-}
-
-fn is_subject(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 256
-        && !s
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace() || c == ',')
-}
-
-/// Parses and validates a policy text; every problem is reported with its line.
-fn parse_policy(name: &str, text: &str) -> Result<ParsedPolicy, Vec<Problem>> {
-    let mut out = ParsedPolicy::default();
-    let mut problems = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let trimmed = raw.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        if trimmed.contains('"') {
-            problems.push(Problem::new(
-                name,
-                line,
-                "quotes are not supported in herald policies",
-            ));
-            continue;
-        }
-        let fields: Vec<String> = trimmed.split(',').map(|f| f.trim().to_owned()).collect();
-        let mut err = |m: String| problems.push(Problem::new(name, line, m));
-        match fields[0].as_str() {
-            "p" => {
-                if fields.len() != 8 {
-                    err(format!(
-                        "a `p` line has 7 fields (subject, project, event type, action, environment, path, allow|deny); found {}",
-                        fields.len() - 1
-                    ));
-                    continue;
-                }
-                let f = &fields[1..];
-                let before = problems.len();
-                let mut err = |m: String| problems.push(Problem::new(name, line, m));
-                if !is_subject(&f[0]) {
-                    err(format!(
-                        "subject {:?} must be non-empty without spaces or control characters",
-                        f[0]
-                    ));
-                }
-                if !is_pattern_ident(&f[1]) {
-                    err(format!("project {:?} must be `*` or a project id (A-Z a-z 0-9 _ -, `*` as wildcard)", f[1]));
-                }
-                if !EVENT_TYPES.iter().any(|d| glob_match(&f[2], d.name)) {
-                    err(format!(
-                        "event type {:?} matches no known event type ({})",
-                        f[2],
-                        EVENT_TYPES
-                            .iter()
-                            .map(|d| d.name)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
-                }
-                if f[3] != "subscribe" && f[3] != "publish" {
-                    err(format!(
-                        "action {:?} must be `subscribe` or `publish`",
-                        f[3]
-                    ));
-                }
-                if !is_pattern_ident(&f[4]) {
-                    err(format!(
-                        "environment {:?} must be `*` or a slug (A-Z a-z 0-9 _ -, `*` as wildcard)",
-                        f[4]
-                    ));
-                }
-                if let Err(e) = PathPattern::parse_exact(&f[5]) {
-                    err(format!("path {:?}: {e}", f[5]));
-                }
-                if f[6] != "allow" && f[6] != "deny" {
-                    err(format!("effect {:?} must be `allow` or `deny`", f[6]));
-                }
-                if problems.len() == before {
-                    let mut rule = f.to_vec();
-                    // Store paths normalized, so `/a/**/**` and `/a/**` are one rule.
-                    if let Ok(p) = PathPattern::parse_exact(&rule[5]) {
-                        rule[5] = p.as_str().to_owned();
-                    }
-                    if seen.insert(("p", rule.clone())) {
-                        out.rules.push(rule);
-                    }
-                }
-            }
-            "g" => {
-                if fields.len() != 4 {
-                    err(format!(
-                        "a `g` line has 3 fields (member, role, project or *); found {}",
-                        fields.len() - 1
-                    ));
-                    continue;
-                }
-                let f = &fields[1..];
-                if !is_subject(&f[0]) || !is_subject(&f[1]) {
-                    err(
-                        "member and role must be non-empty without spaces or control characters"
-                            .into(),
-                    );
-                    continue;
-                }
-                if f[2] != "*" && ProjectId::parse(&f[2]).is_err() {
-                    err(format!("domain {:?} must be a project id or `*`", f[2]));
-                    continue;
-                }
-                if f[0] == f[1] {
-                    err(format!("{:?} cannot be a member of itself", f[0]));
-                    continue;
-                }
-                if seen.insert(("g", f.to_vec())) {
-                    out.links.push(f.to_vec());
-                }
-            }
-            other => err(format!(
-                "unknown policy type {other:?}: herald policies have `p` and `g` lines"
-            )),
-        }
-    }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
-    }
-}
-
-fn dyn_str(d: &Dynamic) -> String {
-    casbin::function_map::dynamic_to_str(d).into_owned()
-}
-
-fn f_project_match(req: Dynamic, pol: Dynamic) -> Dynamic {
-    glob_match(&dyn_str(&pol), &dyn_str(&req)).into()
-}
-
-fn f_type_match(req: Dynamic, pol: Dynamic) -> Dynamic {
-    glob_match(&dyn_str(&pol), &dyn_str(&req)).into()
-}
-
-fn f_env_match(req: Dynamic, pol: Dynamic, eft: Dynamic) -> Dynamic {
-    let (req, pol) = (dyn_str(&req), dyn_str(&pol));
-    if req == ANY_ENV {
-        // A registration for every environment.
-        return if dyn_str(&eft) == "deny" {
-            glob_covers(&pol, &req)
-        } else {
-            glob_overlap(&pol, &req)
-        }
-        .into();
-    }
-    glob_match(&pol, &req).into()
-}
-
-fn f_path_match(req: Dynamic, pol: Dynamic, eft: Dynamic) -> Dynamic {
-    let (req, pol) = (dyn_str(&req), dyn_str(&pol));
-    let Ok(pol) = PathPattern::parse_exact(&pol) else {
-        return false.into();
-    };
-    if let Some(pat) = req.strip_prefix(PATTERN_MARK) {
-        let Ok(pat) = PathPattern::parse_exact(pat) else {
-            return false.into();
-        };
-        return if dyn_str(&eft) == "deny" {
-            pol.covers(&pat)
-        } else {
-            pol.overlaps(&pat)
-        }
-        .into();
-    }
-    match SecretPath::parse(&req) {
-        Ok(p) => pol.matches(&p).into(),
-        Err(_) => false.into(),
-    }
-}
-
 /// A compiled, validated policy.
 pub struct PolicySet {
     enforcer: Enforcer,
@@ -337,6 +152,10 @@ pub struct PolicySet {
     pub loaded_at: SystemTime,
     /// Number of `p` rules and `g` links.
     pub size: (usize, usize),
+    /// The validated lines, for `explain`.
+    parsed: ParsedPolicy,
+    /// The policy file name, for `explain`.
+    policy_name: String,
 }
 
 impl PolicySet {
@@ -359,10 +178,7 @@ impl PolicySet {
                     format!("model does not compile: {e}"),
                 )]
             })?;
-        enforcer.add_function("projectMatch", OperatorFunction::Arg2(f_project_match));
-        enforcer.add_function("typeMatch", OperatorFunction::Arg2(f_type_match));
-        enforcer.add_function("envMatch", OperatorFunction::Arg3(f_env_match));
-        enforcer.add_function("pathMatch", OperatorFunction::Arg3(f_path_match));
+        functions::register(&mut enforcer);
         let size = (parsed.rules.len(), parsed.links.len());
         if !parsed.rules.is_empty() {
             enforcer
@@ -426,6 +242,8 @@ impl PolicySet {
             fingerprint: format!("{:016x}", h.0),
             loaded_at: SystemTime::now(),
             size,
+            parsed,
+            policy_name: src.policy_name.clone(),
         })
     }
 
@@ -505,60 +323,6 @@ impl Fnv {
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
-struct DecisionKey {
-    generation: u64,
-    sub: Arc<str>,
-    project: ProjectId,
-    ty: EventType,
-    env: EnvSlug,
-    path: SecretPath,
-}
-
-const SHARDS: usize = 16;
-
-/// Bounded, sharded cache of delivery-time decisions.
-struct DecisionCache {
-    shards: Vec<Mutex<HashMap<DecisionKey, bool>>>,
-    hasher: RandomState,
-    per_shard: usize,
-}
-
-impl DecisionCache {
-    fn new(capacity: usize) -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
-            per_shard: (capacity / SHARDS).max(16),
-        }
-    }
-
-    fn shard(&self, k: &DecisionKey) -> &Mutex<HashMap<DecisionKey, bool>> {
-        let mut h = self.hasher.build_hasher();
-        k.hash(&mut h);
-        &self.shards[(std::hash::Hasher::finish(&h) as usize) % SHARDS]
-    }
-
-    fn get(&self, k: &DecisionKey) -> Option<bool> {
-        self.shard(k).lock().get(k).copied()
-    }
-
-    fn put(&self, k: DecisionKey, v: bool) {
-        let mut s = self.shard(&k).lock();
-        // Full: start the shard over. Simple, bounded, and a refill costs one
-        // casbin evaluation per distinct key.
-        if s.len() >= self.per_shard {
-            s.clear();
-        }
-        s.insert(k, v);
-    }
-
-    fn clear(&self) {
-        for s in &self.shards {
-            s.lock().clear();
-        }
-    }
-}
-
 /// The state of the policy in force, for `/admin/policy`.
 #[derive(serde::Serialize)]
 pub struct PolicyStatus {
@@ -586,6 +350,7 @@ pub struct Authorizer {
     cache: DecisionCache,
     metrics: Arc<Metrics>,
     next_generation: AtomicU64,
+    generation: AtomicU64,
     last_error: Mutex<Option<Vec<Problem>>>,
     files: (String, String),
 }
@@ -607,9 +372,15 @@ impl Authorizer {
             cache: DecisionCache::new(cache_size),
             metrics,
             next_generation: AtomicU64::new(2),
+            generation: AtomicU64::new(1),
             last_error: Mutex::new(None),
             files: (src.model_name.clone(), src.policy_name.clone()),
         })
+    }
+
+    /// The generation in force (one atomic load: the write-time check's fast path).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The policy in force.
@@ -624,7 +395,11 @@ impl Authorizer {
         match PolicySet::compile(src, generation).await {
             Ok(set) => {
                 let set = Arc::new(set);
-                *self.current.write() = set.clone();
+                {
+                    let mut cur = self.current.write();
+                    *cur = set.clone();
+                    self.generation.store(generation, Ordering::Release);
+                }
                 self.cache.clear();
                 *self.last_error.lock() = None;
                 self.metrics
@@ -643,6 +418,15 @@ impl Authorizer {
                 Err(p)
             }
         }
+    }
+
+    /// Records a load that failed before compiling (a file could not be read).
+    pub fn record_failure(&self, problems: Vec<Problem>) {
+        self.metrics
+            .policy_reloads
+            .with_label_values(&["error"])
+            .inc();
+        *self.last_error.lock() = Some(problems);
     }
 
     /// Whether `sub` may receive this concrete event (cached).
@@ -705,6 +489,7 @@ impl Authorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::path::PathPattern;
 
     fn src(policy: &str) -> PolicySource {
         PolicySource {
@@ -712,6 +497,7 @@ mod tests {
             model: SHIPPED_MODEL.into(),
             policy_name: "policy.csv".into(),
             policy: policy.into(),
+            files: None,
         }
     }
 

@@ -1,0 +1,171 @@
+//! `herald policy explain`: which lines decide a request, and through which roles.
+//!
+//! The explanation walks the validated lines with the same match functions the
+//! casbin matcher calls, and states whether casbin's own verdict agrees, so an
+//! operator sees the file and line of every rule that applied.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+
+use crate::event::EventType;
+use crate::ident::{EnvSlug, ProjectId};
+use crate::path::{glob_match, PathPattern, SecretPath};
+
+use super::{Action, PolicySet};
+
+/// One policy line that applied, with how the identity reached its subject.
+#[derive(Debug, Clone)]
+pub struct AppliedRule {
+    /// 1-based line in the policy file.
+    pub line: usize,
+    /// The rule as written (normalized).
+    pub text: String,
+    /// identity -> role -> ... -> the rule's subject, with each link's line and domain.
+    pub chain: Vec<String>,
+}
+
+/// The answer to one explained request.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The verdict.
+    pub allowed: bool,
+    /// Whether casbin's evaluation gave the same verdict (it always should).
+    pub casbin_agrees: bool,
+    /// Matching deny rules.
+    pub denies: Vec<AppliedRule>,
+    /// Matching allow rules.
+    pub allows: Vec<AppliedRule>,
+    /// The policy file.
+    pub file: String,
+    /// The request, for display.
+    pub request: String,
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = if self.allowed { "allow" } else { "deny" };
+        writeln!(f, "{verdict}: {}", self.request)?;
+        let show = |f: &mut std::fmt::Formatter<'_>, r: &AppliedRule| -> std::fmt::Result {
+            writeln!(f, "    {}:{}: {}", self.file, r.line, r.text)?;
+            if r.chain.len() > 1 {
+                writeln!(f, "      via {}", r.chain.join(" -> "))?;
+            }
+            Ok(())
+        };
+        if !self.denies.is_empty() {
+            writeln!(f, "  decided by deny rule(s):")?;
+            for r in &self.denies {
+                show(f, r)?;
+            }
+            if !self.allows.is_empty() {
+                writeln!(f, "  allow rule(s) that also matched (deny wins):")?;
+                for r in &self.allows {
+                    show(f, r)?;
+                }
+            }
+        } else if !self.allows.is_empty() {
+            writeln!(f, "  decided by allow rule(s):")?;
+            for r in &self.allows {
+                show(f, r)?;
+            }
+        } else {
+            writeln!(f, "  no rule matches: denied by default")?;
+        }
+        if !self.casbin_agrees {
+            writeln!(f, "  warning: casbin's own evaluation disagrees; the model file may have been changed")?;
+        }
+        Ok(())
+    }
+}
+
+impl PolicySet {
+    /// Explains the decision for one concrete request.
+    pub fn explain(
+        &self,
+        sub: &str,
+        project: &ProjectId,
+        ty: EventType,
+        act: Action,
+        env: &EnvSlug,
+        path: &SecretPath,
+    ) -> Explanation {
+        // casbin's matcher: g(sub, p.sub, project) || g(sub, p.sub, "*"): a chain of
+        // links all in the project's domain, or all in the `*` domain.
+        let chains_project = self.reachable(sub, project.as_str());
+        let chains_any = self.reachable(sub, "*");
+        let mut denies = Vec::new();
+        let mut allows = Vec::new();
+        for (rule, &line) in self.parsed.rules.iter().zip(&self.parsed.rule_lines) {
+            let chain = match chains_project
+                .get(rule[0].as_str())
+                .or_else(|| chains_any.get(rule[0].as_str()))
+            {
+                Some(c) => c.clone(),
+                None => continue,
+            };
+            let matches = glob_match(&rule[1], project.as_str())
+                && glob_match(&rule[2], ty.name())
+                && rule[3] == act.as_str()
+                && glob_match(&rule[4], env.as_str())
+                && PathPattern::parse_exact(&rule[5]).is_ok_and(|p| p.matches(path));
+            if !matches {
+                continue;
+            }
+            let applied = AppliedRule {
+                line,
+                text: format!("p, {}", rule.join(", ")),
+                chain,
+            };
+            if rule[6] == "deny" {
+                denies.push(applied);
+            } else {
+                allows.push(applied);
+            }
+        }
+        let allowed = denies.is_empty() && !allows.is_empty();
+        let casbin = self.decide(sub, project, ty, act, env, path);
+        Explanation {
+            allowed,
+            casbin_agrees: casbin == allowed,
+            denies,
+            allows,
+            file: self.policy_name.clone(),
+            request: format!(
+                "{sub} {} {} in project {project}, environment {env}, path {path}",
+                act.as_str(),
+                ty.name()
+            ),
+        }
+    }
+
+    /// Every subject `sub` acts as within `domain`, with the chain that leads there.
+    fn reachable(&self, sub: &str, domain: &str) -> HashMap<String, Vec<String>> {
+        let mut edges: HashMap<&str, Vec<(&str, usize)>> = HashMap::new();
+        for (l, &line) in self.parsed.links.iter().zip(&self.parsed.link_lines) {
+            if l[2] == domain {
+                edges
+                    .entry(l[0].as_str())
+                    .or_default()
+                    .push((l[1].as_str(), line));
+            }
+        }
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        out.insert(sub.to_owned(), vec![sub.to_owned()]);
+        let mut queue = VecDeque::from([sub.to_owned()]);
+        while let Some(cur) = queue.pop_front() {
+            let base = out.get(&cur).cloned().unwrap_or_default();
+            for (role, line) in edges.get(cur.as_str()).into_iter().flatten() {
+                if out.contains_key(*role) {
+                    continue;
+                }
+                let mut chain = base.clone();
+                let mut step = String::new();
+                let _ = write!(step, "{role} (line {line}, domain {domain})");
+                chain.push(step);
+                out.insert((*role).to_owned(), chain);
+                queue.push_back((*role).to_owned());
+            }
+        }
+        out
+    }
+}
