@@ -149,7 +149,7 @@ fn router(c: &mut Criterion) {
         let (conn, mut stream) = new_stream(
             Subscriber {
                 id: router.next_conn_id(),
-                subject: subject,
+                subject,
                 project: p.clone(),
                 interests: vec![interest],
             },
