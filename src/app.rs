@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::auth::Verifier;
-use crate::bus::{Bus, EmbeddedBus};
+use crate::bus::{Bus, EmbeddedBus, NatsBus};
+use crate::cluster::{Cluster, Presence};
 use crate::config::Config;
 use crate::http::{self, admin::Admin, api::Api, ServeOptions};
 use crate::limits::{ConnectionLimiter, RateLimiter};
@@ -52,6 +53,10 @@ pub struct App {
     pub shutdown: Shutdown,
     /// The policy files (model, policy), when the policy came from files.
     pub policy_files: Option<(PathBuf, PathBuf)>,
+    /// This process's instance id.
+    pub instance_id: String,
+    /// Other instances, when on NATS.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl App {
@@ -67,14 +72,34 @@ impl App {
             })?;
         let authorizer = Arc::new(authorizer);
         let router = Arc::new(Router::new(authorizer.clone(), metrics.clone()));
-        let bus = Bus::Embedded(EmbeddedBus::new(
-            router.clone(),
-            authorizer.clone(),
-            metrics.clone(),
-            config.stream.replay_buffer,
-        ));
+        let instance_id = uuid::Uuid::new_v4().simple().to_string();
+        let (bus, cluster) = if config.nats.urls.is_empty() {
+            let bus = EmbeddedBus::new(
+                router.clone(),
+                authorizer.clone(),
+                metrics.clone(),
+                config.stream.replay_buffer,
+            );
+            (Bus::Embedded(bus), None)
+        } else {
+            let bus = NatsBus::connect(
+                &config.nats,
+                &instance_id,
+                router.clone(),
+                metrics.clone(),
+                config.limits.max_event_bytes,
+            )
+            .await?;
+            let cluster = Arc::new(Cluster::new(
+                instance_id.clone(),
+                config.nats.presence_interval,
+            ));
+            (Bus::Nats(bus), Some(cluster))
+        };
         let policy_files = policy.files.clone();
         Ok(Arc::new(App {
+            instance_id,
+            cluster,
             policy_files,
             conn_limiter: ConnectionLimiter::new(&config.limits),
             rate_limiter: RateLimiter::new(
@@ -142,6 +167,24 @@ impl App {
         revoked
     }
 
+    /// What this instance announces to the others.
+    pub fn presence(&self) -> Presence {
+        let policy = self.authorizer.current();
+        Presence {
+            id: self.instance_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            connections: self.router.len(),
+            policy_generation: policy.generation,
+            policy_fingerprint: policy.fingerprint.clone(),
+            streams: self
+                .conn_limiter
+                .snapshot()
+                .into_iter()
+                .map(|(s, p, n)| (s.to_string(), p.to_string(), n))
+                .collect(),
+        }
+    }
+
     /// A jittered `retry:` for streams told to reconnect: spread between half
     /// and one and a half times `stream.retry`, so clients do not come back at once.
     pub fn drain_retry_ms(&self) -> u64 {
@@ -203,6 +246,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             close_deadline,
         )),
         tokio::spawn(policy_reloader(app.clone())),
+        tokio::spawn(run_cluster(app.clone())),
     ];
     Ok(Running {
         app,
@@ -246,6 +290,31 @@ impl Running {
         }
         tracing::info!("stopped");
     }
+}
+
+/// Takes part in the cluster when on NATS.
+async fn run_cluster(app: Arc<App>) {
+    let (Some(cluster), Bus::Nats(bus)) = (app.cluster.clone(), &app.bus) else {
+        return;
+    };
+    let me = {
+        let app = app.clone();
+        move || app.presence()
+    };
+    let metrics = app.metrics.clone();
+    let on_summary = move |instances: usize, fingerprints: usize| {
+        metrics.cluster_instances.set(instances as i64);
+        metrics.cluster_policy_fingerprints.set(fingerprints as i64);
+    };
+    crate::cluster::run(
+        cluster,
+        bus.client().clone(),
+        bus.prefix().to_owned(),
+        me,
+        on_summary,
+        app.shutdown.reached(Phase::Stopped),
+    )
+    .await;
 }
 
 /// Reloads the policy on SIGHUP and, with `policy.watch`, when its files change.

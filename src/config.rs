@@ -32,6 +32,68 @@ pub struct Config {
     pub cors: CorsConfig,
     /// Graceful drain on SIGTERM.
     pub shutdown: ShutdownConfig,
+    /// NATS; without `urls` herald runs the embedded in-process bus.
+    pub nats: NatsConfig,
+}
+
+/// `[nats]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URLs, e.g. `["nats://n1:4222", "nats://n2:4222"]`. Empty: embedded bus.
+    pub urls: Vec<String>,
+    /// Connection name shown by the server (the instance id is appended).
+    pub name: String,
+    /// First token(s) of every subject herald uses.
+    pub prefix: String,
+    /// Token authentication (secret).
+    pub token: Option<String>,
+    /// User for user/password authentication.
+    pub user: Option<String>,
+    /// Password (secret).
+    pub password: Option<String>,
+    /// NKey seed (secret).
+    pub nkey_seed: Option<String>,
+    /// `.creds` file (JWT + NKey).
+    pub credentials_file: Option<PathBuf>,
+    /// CA certificate(s) to trust, PEM.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate, PEM (with `tls_key_file`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client key, PEM.
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    pub require_tls: bool,
+    /// Messages buffered per NATS subscription before the client drops (a `gap`).
+    pub subscription_capacity: usize,
+    /// Time allowed for connecting and for a publish to reach the server.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How often this instance announces itself to the others.
+    #[serde(with = "humantime_serde")]
+    pub presence_interval: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            name: "herald".into(),
+            prefix: "herald".into(),
+            token: None,
+            user: None,
+            password: None,
+            nkey_seed: None,
+            credentials_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            require_tls: false,
+            subscription_capacity: 65_536,
+            request_timeout: Duration::from_secs(5),
+            presence_interval: Duration::from_secs(2),
+        }
+    }
 }
 
 /// `[server]`
@@ -339,6 +401,36 @@ impl Config {
         if self.server.body_read_timeout.is_zero() {
             return Err(invalid("server.body_read_timeout", "must be positive"));
         }
+        let prefix_ok = !self.nats.prefix.is_empty()
+            && self.nats.prefix.split('.').all(|t| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+        if !prefix_ok {
+            return Err(invalid(
+                "nats.prefix",
+                "must be dot-separated tokens of A-Z a-z 0-9 _ -",
+            ));
+        }
+        if self.nats.subscription_capacity < 64 {
+            return Err(invalid("nats.subscription_capacity", "must be at least 64"));
+        }
+        if self.nats.presence_interval < Duration::from_millis(50) {
+            return Err(invalid("nats.presence_interval", "must be at least 50ms"));
+        }
+        for u in &self.nats.urls {
+            if !(u.starts_with("nats://")
+                || u.starts_with("tls://")
+                || u.starts_with("ws://")
+                || u.starts_with("wss://"))
+            {
+                return Err(invalid(
+                    "nats.urls",
+                    format!("{u:?} is not a nats://, tls://, ws:// or wss:// URL"),
+                ));
+            }
+        }
         for a in &self.auth.algorithms {
             if crate::auth::parse_algorithm(a).is_none() {
                 return Err(invalid(
@@ -365,9 +457,15 @@ impl Config {
     /// The configuration as TOML with secrets redacted.
     pub fn redacted(&self) -> String {
         let mut c = self.clone();
-        if c.auth.hs_secret.is_some() {
-            c.auth.hs_secret = Some("<redacted>".to_owned());
-        }
+        let redact = |v: &mut Option<String>| {
+            if v.is_some() {
+                *v = Some("<redacted>".to_owned());
+            }
+        };
+        redact(&mut c.auth.hs_secret);
+        redact(&mut c.nats.token);
+        redact(&mut c.nats.password);
+        redact(&mut c.nats.nkey_seed);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }

@@ -13,10 +13,12 @@
 //! - [`subject`]: the NATS subject scheme, both ways.
 //! - [`auth`]: bearer tokens (JWT) in, identities out.
 //! - [`policy`]: casbin policies, herald's match functions, the decision cache.
-//! - [`bus`]: the seam events enter through; the embedded in-process bus with
-//!   its replay ring.
+//! - [`bus`]: the seam events enter through: the embedded in-process bus with
+//!   its replay ring, or NATS with interest-based subscriptions.
 //! - [`router`]: which open streams want an event, and may see it.
 //! - [`stream`], [`sse`]: one client's bounded queue and SSE framing.
+//! - [`cluster`]: instances that see each other over NATS (presence, drift,
+//!   cluster-wide limits).
 //! - [`limits`]: connection and rate limits.
 //! - [`http`]: listeners, the public API, the admin API, error mapping.
 //! - [`metrics`]: Prometheus series.
@@ -34,6 +36,7 @@ pub mod app;
 pub mod auth;
 pub mod bus;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod http;

@@ -79,10 +79,13 @@ impl ConnectionLimiter {
     }
 
     /// Takes a slot for `subject` on `project`, or names the limit that refuses it.
+    /// `elsewhere` is how many streams the identity has on the project on other
+    /// instances (the per-identity limit is cluster-wide).
     pub fn acquire(
         &self,
         subject: &Arc<str>,
         project: &ProjectId,
+        elsewhere: usize,
     ) -> Result<ConnectionSlot, Limit> {
         let mut c = self.counts.lock();
         if c.total >= self.total {
@@ -90,7 +93,7 @@ impl ConnectionLimiter {
         }
         let key = (subject.clone(), project.clone());
         let n = c.per_identity.entry(key.clone()).or_insert(0);
-        if *n >= self.per_identity {
+        if *n + elsewhere >= self.per_identity {
             return Err(Limit::ConnectionsPerIdentity);
         }
         *n += 1;
@@ -99,6 +102,16 @@ impl ConnectionLimiter {
             counts: self.counts.clone(),
             key,
         })
+    }
+
+    /// Open streams per (identity, project) on this instance.
+    pub fn snapshot(&self) -> Vec<(Arc<str>, ProjectId, usize)> {
+        self.counts
+            .lock()
+            .per_identity
+            .iter()
+            .map(|((s, p), n)| (s.clone(), p.clone(), *n))
+            .collect()
     }
 }
 
@@ -164,13 +177,21 @@ mod tests {
         let l = ConnectionLimiter::new(&cfg);
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         let p = ProjectId::parse("p").unwrap();
-        let s1 = l.acquire(&a, &p).unwrap();
-        let _s2 = l.acquire(&a, &p).unwrap();
-        assert_eq!(l.acquire(&a, &p).err(), Some(Limit::ConnectionsPerIdentity));
-        let _s3 = l.acquire(&b, &p).unwrap();
-        assert_eq!(l.acquire(&b, &p).err(), Some(Limit::InstanceConnections));
+        let s1 = l.acquire(&a, &p, 0).unwrap();
+        let _s2 = l.acquire(&a, &p, 0).unwrap();
+        assert_eq!(
+            l.acquire(&a, &p, 0).err(),
+            Some(Limit::ConnectionsPerIdentity)
+        );
+        let _s3 = l.acquire(&b, &p, 0).unwrap();
+        assert_eq!(l.acquire(&b, &p, 0).err(), Some(Limit::InstanceConnections));
         drop(s1);
-        assert!(l.acquire(&a, &p).is_ok());
+        assert_eq!(
+            l.acquire(&a, &p, 1).err(),
+            Some(Limit::ConnectionsPerIdentity),
+            "counts elsewhere count"
+        );
+        assert!(l.acquire(&a, &p, 0).is_ok());
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub decision_cache: IntCounterVec,
     /// Streams closed, by reason.
     pub streams_closed: IntCounterVec,
+    /// Live instances seen over NATS, this one included.
+    pub cluster_instances: IntGauge,
+    /// Distinct policy fingerprints among live instances (more than 1: drift).
+    pub cluster_policy_fingerprints: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -165,6 +169,16 @@ impl Metrics {
                 "Requests refused by a limit, by limit.",
                 "limit",
             ),
+            cluster_instances: gauge(
+                &r,
+                "herald_cluster_instances",
+                "Live herald instances seen over NATS, this one included.",
+            ),
+            cluster_policy_fingerprints: gauge(
+                &r,
+                "herald_cluster_policy_fingerprints",
+                "Distinct policy fingerprints among live instances; more than 1 means drift.",
+            ),
             decision_cache: counter_vec(
                 &r,
                 "herald_decision_cache_lookups_total",
@@ -187,6 +201,7 @@ impl Metrics {
             "forbidden",
             "limited",
             "draining",
+            "bus_unavailable",
         ] {
             m.subscriptions.with_label_values(&[r]);
         }
@@ -200,6 +215,8 @@ impl Metrics {
             "bad_attribute",
             "unknown_type",
             "too_large",
+            "bad_subject",
+            "subject_mismatch",
         ] {
             m.events_rejected.with_label_values(&[r]);
         }
@@ -233,6 +250,9 @@ impl Metrics {
             m.streams_closed.with_label_values(&[r]);
         }
         m.events_received.with_label_values(&["api"]);
+        m.events_received.with_label_values(&["nats"]);
+        m.cluster_instances.set(1);
+        m.cluster_policy_fingerprints.set(1);
         for r in ["success", "error"] {
             m.policy_reloads.with_label_values(&[r]);
         }

@@ -154,6 +154,7 @@ pub struct Conn {
     tx: mpsc::Sender<Frame>,
     capacity: usize,
     close: Mutex<Option<CloseReason>>,
+    gap: Mutex<Option<Bytes>>,
     waker: AtomicWaker,
     finished: Arc<AtomicBool>,
     last_dispatched: AtomicU64,
@@ -228,6 +229,19 @@ impl Conn {
                 abort.abort();
             }
         });
+    }
+
+    /// Tells the client that events may have been missed (an outage of the
+    /// bus, a dropped NATS message): it gets a `gap` event, the stream goes on.
+    /// Several notices before the client reads collapse into one.
+    pub fn notify_gap(&self, reason: &'static str) {
+        let frame = sse::control_frame(
+            Control::Gap,
+            &serde_json::json!({"reason": reason, "message": "events may have been missed; resync"}),
+            None,
+        );
+        *self.gap.lock() = Some(frame);
+        self.waker.wake();
     }
 
     /// Whether a close was requested.
@@ -307,6 +321,7 @@ pub fn new_stream(
         tx,
         capacity: settings.queue_frames,
         close: Mutex::new(None),
+        gap: Mutex::new(None),
         waker: AtomicWaker::new(),
         finished: Arc::new(AtomicBool::new(false)),
         last_dispatched: AtomicU64::new(0),
@@ -438,6 +453,9 @@ impl Body for SseStream {
                 }
             }
             return this.finish(&reason);
+        }
+        if let Some(gap) = this.conn.gap.lock().take() {
+            return Poll::Ready(Some(Ok(BodyFrame::data(gap))));
         }
         loop {
             match this.rx.poll_recv(cx) {

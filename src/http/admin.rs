@@ -79,6 +79,25 @@ impl Handler for Admin {
                 )
             }
             "/admin/policy" => json_response(StatusCode::OK, &json!(app.authorizer.status())),
+            "/admin/cluster" => {
+                let me = app.presence();
+                let body = match &app.cluster {
+                    Some(c) => c.view(&me),
+                    None => json!({"instance": me.id, "instances": [{"id": me.id, "self": true,
+                        "connections": me.connections, "policy_generation": me.policy_generation,
+                        "policy_fingerprint": me.policy_fingerprint}],
+                        "distinct_policy_fingerprints": 1, "policy_drift": false, "bus": "embedded"}),
+                };
+                json_response(StatusCode::OK, &body)
+            }
+            "/admin/nats" => match &app.bus {
+                crate::bus::Bus::Nats(b) => json_response(
+                    StatusCode::OK,
+                    &json!({"connected": b.is_connected(), "server_version": b.server_version(),
+                            "subscriptions": b.subscribed_subjects()}),
+                ),
+                _ => ApiError::not_found().into_response(),
+            },
             _ => ApiError::not_found().into_response(),
         }
     }

@@ -409,15 +409,11 @@ fn sse_response(body: HttpBody) -> Response<HttpBody> {
 }
 
 /// A draining instance answers every subscribe 200 with an immediate `reconnect`.
-fn reconnect_now(app: &App) -> Response<HttpBody> {
-    app.metrics
-        .subscriptions
-        .with_label_values(&["draining"])
-        .inc();
+fn reconnect_now(app: &App, reason: &str) -> Response<HttpBody> {
     let retry = app.drain_retry_ms();
     let frame = sse::control_frame(
         Control::Reconnect,
-        &json!({"reason": "draining", "message": "this instance is shutting down; reconnect"}),
+        &json!({"reason": reason, "message": "this instance cannot serve the stream now; reconnect"}),
         Some(retry),
     );
     sse_response(HttpBody::full(frame))
@@ -436,7 +432,11 @@ fn parse_query(req: &Request<Incoming>) -> Vec<(String, String)> {
 
 async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<HttpBody>, ApiError> {
     if app.shutdown.is_draining() {
-        return Ok(reconnect_now(app));
+        app.metrics
+            .subscriptions
+            .with_label_values(&["draining"])
+            .inc();
+        return Ok(reconnect_now(app, "draining"));
     }
     let count = |r: &str| app.metrics.subscriptions.with_label_values(&[r]).inc();
     let query = parse_query(&req);
@@ -496,9 +496,14 @@ async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Ht
             })));
         }
     }
+    let elsewhere = app
+        .cluster
+        .as_ref()
+        .map(|c| c.streams_elsewhere(&identity.subject, &sub.project))
+        .unwrap_or(0);
     let slot = app
         .conn_limiter
-        .acquire(&identity.subject, &sub.project)
+        .acquire(&identity.subject, &sub.project, elsewhere)
         .map_err(|l| {
             count("limited");
             app.metrics
@@ -507,7 +512,7 @@ async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Ht
                 .inc();
             let msg = match l {
                 crate::limits::Limit::ConnectionsPerIdentity => format!(
-                    "{} already has {} open streams on project {}",
+                    "{} already has {} open streams on project {} (across all instances)",
                     identity.subject,
                     app.config.limits.connections_per_identity_project,
                     sub.project
@@ -538,7 +543,16 @@ async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Ht
         app.metrics.clone(),
     );
     stream.hold(Box::new(slot));
-    app.bus.attach(&mut stream, resume);
+    if let Some(c) = &app.cluster {
+        stream.hold(Box::new(crate::cluster::TouchOnDrop(c.clone())));
+        c.touch();
+    }
+    if let Err(e) = app.bus.attach(&mut stream, resume).await {
+        // Answer 200 with `reconnect`, not 503: EventSource gives up for good on non-200.
+        tracing::warn!(error = %e, "cannot take interest for a new stream; telling it to reconnect");
+        count("bus_unavailable");
+        return Ok(reconnect_now(app, "bus_unavailable"));
+    }
     count("accepted");
     tracing::debug!(conn = id, subject = %identity.subject, "stream opened");
     Ok(sse_response(HttpBody::Stream(Box::new(stream))))

@@ -1,9 +1,5 @@
-//! The event bus seam.
-//!
-//! A [`Bus`] accepts validated events from publishers and feeds the router; it
-//! also attaches new streams, replaying what they missed when they resume. The
-//! embedded bus (the default, used when no NATS is configured) does this in
-//! process: it numbers events, encodes each once, keeps the last N in a ring
+//! The embedded bus (the default, used when no NATS is configured): in
+//! process, it numbers events, encodes each once, keeps the last N in a ring
 //! buffer for `Last-Event-ID` resume, and dispatches to the router.
 //!
 //! Publishing and attaching take the same lock, so a stream attached with a
@@ -12,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use serde_json::json;
@@ -24,58 +20,7 @@ use crate::router::{Delivery, Router};
 use crate::sse::{self, Control};
 use crate::stream::{Frame, SseStream};
 
-/// The result of publishing one event.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Published {
-    /// The event id.
-    pub id: String,
-    /// Its sequence number (the SSE `id`).
-    pub sequence: u64,
-}
-
-/// Why a publish failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("the event bus is unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// The event bus in use.
-pub enum Bus {
-    /// In-process bus with a replay ring.
-    Embedded(EmbeddedBus),
-}
-
-impl Bus {
-    /// Publishes validated events, in order.
-    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<Published>, BusError> {
-        match self {
-            Bus::Embedded(b) => Ok(b.publish(events)),
-        }
-    }
-
-    /// Attaches a stream to the router, after replaying what it missed since
-    /// `resume_from` (an SSE id), if given.
-    pub fn attach(&self, stream: &mut SseStream, resume_from: Option<u64>) {
-        match self {
-            Bus::Embedded(b) => b.attach(stream, resume_from),
-        }
-    }
-
-    /// Whether the bus can take publishes.
-    pub fn is_ready(&self) -> bool {
-        match self {
-            Bus::Embedded(_) => true,
-        }
-    }
-
-    /// The router this bus feeds.
-    pub fn router(&self) -> &Arc<Router> {
-        match self {
-            Bus::Embedded(b) => &b.router,
-        }
-    }
-}
+use super::{first_sequence, Published};
 
 struct Ring {
     /// The sequence number the next event gets.
@@ -87,7 +32,7 @@ struct Ring {
 /// The in-process bus.
 pub struct EmbeddedBus {
     ring: Mutex<Ring>,
-    router: Arc<Router>,
+    pub(super) router: Arc<Router>,
     authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
 }
@@ -100,13 +45,7 @@ impl EmbeddedBus {
         metrics: Arc<Metrics>,
         replay_capacity: usize,
     ) -> Self {
-        // Start numbering at the current time in microseconds: ids stay
-        // increasing across restarts, so an id from an earlier process is always
-        // older than this ring and gets `gap` instead of a wrong replay.
-        let start = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1);
+        let start = first_sequence();
         Self {
             ring: Mutex::new(Ring {
                 next_seq: start,
@@ -119,7 +58,7 @@ impl EmbeddedBus {
         }
     }
 
-    fn publish(&self, events: Vec<Event>) -> Vec<Published> {
+    pub(super) fn publish(&self, events: Vec<Event>) -> Vec<Published> {
         let mut out = Vec::with_capacity(events.len());
         let mut ring = self.ring.lock();
         for ev in events {
@@ -147,13 +86,13 @@ impl EmbeddedBus {
             }
             out.push(Published {
                 id: ev.id,
-                sequence: seq,
+                sequence: Some(seq),
             });
         }
         out
     }
 
-    fn attach(&self, stream: &mut SseStream, resume_from: Option<u64>) {
+    pub(super) fn attach(&self, stream: &mut SseStream, resume_from: Option<u64>) {
         let ring = self.ring.lock();
         let newest = ring.next_seq - 1;
         if let Some(last) = resume_from {
