@@ -142,6 +142,16 @@ pub fn decode_event_subject(prefix: &str, subject: &str) -> Option<SubjectParts>
     })
 }
 
+/// Every event subject of one project: `{prefix}.ev.{project}.>`.
+pub fn project_subject(prefix: &str, project: &ProjectId) -> String {
+    let mut s = String::with_capacity(prefix.len() + project.as_str().len() + 8);
+    s.push_str(prefix);
+    s.push_str(".ev.");
+    encode_token(project.as_str(), &mut s);
+    s.push_str(".>");
+    s
+}
+
 /// The narrowest subject that covers a registration. Patterns NATS cannot
 /// express (`**` before the end, globs inside a segment) become the longest
 /// literal prefix plus `>`; the instance then filters exactly.

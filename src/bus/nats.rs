@@ -1,25 +1,26 @@
 //! The NATS bus: many instances, one stream of events.
 //!
-//! Publishing sends each event on its subject (`subject` module); receiving
-//! takes interest only in what this instance's streams registered for: each
-//! registration maps to its narrowest subject, subscriptions are
-//! reference-counted across streams and dropped with the last one, so an
-//! instance with no stream on project P receives nothing of P.
+//! Publishing sends each event on its subject (`subject` module). Receiving
+//! takes interest only in the projects this instance's streams registered for:
+//! one subscription per project (`{prefix}.ev.{project}.>`), reference-counted
+//! across streams and dropped with the last one, so an instance with no stream
+//! on project P receives nothing of P. One subscription per project, not one
+//! per registration, because the client library hands each subscription its
+//! own channel: two subscriptions would lose the publish order between them
+//! (a `deleted` could overtake its `created`) and overlapping ones would
+//! deliver a message twice. The router then filters exactly.
 //!
 //! Every message is checked before it reaches the router: the subject must
 //! decode, the envelope must validate and agree with the subject (project,
 //! environment, type, path); anything else is dropped and counted. Messages are
 //! numbered and dispatched one at a time, under one lock, so every stream sees
-//! increasing ids. When two of this instance's subscriptions overlap, the
-//! server delivers a message once per matching subscription; the copies are
-//! counted off (see [`Dedupe`]) so each message is dispatched once.
+//! increasing ids.
 //!
 //! While NATS is unreachable streams stay open; when it comes back the client
 //! restores the subscriptions and every stream gets `gap` for the outage. A
 //! NATS slow-consumer event (the client dropped messages) is a `gap` too.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher, RandomState};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,67 +50,8 @@ struct SubEntry {
     task: JoinHandle<()>,
 }
 
-/// Counts off the extra copies of one message that overlapping subscriptions
-/// deliver. The first copy is dispatched and leaves `k - 1` pending, `k` being
-/// the number of this instance's subscriptions that match the subject; later
-/// copies consume them. Identical messages published twice are both
-/// dispatched; entries expire, so a miscount can never hide a later message for
-/// long.
-struct Dedupe {
-    pending: HashMap<u64, (usize, Instant)>,
-    order: VecDeque<(u64, Instant)>,
-    hasher: RandomState,
-}
-
-const DEDUPE_TTL: Duration = Duration::from_secs(2);
-
-impl Dedupe {
-    fn new() -> Self {
-        Self {
-            pending: HashMap::new(),
-            order: VecDeque::new(),
-            hasher: RandomState::new(),
-        }
-    }
-
-    fn key(&self, subject: &str, payload: &[u8]) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        h.write(subject.as_bytes());
-        h.write_u8(0);
-        h.write(payload);
-        h.finish()
-    }
-
-    /// Whether this copy is the one to dispatch.
-    fn first_copy(&mut self, key: u64, copies: usize) -> bool {
-        let now = Instant::now();
-        while let Some((k, at)) = self.order.front().copied() {
-            if now.duration_since(at) < DEDUPE_TTL {
-                break;
-            }
-            self.order.pop_front();
-            if self.pending.get(&k).is_some_and(|(_, t)| *t == at) {
-                self.pending.remove(&k);
-            }
-        }
-        if let Some((left, _)) = self.pending.get_mut(&key) {
-            *left -= 1;
-            if *left == 0 {
-                self.pending.remove(&key);
-            }
-            return false;
-        }
-        if copies > 1 {
-            self.pending.insert(key, (copies - 1, now));
-            self.order.push_back((key, now));
-        }
-        true
-    }
-}
-
 struct DispatchState {
     next_seq: u64,
-    dedupe: Dedupe,
 }
 
 /// Connection state shared with the client's event callback.
@@ -202,7 +144,6 @@ impl NatsBus {
             subs: Mutex::new(HashMap::new()),
             dispatch: Mutex::new(DispatchState {
                 next_seq: first_sequence(),
-                dedupe: Dedupe::new(),
             }),
             max_event_bytes,
             request_timeout: cfg.request_timeout,
@@ -271,21 +212,7 @@ impl NatsBus {
         resume_from: Option<u64>,
     ) -> Result<(), BusError> {
         let conn = stream.conn().clone();
-        let mut subjects: Vec<String> = conn
-            .interests
-            .iter()
-            .map(|i| {
-                subject::interest_subject(
-                    &self.prefix,
-                    &conn.project,
-                    i.env.as_ref(),
-                    Some(i.event_type),
-                    &i.path,
-                )
-            })
-            .collect();
-        subjects.sort();
-        subjects.dedup();
+        let subjects = vec![subject::project_subject(&self.prefix, &conn.project)];
         let mut waits = Vec::new();
         {
             let mut subs = self.subs.lock();
@@ -390,8 +317,7 @@ impl NatsBus {
     /// Checks one message and dispatches it.
     fn on_message(&self, subj: &str, payload: &[u8]) {
         let Some(parts) = subject::decode_event_subject(&self.prefix, subj) else {
-            self.reject("bad_subject");
-            return;
+            return self.reject("bad_subject");
         };
         let value: serde_json::Value = match serde_json::from_slice(payload) {
             Ok(v) => v,
@@ -412,17 +338,8 @@ impl NatsBus {
             );
             return self.reject("subject_mismatch");
         }
-        let copies = {
-            let subs = self.subs.lock();
-            subs.keys()
-                .filter(|f| subject::subject_matches(f, subj))
-                .count()
-        };
+        // Numbering and dispatch under one lock: every stream sees increasing ids.
         let mut st = self.dispatch.lock();
-        let key = st.dedupe.key(subj, payload);
-        if !st.dedupe.first_copy(key, copies) {
-            return;
-        }
         let seq = st.next_seq;
         st.next_seq += 1;
         self.metrics
@@ -477,24 +394,5 @@ fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metric
             }
         }
         other => tracing::info!(event = %other, "NATS client event"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlapping_copies_are_counted_off() {
-        let mut d = Dedupe::new();
-        let k = d.key("a.b", b"{}");
-        assert!(d.first_copy(k, 3));
-        assert!(!d.first_copy(k, 3));
-        assert!(!d.first_copy(k, 3));
-        // The same bytes published again are a new message.
-        assert!(d.first_copy(k, 3));
-        let single = d.key("a.c", b"{}");
-        assert!(d.first_copy(single, 1));
-        assert!(d.first_copy(single, 1));
     }
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod nats;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -283,6 +285,33 @@ impl Herald {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until `/readyz` answers `status`.
+    pub async fn wait_ready(&self, status: u16) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (s, _) = self.admin_json("/readyz").await;
+            if s == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz stayed {s}, expected {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The NATS subjects this instance is subscribed to (`/admin/nats`).
+    pub async fn nats_subjects(&self) -> Vec<String> {
+        let (_, v) = self.admin_json("/admin/nats").await;
+        v["subscriptions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
     }
 
     /// Sends a signal by name (`TERM`, `HUP`).
