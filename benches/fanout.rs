@@ -7,6 +7,13 @@
 //!
 //! Run: `scripts/bench-fanout` (raises the open-file limit), or
 //! `FANOUT_CONNS=1000 FANOUT_EVENTS=2000 FANOUT_RATE=200 cargo bench --bench fanout`.
+//!
+//! NATS mode: `FANOUT_NATS=cluster` (a 3-node nats-server cluster) or
+//! `FANOUT_NATS=single`, with `FANOUT_INSTANCES` herald instances (default 3),
+//! each on its own node. Project p's streams all live on instance p mod N and
+//! events are published round-robin through every instance, so the bench also
+//! reports how many NATS messages each instance received for projects it had
+//! no stream for (interest-based subscriptions: must be 0).
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -19,6 +26,12 @@ use herald::auth::Signer;
 use serde_json::json;
 
 const SECRET: &str = "herald-bench-secret-0123456789abcdef";
+/// How long the nats-server helpers wait for a server.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+#[path = "../tests/common/nats.rs"]
+#[allow(dead_code)]
+mod nats;
 const IDENTITIES: usize = 100;
 
 fn env_usize(k: &str, default: usize) -> usize {
@@ -50,6 +63,7 @@ fn proc_stats(pid: u32) -> (f64, u64) {
 struct Herald {
     child: Child,
     public: String,
+    admin: String,
     _dir: tempfile::TempDir,
 }
 
@@ -60,7 +74,7 @@ impl Drop for Herald {
     }
 }
 
-fn start_herald(queue_frames: usize) -> Herald {
+fn start_herald(queue_frames: usize, nats_urls: &[String]) -> Herald {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut policy = String::from("p, role:bench, *, *, subscribe, *, /**, allow\np, bench-publisher, *, *, publish, *, /**, allow\n");
     for i in 0..IDENTITIES {
@@ -78,7 +92,14 @@ fn start_herald(queue_frames: usize) -> Herald {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    if !nats_urls.is_empty() {
+        cmd.env(
+            "HERALD_NATS__URLS",
+            serde_json::to_string(nats_urls).unwrap(),
+        );
+    }
+    let mut child = cmd
         .current_dir(dir.path())
         .args([
             "serve",
@@ -100,10 +121,46 @@ fn start_herald(queue_frames: usize) -> Herald {
         .find_map(|w| w.strip_prefix("public="))
         .expect("ready line")
         .to_owned();
+    let admin = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .expect("ready line")
+        .to_owned();
     Herald {
         child,
         public,
+        admin,
         _dir: dir,
+    }
+}
+
+/// One metric value from an instance's /metrics.
+async fn metric(client: &reqwest::Client, admin: &str, series: &str) -> f64 {
+    let text = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn wait_ready(client: &reqwest::Client, admin: &str) {
+    let deadline = Instant::now() + WAIT;
+    while client
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "herald never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -113,9 +170,51 @@ async fn main() {
     let events = env_usize("FANOUT_EVENTS", 2000);
     let rate = env_usize("FANOUT_RATE", 200).max(1);
     let projects = env_usize("FANOUT_PROJECTS", 1).max(1);
-    let herald = start_herald(env_usize("FANOUT_QUEUE_FRAMES", 1024));
-    let pid = herald.child.id();
-    let base = format!("http://{}", herald.public);
+    let queue_frames = env_usize("FANOUT_QUEUE_FRAMES", 1024);
+    let mode = std::env::var("FANOUT_NATS").unwrap_or_default();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+
+    // The bus: embedded, or a nats-server (cluster) with one herald per node.
+    let mut _servers: Vec<nats::NatsServer> = Vec::new();
+    let mut node_urls: Vec<String> = Vec::new();
+    match mode.as_str() {
+        "" => {}
+        "single" => {
+            let s = nats::NatsServer::start();
+            node_urls.push(s.url());
+            _servers.push(s);
+        }
+        "cluster" => {
+            let c = nats::NatsCluster::start().await;
+            node_urls = c.urls();
+            _servers = c.nodes;
+        }
+        other => panic!("FANOUT_NATS must be empty, single or cluster, not {other:?}"),
+    }
+    let n_instances = if mode.is_empty() {
+        1
+    } else {
+        env_usize("FANOUT_INSTANCES", 3).max(1)
+    };
+    let heralds: Vec<Herald> = (0..n_instances)
+        .map(|i| {
+            let urls: Vec<String> = if node_urls.is_empty() {
+                vec![]
+            } else {
+                vec![node_urls[i % node_urls.len()].clone()]
+            };
+            start_herald(queue_frames, &urls)
+        })
+        .collect();
+    for h in &heralds {
+        wait_ready(&client, &h.admin).await;
+    }
+    let pids: Vec<u32> = heralds.iter().map(|h| h.child.id()).collect();
+    let instance_of_project = |p: usize| p % n_instances;
+
     let signer = Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes());
     let tokens: Vec<String> = (0..IDENTITIES)
         .map(|i| {
@@ -124,13 +223,8 @@ async fn main() {
                 .unwrap()
         })
         .collect();
-
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, rss_before) = proc_stats(pid);
+    let rss_before: u64 = pids.iter().map(|p| proc_stats(*p).1).sum();
     let expected_per_conn: Vec<usize> = (0..conns)
         .map(|i| (0..events).filter(|e| e % projects == i % projects).count())
         .collect();
@@ -138,9 +232,13 @@ async fn main() {
     let mut tasks = Vec::with_capacity(conns);
     for i in 0..conns {
         let client = client.clone();
-        let url = format!("{base}/api/v1/events/subscribe/project-events");
+        let project = i % projects;
+        let url = format!(
+            "http://{}/api/v1/events/subscribe/project-events",
+            heralds[instance_of_project(project)].public
+        );
         let token = tokens[i % IDENTITIES].clone();
-        let body = json!({"projectId": format!("proj-{}", i % projects), "register": [{"event": "secret:updated"}]});
+        let body = json!({"projectId": format!("proj-{project}"), "register": [{"event": "secret:updated"}]});
         let ready = ready.clone();
         let expect = expected_per_conn[i];
         tasks.push(tokio::spawn(async move {
@@ -174,14 +272,17 @@ async fn main() {
                     buf.drain(..pos + 2);
                     let (mut id, mut sent) = (None, None);
                     for l in frame.lines() {
-                        if let Some(v) = l.strip_prefix("id: ") {
-                            id = v.parse::<u64>().ok();
-                        } else if let Some(v) = l.strip_prefix("data: ") {
+                        if let Some(v) = l.strip_prefix("data: ") {
                             sent = v
                                 .split("\"sentNanos\":")
                                 .nth(1)
                                 .and_then(|r| r.split(['}', ',']).next())
                                 .and_then(|n| n.parse::<u128>().ok());
+                            id = v
+                                .split("\"id\":\"")
+                                .nth(1)
+                                .and_then(|r| r.split('"').next())
+                                .map(str::to_owned);
                         }
                     }
                     if let (Some(id), Some(sent)) = (id, sent) {
@@ -198,7 +299,19 @@ async fn main() {
     }
     ready.wait().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (cpu0, rss_after) = proc_stats(pid);
+    let rss_after: u64 = pids.iter().map(|p| proc_stats(*p).1).sum();
+    let cpu0: f64 = pids.iter().map(|p| proc_stats(*p).0).sum();
+    let mut received0 = Vec::new();
+    for h in &heralds {
+        received0.push(
+            metric(
+                &client,
+                &h.admin,
+                "herald_events_received_total{source=\"nats\"}",
+            )
+            .await,
+        );
+    }
     let publisher = signer
         .mint("bench-publisher", Duration::from_secs(3600), None, None)
         .unwrap();
@@ -212,8 +325,9 @@ async fn main() {
         let ev = json!({"specversion": "1.0", "source": "/bench", "type": "secret:updated",
             "projectid": format!("proj-{}", e % projects), "environment": "prod", "secretpath": "/apps/db",
             "data": {"pad": "x".repeat(1024), "sentNanos": now_nanos()}});
+        let via = &heralds[e % n_instances].public;
         let r = client
-            .post(format!("{base}/api/v1/events/publish"))
+            .post(format!("http://{via}/api/v1/events/publish"))
             .bearer_auth(&publisher)
             .json(&ev)
             .send()
@@ -232,7 +346,7 @@ async fn main() {
         all.extend(lat);
     }
     let total_window = t0.elapsed();
-    let (cpu1, _) = proc_stats(pid);
+    let cpu1: f64 = pids.iter().map(|p| proc_stats(*p).0).sum();
     all.sort_unstable();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
@@ -240,7 +354,15 @@ async fn main() {
             .unwrap_or(0) as f64
             / 1e6
     };
-    println!("herald fan-out: {conns} connections over {projects} project(s), {events} events at {rate}/s (1 KiB payload)");
+    let bus = if mode.is_empty() {
+        "embedded bus".to_owned()
+    } else {
+        format!(
+            "NATS {mode} ({} node(s)), {n_instances} instances",
+            node_urls.len()
+        )
+    };
+    println!("herald fan-out, {bus}: {conns} connections over {projects} project(s), {events} events at {rate}/s (1 KiB payload)");
     println!("  connected            {conns}");
     println!("  delivered            {delivered} (lost {lost}, duplicates {dups})");
     println!(
@@ -257,14 +379,29 @@ async fn main() {
         pct(1.0)
     );
     println!(
-        "  herald CPU/delivery  {:.2} us ({:.2} CPU s)",
+        "  herald CPU/delivery  {:.2} us ({:.2} CPU s, all instances)",
         (cpu1 - cpu0) * 1e6 / delivered.max(1) as f64,
         cpu1 - cpu0
     );
     println!(
-        "  RSS per idle conn    {:.1} KB ({} -> {} KB)",
+        "  RSS per idle conn    {:.1} KB ({} -> {} KB, all instances)",
         (rss_after.saturating_sub(rss_before)) as f64 / 1024.0 / conns as f64,
         rss_before / 1024,
         rss_after / 1024
     );
+    if !mode.is_empty() {
+        for (i, h) in heralds.iter().enumerate() {
+            let got = metric(
+                &client,
+                &h.admin,
+                "herald_events_received_total{source=\"nats\"}",
+            )
+            .await
+                - received0[i];
+            let own = (0..events)
+                .filter(|e| instance_of_project(e % projects) == i)
+                .count() as f64;
+            println!("  instance {i}: NATS messages received {got:.0}, for its own projects {own:.0}, for projects without a stream here {:.0}", got - own);
+        }
+    }
 }
