@@ -84,6 +84,7 @@ impl App {
         } else {
             let bus = NatsBus::connect(
                 &config.nats,
+                &config.replay,
                 &instance_id,
                 router.clone(),
                 metrics.clone(),

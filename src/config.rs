@@ -34,6 +34,44 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// NATS; without `urls` herald runs the embedded in-process bus.
     pub nats: NatsConfig,
+    /// JetStream replay (NATS mode only).
+    pub replay: ReplayConfig,
+}
+
+/// `[replay]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Keep events in a JetStream stream, so any instance can resume any client.
+    pub enabled: bool,
+    /// Stream name.
+    pub stream: String,
+    /// Oldest event kept.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Most bytes kept.
+    pub max_bytes: i64,
+    /// Stream replicas (3 in a 3-node cluster).
+    pub replicas: usize,
+    /// Publishes with the same event id within this window are stored once.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Most events replayed to one resuming stream; beyond that it gets `gap`.
+    pub max_events: usize,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            stream: "HERALD_EVENTS".into(),
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: 1 << 30,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_events: 100_000,
+        }
+    }
 }
 
 /// `[nats]`
@@ -429,6 +467,26 @@ impl Config {
                     "nats.urls",
                     format!("{u:?} is not a nats://, tls://, ws:// or wss:// URL"),
                 ));
+            }
+        }
+        if self.replay.enabled {
+            if self.nats.urls.is_empty() {
+                return Err(invalid("replay.enabled", "needs NATS: set nats.urls"));
+            }
+            if self.replay.stream.is_empty()
+                || !self
+                    .replay
+                    .stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(invalid("replay.stream", "must be A-Z a-z 0-9 _ -"));
+            }
+            if !(1..=5).contains(&self.replay.replicas) {
+                return Err(invalid("replay.replicas", "must be between 1 and 5"));
+            }
+            if self.replay.max_bytes < 1024 * 1024 {
+                return Err(invalid("replay.max_bytes", "must be at least 1 MiB"));
             }
         }
         for a in &self.auth.algorithms {

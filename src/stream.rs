@@ -275,6 +275,7 @@ pub struct SseStream {
     rx: mpsc::Receiver<Frame>,
     preamble: VecDeque<Bytes>,
     replay: VecDeque<Frame>,
+    replay_tail: Option<Bytes>,
     last_seq: u64,
     heartbeat: Interval,
     expiry: Pin<Box<Sleep>>,
@@ -342,6 +343,7 @@ pub fn new_stream(
         rx,
         preamble,
         replay: VecDeque::new(),
+        replay_tail: None,
         last_seq: 0,
         heartbeat,
         expiry: Box::pin(tokio::time::sleep(settings.expires_in)),
@@ -357,6 +359,11 @@ impl SseStream {
     /// Appends a control frame to write before anything else (`gap`).
     pub fn push_preamble(&mut self, frame: Bytes) {
         self.preamble.push_back(frame);
+    }
+
+    /// Appends a `gap` after the replayed events (a replay that stopped short).
+    pub fn push_replay_gap(&mut self, frame: Bytes) {
+        self.replay_tail = Some(frame);
     }
 
     /// Appends a replayed event, written after the preamble and before live ones.
@@ -440,6 +447,9 @@ impl Body for SseStream {
             if let Some(b) = this.deliver(f) {
                 return Poll::Ready(Some(Ok(BodyFrame::data(b))));
             }
+        }
+        if let Some(b) = this.replay_tail.take() {
+            return Poll::Ready(Some(Ok(BodyFrame::data(b))));
         }
         // Register before looking, so a close that lands in between still wakes us.
         this.conn.waker.register(cx.waker());

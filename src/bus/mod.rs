@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod nats;
+pub mod replay;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -76,7 +77,7 @@ impl Bus {
     pub fn is_ready(&self) -> bool {
         match self {
             Bus::Embedded(_) => true,
-            Bus::Nats(b) => b.is_connected(),
+            Bus::Nats(b) => b.is_ready(),
         }
     }
 

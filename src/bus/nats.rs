@@ -33,14 +33,16 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::NatsConfig;
+use crate::config::{NatsConfig, ReplayConfig};
 use crate::event::Event;
+use crate::ident::ProjectId;
 use crate::metrics::Metrics;
 use crate::router::{Delivery, Router};
 use crate::sse::{self, Control};
-use crate::stream::SseStream;
+use crate::stream::{CloseReason, Frame, SseStream};
 use crate::subject;
 
+use super::replay::Replay;
 use super::{first_sequence, BusError, Published};
 
 /// One NATS subscription shared by every stream that needs its subject.
@@ -58,6 +60,8 @@ struct DispatchState {
 struct Link {
     connected: AtomicBool,
     ever_connected: AtomicBool,
+    /// With replay, streams resume after an outage instead of getting `gap`.
+    replay: bool,
 }
 
 /// The NATS bus.
@@ -71,6 +75,7 @@ pub struct NatsBus {
     dispatch: Mutex<DispatchState>,
     max_event_bytes: usize,
     request_timeout: Duration,
+    replay: Option<Arc<Replay>>,
 }
 
 /// Releases a stream's subjects when dropped (held by the stream).
@@ -89,6 +94,7 @@ impl NatsBus {
     /// Connects (in the background: herald starts while NATS is down, not ready).
     pub async fn connect(
         cfg: &NatsConfig,
+        replay_cfg: &ReplayConfig,
         instance: &str,
         router: Arc<Router>,
         metrics: Arc<Metrics>,
@@ -97,6 +103,7 @@ impl NatsBus {
         let link = Arc::new(Link {
             connected: AtomicBool::new(false),
             ever_connected: AtomicBool::new(false),
+            replay: replay_cfg.enabled,
         });
         let mut opts = ConnectOptions::new()
             .name(format!("{}-{instance}", cfg.name))
@@ -135,7 +142,31 @@ impl NatsBus {
         let client = opts.connect(cfg.urls.clone()).await.map_err(|e| {
             BusError::Unavailable(format!("cannot connect to NATS {:?}: {e}", cfg.urls))
         })?;
+        let replay = replay_cfg.enabled.then(|| {
+            Arc::new(Replay::new(
+                client.clone(),
+                replay_cfg.clone(),
+                &cfg.prefix,
+                cfg.request_timeout,
+            ))
+        });
+        if let Some(r) = replay.clone() {
+            // The stream can only be set up once connected; retry until it is.
+            tokio::spawn(async move {
+                loop {
+                    match r.ensure_stream().await {
+                        Ok(()) => {
+                            tracing::info!("replay stream ready");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "replay stream not ready; retrying"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
         Ok(Arc::new(NatsBus {
+            replay,
             client,
             prefix: cfg.prefix.clone(),
             router,
@@ -165,6 +196,12 @@ impl NatsBus {
         self.link.connected.load(Ordering::Acquire)
     }
 
+    /// Whether publishes and new streams can be served: connected, and with
+    /// replay, the stream is set up.
+    pub fn is_ready(&self) -> bool {
+        self.is_connected() && self.replay.as_ref().is_none_or(|r| r.is_ready())
+    }
+
     /// The router this bus feeds.
     pub fn router(&self) -> &Arc<Router> {
         &self.router
@@ -177,8 +214,26 @@ impl NatsBus {
 
     /// Publishes validated events on their subjects; returns once the server has them.
     pub(super) async fn publish(&self, events: Vec<Event>) -> Result<Vec<Published>, BusError> {
-        if !self.is_connected() {
+        if !self.is_ready() {
             return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        if let Some(replay) = &self.replay {
+            let mut out = Vec::with_capacity(events.len());
+            for ev in events {
+                let subj = subject::event_subject(
+                    &self.prefix,
+                    &ev.project,
+                    &ev.env,
+                    ev.event_type,
+                    &ev.path,
+                );
+                let seq = replay.publish(subj, &ev.id, Bytes::from(ev.json)).await?;
+                out.push(Published {
+                    id: ev.id,
+                    sequence: Some(seq),
+                });
+            }
+            return Ok(out);
         }
         let mut out = Vec::with_capacity(events.len());
         for ev in events {
@@ -212,7 +267,7 @@ impl NatsBus {
         resume_from: Option<u64>,
     ) -> Result<(), BusError> {
         let conn = stream.conn().clone();
-        let subjects = vec![subject::project_subject(&self.prefix, &conn.project)];
+        let subjects = vec![self.live_subject(&conn.project)];
         let mut waits = Vec::new();
         {
             let mut subs = self.subs.lock();
@@ -229,21 +284,12 @@ impl NatsBus {
             bus: self.clone(),
             subjects,
         }));
-        let reg = self.router.add(conn);
+        let reg = self.router.add(conn.clone());
         stream.hold(Box::new(reg));
-        if resume_from.is_some() {
-            stream.push_preamble(sse::control_frame(
-                Control::Gap,
-                &json!({"reason": "replay_unavailable",
-                        "message": "this deployment keeps no replay; events after your last id may have been missed: resync"}),
-                None,
-            ));
-        }
         if !self.is_connected() {
-            stream.push_preamble(sse::control_frame(
-                Control::Gap,
-                &json!({"reason": "bus_unavailable", "message": "the event bus is reconnecting; events may be missed: resync"}),
-                None,
+            stream.push_preamble(gap_frame(
+                "bus_unavailable",
+                "the event bus is reconnecting; events may be missed: resync",
             ));
             return Ok(());
         }
@@ -254,11 +300,74 @@ impl NatsBus {
             self.client.flush().await
         };
         match tokio::time::timeout(self.request_timeout, wait_all).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-            Err(_) => Err(BusError::Unavailable(
-                "NATS did not confirm the subscription in time".into(),
-            )),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BusError::Unavailable(e.to_string())),
+            Err(_) => {
+                return Err(BusError::Unavailable(
+                    "NATS did not confirm the subscription in time".into(),
+                ))
+            }
+        }
+        // Live delivery is in place: whatever the replay snapshot does not
+        // hold arrives live, and what both hold is written once (the stream
+        // skips ids at or below the last it wrote).
+        let Some(after) = resume_from else {
+            return Ok(());
+        };
+        let Some(replay) = &self.replay else {
+            stream.push_preamble(gap_frame(
+                "replay_unavailable",
+                "this deployment keeps no replay; events after your last id may have been missed: resync",
+            ));
+            return Ok(());
+        };
+        let fetched = replay.fetch(&conn.project, after).await?;
+        if fetched.unknown {
+            stream.push_preamble(gap_frame(
+                "unknown_id",
+                "this id was never issued by the replay stream; resync",
+            ));
+        } else if fetched.expired {
+            stream.push_preamble(gap_frame(
+                "expired",
+                "events after this id are no longer retained; resync",
+            ));
+        }
+        if !fetched.unknown {
+            stream.set_last_seq(after);
+        }
+        let mut replayed = 0u64;
+        for stored in fetched.events {
+            let Some(ev) = self.check(&stored.subject, &stored.payload) else {
+                continue;
+            };
+            let d = Arc::new(self.delivery(stored.seq, ev));
+            if self.router.admits(&conn, &d) {
+                // Generation 0: checked again against the policy in force when written.
+                stream.push_replay(Frame {
+                    delivery: d,
+                    generation: 0,
+                });
+                replayed += 1;
+            }
+        }
+        self.metrics.replayed_events.inc_by(replayed);
+        if fetched.truncated {
+            stream.push_replay_gap(gap_frame(
+                "too_far_behind",
+                "more events were missed than one resume replays; resync",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where live events of a project arrive: the event subjects themselves, or
+    /// with replay their republished copies, which carry the stream sequence.
+    fn live_subject(&self, project: &ProjectId) -> String {
+        let s = subject::project_subject(&self.prefix, project);
+        match self.replay {
+            Some(_) => s.replacen(".ev.", ".rp.", 1),
+            None => s,
         }
     }
 
@@ -275,7 +384,12 @@ impl NatsBus {
             };
             let _ = tx.send(true);
             while let Some(msg) = sub.next().await {
-                bus.on_message(&msg.subject, &msg.payload);
+                let seq = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
+                    .and_then(|v| v.as_str().parse::<u64>().ok());
+                bus.on_message(&msg.subject, &msg.payload, seq);
             }
         });
         SubEntry {
@@ -315,17 +429,26 @@ impl NatsBus {
     }
 
     /// Checks one message and dispatches it.
-    fn on_message(&self, subj: &str, payload: &[u8]) {
+    /// Checks one message: the subject decodes, the envelope validates and
+    /// agrees with the subject. Anything else is counted and dropped.
+    fn check(&self, subj: &str, payload: &[u8]) -> Option<Event> {
         let Some(parts) = subject::decode_event_subject(&self.prefix, subj) else {
-            return self.reject("bad_subject");
+            self.reject("bad_subject");
+            return None;
         };
         let value: serde_json::Value = match serde_json::from_slice(payload) {
             Ok(v) => v,
-            Err(_) => return self.reject("malformed"),
+            Err(_) => {
+                self.reject("malformed");
+                return None;
+            }
         };
         let ev = match Event::from_json(value, self.max_event_bytes) {
             Ok(e) => e,
-            Err(e) => return self.reject(e.reason),
+            Err(e) => {
+                self.reject(e.reason);
+                return None;
+            }
         };
         if ev.project != parts.project
             || ev.env != parts.env
@@ -336,17 +459,14 @@ impl NatsBus {
                 subject = subj,
                 "event envelope disagrees with its subject; dropped"
             );
-            return self.reject("subject_mismatch");
+            self.reject("subject_mismatch");
+            return None;
         }
-        // Numbering and dispatch under one lock: every stream sees increasing ids.
-        let mut st = self.dispatch.lock();
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        self.metrics
-            .events_received
-            .with_label_values(&["nats"])
-            .inc();
-        let d = Arc::new(Delivery {
+        Some(ev)
+    }
+
+    fn delivery(&self, seq: u64, ev: Event) -> Delivery {
+        Delivery {
             seq,
             frame: sse::event_frame(seq, ev.event_type.name(), &ev.json),
             project: ev.project,
@@ -354,9 +474,52 @@ impl NatsBus {
             env: ev.env,
             path: ev.path,
             accepted_at: Instant::now(),
-        });
-        self.router.dispatch(&d);
+        }
     }
+
+    /// One live message: checked, numbered (or carrying its stream sequence),
+    /// dispatched.
+    fn on_message(&self, subj: &str, payload: &[u8], stream_seq: Option<u64>) {
+        // Republished copies arrive on {prefix}.rp.…; the event subject is {prefix}.ev.….
+        let rp = format!("{}.rp.", self.prefix);
+        let ev_subject;
+        let subj = match (self.replay.is_some(), subj.strip_prefix(&rp)) {
+            (true, Some(rest)) => {
+                ev_subject = format!("{}.ev.{rest}", self.prefix);
+                ev_subject.as_str()
+            }
+            _ => subj,
+        };
+        let Some(ev) = self.check(subj, payload) else {
+            return;
+        };
+        // Numbering and dispatch under one lock: every stream sees increasing ids.
+        let mut st = self.dispatch.lock();
+        let seq = match (&self.replay, stream_seq) {
+            (Some(_), Some(s)) => s,
+            (Some(_), None) => return self.reject("missing_sequence"),
+            (None, _) => {
+                let s = st.next_seq;
+                st.next_seq += 1;
+                s
+            }
+        };
+        self.metrics
+            .events_received
+            .with_label_values(&["nats"])
+            .inc();
+        let d = Arc::new(self.delivery(seq, ev));
+        self.router.dispatch(&d);
+        drop(st);
+    }
+}
+
+fn gap_frame(reason: &str, message: &str) -> Bytes {
+    sse::control_frame(
+        Control::Gap,
+        &json!({"reason": reason, "message": message}),
+        None,
+    )
 }
 
 fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metrics) {
@@ -365,9 +528,18 @@ fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metric
             link.connected.store(true, Ordering::Release);
             metrics.nats_connected.set(1);
             if link.ever_connected.swap(true, Ordering::AcqRel) {
-                tracing::info!("reconnected to NATS; open streams get gap for the outage");
-                for c in router.connections() {
-                    c.notify_gap("bus_reconnected");
+                if link.replay {
+                    // The stream kept everything: clients resume with Last-Event-ID.
+                    tracing::info!("reconnected to NATS; open streams reconnect and resume from the replay stream");
+                    for c in router.connections() {
+                        let jitter = 250 + rand::random::<u64>() % 1000;
+                        c.close(CloseReason::Reconnect { retry_ms: jitter });
+                    }
+                } else {
+                    tracing::info!("reconnected to NATS; open streams get gap for the outage");
+                    for c in router.connections() {
+                        c.notify_gap("bus_reconnected");
+                    }
                 }
             } else {
                 tracing::info!("connected to NATS");

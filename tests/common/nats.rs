@@ -34,6 +34,25 @@ impl NatsServer {
         Self::spawn(None, vec![], None)
     }
 
+    /// A single server with JetStream, its store in the server's temp dir.
+    pub fn start_jetstream() -> NatsServer {
+        let mut s = Self::spawn(None, vec![], Some(free_low_port()));
+        s.enable_jetstream("js-single");
+        s.restart();
+        s
+    }
+
+    fn enable_jetstream(&mut self, name: &str) {
+        let store = self.dir.path().join("js");
+        self.args.extend([
+            "-js".into(),
+            "-sd".into(),
+            store.display().to_string(),
+            "-n".into(),
+            name.into(),
+        ]);
+    }
+
     /// A single server on a port below the kernel's ephemeral range, so that it
     /// can be restarted on the same port: a port from the ephemeral range may
     /// be taken by some client socket while the server is down.

@@ -1,0 +1,209 @@
+//! JetStream replay: one stream keeps every event for a while, so any instance
+//! can resume any client.
+//!
+//! The stream captures `{prefix}.ev.>` and republishes every stored message to
+//! `{prefix}.rp.>` with its stream sequence in the `Nats-Sequence` header:
+//! instances listen there, so live events carry the same sequence (the SSE
+//! `id`) on every instance, and a resume replays from the stream with an
+//! ordered consumer (one filter subject, which every server version honours)
+//! and then continues live, with no duplicate at the seam. Publishes go through
+//! JetStream and wait for its acknowledgement, with the event id as
+//! `Nats-Msg-Id`, so a 202 means stored, and a retried publish is stored once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::config::ReplayConfig;
+use crate::ident::ProjectId;
+use crate::subject;
+
+use super::BusError;
+
+/// One stored event read back.
+pub struct StoredEvent {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Its subject (`{prefix}.ev.…`).
+    pub subject: String,
+    /// The CloudEvent JSON.
+    pub payload: Bytes,
+}
+
+/// What a replay read found.
+pub struct Fetched {
+    /// Events after the resume point, in order.
+    pub events: Vec<StoredEvent>,
+    /// Whether events after the resume point were already gone (aged out).
+    pub expired: bool,
+    /// Whether the replay stopped at `max_events` before the end.
+    pub truncated: bool,
+    /// Whether the resume point is beyond anything the stream issued.
+    pub unknown: bool,
+}
+
+/// The replay stream.
+pub struct Replay {
+    js: jetstream::Context,
+    cfg: ReplayConfig,
+    prefix: String,
+    ready: AtomicBool,
+    timeout: Duration,
+}
+
+impl Replay {
+    /// A handle; call [`ensure_stream`](Self::ensure_stream) before use.
+    pub fn new(client: Client, cfg: ReplayConfig, prefix: &str, timeout: Duration) -> Self {
+        Self {
+            js: jetstream::new(client),
+            cfg,
+            prefix: prefix.to_owned(),
+            ready: AtomicBool::new(false),
+            timeout,
+        }
+    }
+
+    /// Whether the stream exists with the configuration herald needs.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Creates the stream, or checks an existing one captures and republishes
+    /// what herald needs.
+    pub async fn ensure_stream(&self) -> Result<(), String> {
+        let capture = format!("{}.ev.>", self.prefix);
+        let republish = format!("{}.rp.>", self.prefix);
+        let config = stream::Config {
+            name: self.cfg.stream.clone(),
+            subjects: vec![capture.clone()],
+            max_age: self.cfg.max_age,
+            max_bytes: self.cfg.max_bytes,
+            num_replicas: self.cfg.replicas,
+            duplicate_window: self.cfg.duplicate_window,
+            republish: Some(stream::Republish {
+                source: capture.clone(),
+                destination: republish.clone(),
+                headers_only: false,
+            }),
+            ..Default::default()
+        };
+        let mut s = tokio::time::timeout(self.timeout, self.js.get_or_create_stream(config))
+            .await
+            .map_err(|_| "JetStream did not answer in time".to_owned())?
+            .map_err(|e| format!("cannot create or open stream {}: {e}", self.cfg.stream))?;
+        let info = s.info().await.map_err(|e| e.to_string())?;
+        let ok_subjects = info.config.subjects.contains(&capture);
+        let ok_republish =
+            info.config.republish.as_ref().is_some_and(|r| {
+                r.source == capture && r.destination == republish && !r.headers_only
+            });
+        if !ok_subjects || !ok_republish {
+            return Err(format!(
+                "stream {} exists but does not capture {capture} and republish it to {republish}; fix or delete it",
+                self.cfg.stream
+            ));
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stores one event and waits for JetStream's acknowledgement; returns its sequence.
+    pub async fn publish(
+        &self,
+        subject: String,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<u64, BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        let store = async {
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| BusError::Unavailable(e.to_string()))?;
+            ack.await.map_err(|e| BusError::Unavailable(e.to_string()))
+        };
+        let ack = tokio::time::timeout(self.timeout, store)
+            .await
+            .map_err(|_| {
+                BusError::Unavailable("JetStream did not acknowledge the publish in time".into())
+            })??;
+        Ok(ack.sequence)
+    }
+
+    /// Reads the events of `project` stored after sequence `after`.
+    pub async fn fetch(&self, project: &ProjectId, after: u64) -> Result<Fetched, BusError> {
+        let unavailable = |e: String| BusError::Unavailable(e);
+        let read = async {
+            let mut stream = self
+                .js
+                .get_stream(&self.cfg.stream)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            let state = stream
+                .info()
+                .await
+                .map_err(|e| unavailable(e.to_string()))?
+                .state
+                .clone();
+            let expired = after + 1 < state.first_sequence;
+            let mut fetched = Fetched {
+                events: Vec::new(),
+                expired,
+                truncated: false,
+                unknown: after > state.last_sequence,
+            };
+            if after >= state.last_sequence || state.messages == 0 {
+                return Ok(fetched);
+            }
+            let start = (after + 1).max(state.first_sequence);
+            let filter = subject::project_subject(&self.prefix, project);
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: filter,
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            if consumer.cached_info().num_pending == 0 {
+                return Ok(fetched); // nothing of this project after the resume point
+            }
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            while let Some(m) = messages.next().await {
+                let m = m.map_err(|e| unavailable(e.to_string()))?;
+                let info = m.info().map_err(|e| unavailable(e.to_string()))?;
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                if seq > state.last_sequence {
+                    break; // live delivery covers everything after the snapshot
+                }
+                fetched.events.push(StoredEvent {
+                    seq,
+                    subject: m.subject.to_string(),
+                    payload: m.payload.clone(),
+                });
+                if fetched.events.len() >= self.cfg.max_events {
+                    fetched.truncated = pending > 0;
+                    break;
+                }
+                if pending == 0 || seq >= state.last_sequence {
+                    break;
+                }
+            }
+            Ok(fetched)
+        };
+        tokio::time::timeout(self.timeout * 4, read)
+            .await
+            .map_err(|_| BusError::Unavailable("JetStream replay did not finish in time".into()))?
+    }
+}
