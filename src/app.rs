@@ -205,25 +205,34 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// A listening socket with SO_REUSEADDR, so a restarted instance can take its
+/// port back while connections of the previous process linger in TIME_WAIT.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Binds both listeners and starts serving.
 pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let cfg = &app.config;
-    let public = TcpListener::bind(cfg.server.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (server.listen, HERALD_SERVER__LISTEN)",
-                cfg.server.listen
-            )
-        })?;
-    let admin = TcpListener::bind(cfg.server.admin_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (server.admin_listen, HERALD_SERVER__ADMIN_LISTEN)",
-                cfg.server.admin_listen
-            )
-        })?;
+    let public = listen(cfg.server.listen).with_context(|| {
+        format!(
+            "cannot listen on {} (server.listen, HERALD_SERVER__LISTEN)",
+            cfg.server.listen
+        )
+    })?;
+    let admin = listen(cfg.server.admin_listen).with_context(|| {
+        format!(
+            "cannot listen on {} (server.admin_listen, HERALD_SERVER__ADMIN_LISTEN)",
+            cfg.server.admin_listen
+        )
+    })?;
     let public_addr = public.local_addr()?;
     let admin_addr = admin.local_addr()?;
     let opts = ServeOptions {

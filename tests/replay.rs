@@ -161,3 +161,31 @@ async fn resumes_that_cannot_be_served_whole_get_gap() {
         (Some("gap"), Some("unknown_id"))
     );
 }
+
+#[tokio::test]
+async fn a_long_resume_replays_everything() {
+    let nats = NatsServer::start_jetstream();
+    let h = replaying(&nats, &[]).await;
+    let w = token_for("writer", HOUR);
+    let first = h
+        .publish(&w, &event("secret:created", "p1", "prod", "/0"))
+        .await;
+    let seq0 = first["events"][0]["sequence"].as_u64().unwrap();
+    for chunk in 0..30 {
+        let batch: Vec<Value> = (0..10)
+            .map(|i| {
+                event(
+                    "secret:created",
+                    "p1",
+                    "prod",
+                    &format!("/{}", chunk * 10 + i + 1),
+                )
+            })
+            .collect();
+        h.publish(&w, &json!(batch)).await;
+    }
+    let mut s = resume(&h, &seq0.to_string()).await;
+    for i in 1..=300 {
+        assert_eq!(path_of(&s.next_event().await), format!("/{i}"));
+    }
+}

@@ -557,12 +557,21 @@ fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metric
                 .events_dropped
                 .with_label_values(&["nats_slow_consumer"])
                 .inc();
-            tracing::warn!(
-                sid,
-                "NATS slow consumer: messages were dropped; streams get gap"
-            );
-            for c in router.connections() {
-                c.notify_gap("bus_overflow");
+            if link.replay {
+                // The stream has them: every stream reconnects and resumes.
+                tracing::warn!(sid, "NATS slow consumer: messages were dropped; streams resume from the replay stream");
+                for c in router.connections() {
+                    let jitter = 250 + rand::random::<u64>() % 1000;
+                    c.close(CloseReason::Reconnect { retry_ms: jitter });
+                }
+            } else {
+                tracing::warn!(
+                    sid,
+                    "NATS slow consumer: messages were dropped; streams get gap"
+                );
+                for c in router.connections() {
+                    c.notify_gap("bus_overflow");
+                }
             }
         }
         other => tracing::info!(event = %other, "NATS client event"),

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod eventsource;
+pub mod haproxy;
 pub mod nats;
 
 use std::io::{BufRead, BufReader};
@@ -50,6 +52,7 @@ pub struct HeraldBuilder {
     policy: String,
     config: String,
     args: Vec<String>,
+    ports: Option<(u16, u16)>,
 }
 
 impl Default for HeraldBuilder {
@@ -67,6 +70,7 @@ impl HeraldBuilder {
             policy: format!("{shipped}\n{TEST_POLICY_EXTRA}"),
             config: format!("[auth]\nhs_secret = \"{SECRET}\"\n"),
             args: Vec::new(),
+            ports: None,
         }
     }
 
@@ -85,6 +89,12 @@ impl HeraldBuilder {
     /// Replaces the config file text.
     pub fn config(mut self, toml: &str) -> Self {
         self.config = toml.to_owned();
+        self
+    }
+
+    /// Listens on these ports instead of ephemeral ones (for restarts behind a load balancer).
+    pub fn ports(mut self, public: u16, admin: u16) -> Self {
+        self.ports = Some((public, admin));
         self
     }
 
@@ -115,7 +125,15 @@ impl HeraldBuilder {
             .arg("serve")
             .arg("--config")
             .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args({
+                let (p, a) = self.ports.unwrap_or((0, 0));
+                [
+                    "--listen".to_owned(),
+                    format!("127.0.0.1:{p}"),
+                    "--admin-listen".to_owned(),
+                    format!("127.0.0.1:{a}"),
+                ]
+            })
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

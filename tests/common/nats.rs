@@ -216,7 +216,7 @@ impl Drop for NatsServer {
 }
 
 /// A free port in 20000..32000 (below Linux's default ephemeral range).
-fn free_low_port() -> u16 {
+pub fn free_low_port() -> u16 {
     use std::net::TcpListener;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -271,6 +271,56 @@ impl NatsCluster {
             }
             if ok {
                 return c;
+            }
+            assert!(Instant::now() < deadline, "the NATS cluster did not form");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A 3-node cluster with JetStream on every node. JetStream clustering
+    /// needs every node to know its routes up front, so all ports are chosen
+    /// first (below the ephemeral range, so nodes can restart on them).
+    pub async fn start_jetstream() -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_low_port()).collect();
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, cp) in cluster_ports.iter().enumerate() {
+            let mut n = NatsServer::spawn(
+                Some(("herald-js", Some(*cp))),
+                routes.clone(),
+                Some(free_low_port()),
+            );
+            n.enable_jetstream(&format!("js-{}", i + 1));
+            if let Some(m) = n.args.iter().position(|a| a == "-m") {
+                n.args[m + 1] = free_low_port().to_string();
+            }
+            n.restart();
+            nodes.push(n);
+        }
+        let c = NatsCluster { nodes };
+        c.wait_mesh().await;
+        c
+    }
+
+    async fn wait_mesh(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut ok = true;
+            for n in &self.nodes {
+                let v = n.monitor("/routez").await;
+                let peers: std::collections::HashSet<String> = v["routes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r["remote_id"].as_str().map(str::to_owned))
+                    .collect();
+                ok &= peers.len() >= 2;
+            }
+            if ok {
+                return;
             }
             assert!(Instant::now() < deadline, "the NATS cluster did not form");
             tokio::time::sleep(Duration::from_millis(50)).await;

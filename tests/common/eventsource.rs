@@ -1,0 +1,166 @@
+//! A client that behaves like a browser's EventSource: it keeps its last
+//! event id, honours `retry:`, and reconnects (through the load balancer)
+//! with `Last-Event-ID` whenever its stream ends, until told to stop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio::sync::watch;
+
+/// What one client saw.
+#[derive(Default, Debug, Clone)]
+pub struct Seen {
+    /// (id, secret path) of every event frame, duplicates included, in order.
+    pub events: Vec<(u64, String)>,
+    /// Control events (`reconnect`, `gap`, `error`) with their `data`.
+    pub controls: Vec<(String, Value)>,
+    /// Connections made.
+    pub connects: usize,
+    /// When each connection's first event arrived.
+    pub first_event_after_connect: Vec<Instant>,
+}
+
+impl Seen {
+    /// Event paths after dropping repeated ids, and the number of repeats.
+    pub fn deduped(&self) -> (Vec<(u64, String)>, usize) {
+        let mut out: Vec<(u64, String)> = Vec::new();
+        let mut dups = 0;
+        let mut ids = std::collections::HashSet::new();
+        for (id, p) in &self.events {
+            if ids.insert(*id) {
+                out.push((*id, p.clone()));
+            } else {
+                dups += 1;
+            }
+        }
+        (out, dups)
+    }
+}
+
+pub struct EventSource {
+    pub seen: Arc<Mutex<Seen>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    /// Pauses reading when set (a slow client).
+    pub paused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EventSource {
+    /// Starts a client that POSTs `body` to `url` with `token`.
+    pub fn start(url: String, token: String, body: Value) -> EventSource {
+        Self::resume(url, token, body, None)
+    }
+
+    /// Starts a client that resumes after `last_id`, as a page reload with a kept id would.
+    pub fn resume(url: String, token: String, body: Value, last_id: Option<u64>) -> EventSource {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (stop, mut stopped) = watch::channel(false);
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = seen.clone();
+        let p = paused.clone();
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut last_id: Option<u64> = last_id;
+            let mut retry = Duration::from_millis(300);
+            while !*stopped.borrow() {
+                let mut req = http.post(&url).bearer_auth(&token).json(&body);
+                if let Some(id) = last_id {
+                    req = req.header("last-event-id", id.to_string());
+                }
+                s.lock().connects += 1;
+                let resp = match req.send().await {
+                    Ok(r) if r.status() == 200 => r,
+                    _ => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(retry) => continue,
+                            _ = stopped.changed() => return,
+                        }
+                    }
+                };
+                let mut stream = resp.bytes_stream();
+                let mut buf: Vec<u8> = Vec::new();
+                let mut first = true;
+                loop {
+                    while p.load(std::sync::atomic::Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let chunk = tokio::select! {
+                        c = stream.next() => c,
+                        _ = stopped.changed() => return,
+                    };
+                    let Some(Ok(chunk)) = chunk else { break };
+                    buf.extend_from_slice(&chunk);
+                    while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                        let frame = String::from_utf8_lossy(&buf[..pos]).into_owned();
+                        buf.drain(..pos + 2);
+                        let (mut id, mut event, mut data) = (None, None, String::new());
+                        for l in frame.lines() {
+                            if let Some(v) = l.strip_prefix("id: ") {
+                                id = v.parse::<u64>().ok();
+                            } else if let Some(v) = l.strip_prefix("event: ") {
+                                event = Some(v.to_owned());
+                            } else if let Some(v) = l.strip_prefix("data: ") {
+                                data.push_str(v);
+                            } else if let Some(v) = l.strip_prefix("retry: ") {
+                                if let Ok(ms) = v.parse() {
+                                    retry = Duration::from_millis(ms);
+                                }
+                            }
+                        }
+                        let json: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                        match (id, event) {
+                            (Some(id), Some(_)) => {
+                                last_id = Some(id);
+                                let mut g = s.lock();
+                                if first {
+                                    g.first_event_after_connect.push(Instant::now());
+                                    first = false;
+                                }
+                                g.events.push((
+                                    id,
+                                    json["secretpath"].as_str().unwrap_or_default().to_owned(),
+                                ));
+                            }
+                            (None, Some(kind)) => s.lock().controls.push((kind, json)),
+                            _ => {}
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = stopped.changed() => return,
+                }
+            }
+        });
+        EventSource {
+            seen,
+            stop,
+            task,
+            paused,
+        }
+    }
+
+    /// Waits until the client holds (after dedupe) every path of `want`.
+    pub async fn wait_for(&self, want: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.seen.lock().deduped().0.len() >= want {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(self) -> Seen {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        let s = self.seen.lock().clone();
+        s
+    }
+}

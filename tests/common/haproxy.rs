@@ -1,0 +1,121 @@
+//! haproxy on loopback, configured from docker/haproxy.cfg with the server
+//! lines pointed at herald processes of the test.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::nats::free_low_port;
+use super::{repo_path, WAIT};
+
+pub struct Haproxy {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    /// Starts haproxy in front of `backends` (public port, admin port) and
+    /// waits until every backend is up in its health checks.
+    pub async fn start(backends: &[(u16, u16)]) -> Haproxy {
+        let template =
+            std::fs::read_to_string(repo_path("docker/haproxy.cfg")).expect("docker/haproxy.cfg");
+        let port = free_low_port();
+        let stats = free_low_port();
+        let mut cfg = String::new();
+        for line in template.lines() {
+            let t = line.trim_start();
+            if t.starts_with("server herald") {
+                continue;
+            }
+            // The production maxconn needs a raised file limit; tests need few.
+            if t.starts_with("maxconn") {
+                cfg.push_str("    maxconn 4096\n");
+                continue;
+            }
+            if t == "bind :8080" {
+                cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
+                continue;
+            }
+            if t == "bind :8404" {
+                cfg.push_str(&format!("    bind 127.0.0.1:{stats}\n"));
+                continue;
+            }
+            cfg.push_str(line);
+            cfg.push('\n');
+            if t.starts_with("default-server") {
+                for (i, (public, admin)) in backends.iter().enumerate() {
+                    cfg.push_str(&format!(
+                        "    server herald{} 127.0.0.1:{public} port {admin}\n",
+                        i + 1
+                    ));
+                }
+            }
+        }
+        // The stats page, to wait for healthy backends.
+        cfg.push_str(&format!(
+            "\nfrontend stats\n    bind 127.0.0.1:{}\n    stats enable\n    stats uri /stats\n",
+            free_low_port()
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, &cfg).unwrap();
+        let bin = [
+            "/usr/sbin/haproxy",
+            "/usr/local/sbin/haproxy",
+            "/usr/bin/haproxy",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("haproxy is required (apt-get install haproxy); scripts/test installs it");
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
+            .spawn()
+            .expect("start haproxy");
+        let h = Haproxy {
+            child,
+            port,
+            _dir: dir,
+        };
+        h.wait_healthy(backends.len()).await;
+        h
+    }
+
+    /// Waits until `n` backends answer through haproxy's health checks
+    /// (/readyz), by polling the frontend until each admin port was seen up.
+    async fn wait_healthy(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        // Health checks run every second with rise 2: give them time, then
+        // confirm the frontend answers.
+        loop {
+            let r = reqwest::Client::new()
+                .get(format!("http://127.0.0.1:{}/nope", self.port))
+                .send()
+                .await;
+            if matches!(r, Ok(ref r) if r.status() == 404) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy never routed to a backend"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = n;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
