@@ -45,6 +45,21 @@ pub struct Delivery {
     pub accepted_at: Instant,
 }
 
+impl Delivery {
+    /// Encodes `ev` as the SSE frame with id `seq`, once for every receiver.
+    pub fn encode(seq: u64, ev: crate::event::Event) -> Delivery {
+        Delivery {
+            seq,
+            frame: crate::sse::event_frame(seq, ev.event_type.name(), &ev.json),
+            project: ev.project,
+            event_type: ev.event_type,
+            env: ev.env,
+            path: ev.path,
+            accepted_at: Instant::now(),
+        }
+    }
+}
+
 /// Counts of one dispatch.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DispatchStats {

@@ -541,10 +541,67 @@ mod tests {
     use crate::policy::PolicySource;
     use std::time::Instant;
 
+    struct Fixture {
+        auth: Arc<Authorizer>,
+        metrics: Arc<Metrics>,
+        conn: Arc<Conn>,
+        stream: SseStream,
+    }
+
     fn source(policy: &str) -> PolicySource {
         let mut s = PolicySource::shipped();
         s.policy = policy.into();
         s
+    }
+
+    /// A stream of `subject` on project p1 for every secret:created event.
+    async fn fixture(policy: &str, subject: &str, queue_frames: usize) -> Fixture {
+        let metrics = Arc::new(Metrics::new());
+        let auth = Arc::new(
+            Authorizer::new(&source(policy), 100, metrics.clone())
+                .await
+                .unwrap(),
+        );
+        let settings = StreamSettings {
+            queue_frames,
+            heartbeat: Duration::from_secs(3600),
+            retry: Duration::from_secs(1),
+            expires_in: Duration::from_secs(3600),
+            close_timeout: Duration::from_secs(10),
+        };
+        let interest = Interest {
+            event_type: EventType::parse("secret:created").unwrap(),
+            env: None,
+            path: PathPattern::everything(),
+        };
+        let who = Subscriber {
+            id: 1,
+            subject: Arc::from(subject),
+            project: ProjectId::parse("p1").unwrap(),
+            interests: vec![interest],
+        };
+        let (conn, stream) = new_stream(who, &settings, None, auth.clone(), metrics.clone());
+        Fixture {
+            auth,
+            metrics,
+            conn,
+            stream,
+        }
+    }
+
+    fn frame(seq: u64, path: &str, generation: u64) -> Frame {
+        Frame {
+            delivery: Arc::new(Delivery {
+                seq,
+                project: ProjectId::parse("p1").unwrap(),
+                event_type: EventType::parse("secret:created").unwrap(),
+                env: EnvSlug::parse("prod").unwrap(),
+                path: SecretPath::parse(path).unwrap(),
+                frame: Bytes::from(format!("event {seq}\n\n")),
+                accepted_at: Instant::now(),
+            }),
+            generation,
+        }
     }
 
     async fn next_data(s: &mut SseStream) -> Option<Bytes> {
@@ -554,88 +611,26 @@ mod tests {
 
     #[tokio::test]
     async fn frames_queued_before_a_policy_swap_are_checked_again() {
-        let metrics = Arc::new(Metrics::new());
-        let auth = Arc::new(
-            Authorizer::new(
-                &source("p, alice, *, *, subscribe, *, /**, allow\n"),
-                100,
-                metrics.clone(),
-            )
-            .await
-            .unwrap(),
-        );
-        let settings = StreamSettings {
-            queue_frames: 8,
-            heartbeat: Duration::from_secs(3600),
-            retry: Duration::from_secs(1),
-            expires_in: Duration::from_secs(3600),
-            close_timeout: Duration::from_secs(10),
-        };
-        let ty = EventType::parse("secret:created").unwrap();
-        let interest = Interest {
-            event_type: ty,
-            env: None,
-            path: PathPattern::everything(),
-        };
-        let (conn, mut stream) = new_stream(
-            Subscriber {
-                id: 1,
-                subject: Arc::from("alice"),
-                project: ProjectId::parse("p1").unwrap(),
-                interests: vec![interest],
-            },
-            &settings,
-            None,
-            auth.clone(),
-            metrics,
-        );
-        let delivery = |seq: u64, path: &str| {
-            Arc::new(Delivery {
-                seq,
-                project: ProjectId::parse("p1").unwrap(),
-                event_type: ty,
-                env: EnvSlug::parse("prod").unwrap(),
-                path: SecretPath::parse(path).unwrap(),
-                frame: Bytes::from(format!("event {seq}\n\n")),
-                accepted_at: Instant::now(),
-            })
-        };
+        let mut f = fixture("p, alice, *, *, subscribe, *, /**, allow\n", "alice", 8).await;
         // Both allowed under generation 1 and queued.
-        assert_eq!(
-            conn.push(Frame {
-                delivery: delivery(1, "/public"),
-                generation: 1
-            }),
-            Push::Queued
-        );
-        assert_eq!(
-            conn.push(Frame {
-                delivery: delivery(2, "/secret"),
-                generation: 1
-            }),
-            Push::Queued
-        );
+        assert_eq!(f.conn.push(frame(1, "/public", 1)), Push::Queued);
+        assert_eq!(f.conn.push(frame(2, "/secret", 1)), Push::Queued);
         // The policy now denies /secret before the frames are written.
-        auth.reload(&source("p, alice, *, *, subscribe, *, /**, allow\np, alice, *, *, subscribe, *, /secret/**, deny\n"))
+        f.auth
+            .reload(&source("p, alice, *, *, subscribe, *, /**, allow\np, alice, *, *, subscribe, *, /secret/**, deny\n"))
             .await
             .unwrap();
         assert_eq!(
-            next_data(&mut stream).await.unwrap(),
+            next_data(&mut f.stream).await.unwrap(),
             Bytes::from("retry: 1000\n\n")
         );
         assert_eq!(
-            next_data(&mut stream).await.unwrap(),
+            next_data(&mut f.stream).await.unwrap(),
             Bytes::from("event 1\n\n")
         );
+        assert_eq!(f.conn.push(frame(3, "/public/x", 2)), Push::Queued);
         assert_eq!(
-            conn.push(Frame {
-                delivery: delivery(3, "/public/x"),
-                generation: 2
-            }),
-            Push::Queued
-        );
-        assert_eq!(
-            next_data(&mut stream).await.unwrap(),
+            next_data(&mut f.stream).await.unwrap(),
             Bytes::from("event 3\n\n"),
             "event 2 was dropped"
         );
@@ -643,93 +638,41 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_closes_with_slow_consumer() {
-        let metrics = Arc::new(Metrics::new());
-        let auth = Arc::new(
-            Authorizer::new(
-                &source("p, a, *, *, subscribe, *, /**, allow\n"),
-                100,
-                metrics.clone(),
-            )
-            .await
-            .unwrap(),
-        );
-        let settings = StreamSettings {
-            queue_frames: 2,
-            heartbeat: Duration::from_secs(3600),
-            retry: Duration::from_secs(1),
-            expires_in: Duration::from_secs(3600),
-            close_timeout: Duration::from_secs(10),
-        };
-        let ty = EventType::parse("secret:created").unwrap();
-        let interest = Interest {
-            event_type: ty,
-            env: None,
-            path: PathPattern::everything(),
-        };
-        let (conn, mut stream) = new_stream(
-            Subscriber {
-                id: 1,
-                subject: Arc::from("a"),
-                project: ProjectId::parse("p").unwrap(),
-                interests: vec![interest],
-            },
-            &settings,
-            None,
-            auth,
-            metrics.clone(),
-        );
-        let d = |seq| {
-            Arc::new(Delivery {
-                seq,
-                project: ProjectId::parse("p").unwrap(),
-                event_type: ty,
-                env: EnvSlug::parse("e").unwrap(),
-                path: SecretPath::root(),
-                frame: Bytes::from_static(b"x\n\n"),
-                accepted_at: Instant::now(),
-            })
-        };
-        assert_eq!(
-            conn.push(Frame {
-                delivery: d(1),
-                generation: 1
-            }),
-            Push::Queued
-        );
-        assert_eq!(
-            conn.push(Frame {
-                delivery: d(2),
-                generation: 1
-            }),
-            Push::Queued
-        );
-        assert_eq!(
-            conn.push(Frame {
-                delivery: d(3),
-                generation: 1
-            }),
-            Push::Overflow
-        );
-        assert_eq!(
-            conn.push(Frame {
-                delivery: d(4),
-                generation: 1
-            }),
-            Push::Closed
-        );
-        let _retry = next_data(&mut stream).await;
-        let last = next_data(&mut stream).await.unwrap();
+        let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 2).await;
+        assert_eq!(f.conn.push(frame(1, "/", 1)), Push::Queued);
+        assert_eq!(f.conn.push(frame(2, "/", 1)), Push::Queued);
+        assert_eq!(f.conn.push(frame(3, "/", 1)), Push::Overflow);
+        assert_eq!(f.conn.push(frame(4, "/", 1)), Push::Closed);
+        let _retry = next_data(&mut f.stream).await;
+        let last = next_data(&mut f.stream).await.unwrap();
         assert!(std::str::from_utf8(&last)
             .unwrap()
             .contains("\"code\":\"slow_consumer\""));
-        assert!(next_data(&mut stream).await.is_none());
-        drop(stream);
+        assert!(next_data(&mut f.stream).await.is_none());
+        drop(f.stream);
         assert_eq!(
-            metrics
+            f.metrics
                 .events_dropped
                 .with_label_values(&["slow_consumer"])
                 .get(),
             3
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gap_notice_is_written_once_and_the_stream_goes_on() {
+        let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 8).await;
+        let _retry = next_data(&mut f.stream).await;
+        f.conn.notify_gap("bus_reconnected");
+        f.conn.notify_gap("bus_reconnected");
+        let gap = next_data(&mut f.stream).await.unwrap();
+        assert!(std::str::from_utf8(&gap)
+            .unwrap()
+            .starts_with("event: gap\n"));
+        assert_eq!(f.conn.push(frame(1, "/", 1)), Push::Queued);
+        assert_eq!(
+            next_data(&mut f.stream).await.unwrap(),
+            Bytes::from("event 1\n\n")
         );
     }
 }

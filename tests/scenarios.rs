@@ -59,6 +59,32 @@ impl Topology {
         start_instance(&self.cluster, &self.ports, &self.extra, i).await
     }
 
+    /// Waits until `n` streams are open across the live instances.
+    async fn wait_streams(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut total = 0.0;
+            for h in self.heralds.iter().flatten() {
+                total += h.metric("herald_connections").await;
+            }
+            if total as usize == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{total} streams open, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts `n` clients and waits until all their streams are open.
+    async fn clients(&self, n: usize) -> Vec<EventSource> {
+        let c = self.client(n);
+        self.wait_streams(n).await;
+        c
+    }
+
     fn client(&self, n: usize) -> Vec<EventSource> {
         (0..n)
             .map(|_| EventSource::start(self.lb.url(SUBSCRIBE), token_for("reader", HOUR), body()))
@@ -194,6 +220,19 @@ async fn assert_complete(clients: Vec<EventSource>, published: &[u64]) -> (usize
     (dups, seen_all)
 }
 
+/// For every client that reconnected: time from `at` to its first event on a new connection.
+fn first_events_after(seen: &[Seen], at: Instant) -> Vec<Duration> {
+    seen.iter()
+        .filter(|s| s.connects > 1)
+        .filter_map(|s| {
+            s.first_event_after_connect
+                .iter()
+                .find(|t| **t > at)
+                .map(|t| *t - at)
+        })
+        .collect()
+}
+
 fn p99(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
@@ -205,42 +244,61 @@ fn p99(mut v: Vec<Duration>) -> Duration {
 async fn scenario_1_steady_state() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let t = Topology::start(&[]).await;
-    let clients = t.client(200);
-    for c in &clients {
-        assert!(c.wait_for(0, WAIT).await);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await; // all 200 connected
+    let clients = t.clients(200).await;
     let published = publish_all(t.lb.url(PUBLISH), 5000, 4, 50, Duration::from_millis(5)).await;
     assert_eq!(published.len(), 5000);
     let (dups, _) = assert_complete(clients, &published).await;
     eprintln!("scenario 1: 5000 events x 200 clients, lost 0, duplicates before dedupe {dups}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scenario_2_sigkill_one_instance() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+/// What a scenario kills mid-stream.
+enum Victim {
+    /// A herald instance (SIGKILL).
+    Herald(usize),
+    /// The NATS node a herald instance is connected to.
+    NatsNodeOfHerald,
+}
+
+/// Kills `victim` while 1,000 events flow to 30 clients; prints what happened.
+async fn kill_mid_stream(name: &str, victim: Victim) {
     let mut t = Topology::start(&[]).await;
-    let clients = t.client(30);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let clients = t.clients(30).await;
     let url = t.lb.url(PUBLISH);
     let publishing = tokio::spawn(publish_all(url, 1000, 2, 10, Duration::from_millis(20)));
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let killed_at = Instant::now();
-    drop(t.heralds[1].take()); // SIGKILL
+    // Mid-stream: once events are flowing.
+    assert!(clients[0].wait_for(200, WAIT).await);
+    let killed_at = match victim {
+        Victim::Herald(i) => {
+            let at = Instant::now();
+            drop(t.heralds[i].take());
+            at
+        }
+        Victim::NatsNodeOfHerald => {
+            let mut target = None;
+            for (i, node) in t.cluster.nodes.iter().enumerate() {
+                let v = node.monitor("/connz").await;
+                let heralds = v["connections"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("herald-")))
+                    .count();
+                if heralds > 0 {
+                    target = Some(i);
+                    break;
+                }
+            }
+            let i = target.expect("some node serves a herald instance");
+            let at = Instant::now();
+            t.cluster.nodes[i].kill();
+            at
+        }
+    };
     let published = publishing.await.unwrap();
     let (dups, seen) = assert_complete(clients, &published).await;
-    let first_after: Vec<Duration> = seen
-        .iter()
-        .filter(|s| s.connects > 1)
-        .filter_map(|s| {
-            s.first_event_after_connect
-                .iter()
-                .find(|t| **t > killed_at)
-                .map(|t| *t - killed_at)
-        })
-        .collect();
+    let first_after = first_events_after(&seen, killed_at);
     eprintln!(
-        "scenario 2: {} events, lost 0, duplicates before dedupe {dups}, {} clients moved, p99 kill -> first event on the new instance {:?}",
+        "{name}: {} events, lost 0, duplicates before dedupe {dups}, {} clients reconnected, p99 kill -> first event after reconnecting {:?}",
         published.len(),
         first_after.len(),
         p99(first_after)
@@ -248,11 +306,16 @@ async fn scenario_2_sigkill_one_instance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_2_sigkill_one_instance() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    kill_mid_stream("scenario 2 (SIGKILL one herald)", Victim::Herald(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_3_rolling_restart() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut t = Topology::start(&[]).await;
-    let clients = t.client(30);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let clients = t.clients(30).await;
     let url = t.lb.url(PUBLISH);
     let publishing = tokio::spawn(publish_all(url, 1500, 2, 5, Duration::from_millis(20)));
     for i in 0..3 {
@@ -262,7 +325,7 @@ async fn scenario_3_rolling_restart() {
         assert!(status.success(), "instance {i} drained cleanly: {status:?}");
         drop(old);
         t.heralds[i] = Some(t.start_instance(i).await);
-        tokio::time::sleep(Duration::from_millis(2500)).await; // haproxy: rise 2 x 1s
+        t.lb.wait_server(&format!("herald{}", i + 1), "UP").await;
     }
     let published = publishing.await.unwrap();
     let (dups, seen) = assert_complete(clients, &published).await;
@@ -276,40 +339,18 @@ async fn scenario_3_rolling_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_4_kill_one_nats_node() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut t = Topology::start(&[]).await;
-    let clients = t.client(30);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let url = t.lb.url(PUBLISH);
-    let publishing = tokio::spawn(publish_all(url, 1000, 2, 10, Duration::from_millis(20)));
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let killed_at = Instant::now();
-    t.cluster.nodes[1].kill();
-    let published = publishing.await.unwrap();
-    let (dups, seen) = assert_complete(clients, &published).await;
-    let first_after: Vec<Duration> = seen
-        .iter()
-        .filter(|s| s.connects > 1)
-        .filter_map(|s| {
-            s.first_event_after_connect
-                .iter()
-                .find(|t| **t > killed_at)
-                .map(|t| *t - killed_at)
-        })
-        .collect();
-    eprintln!(
-        "scenario 4: {} events, lost 0, duplicates before dedupe {dups}, {} clients reconnected, p99 kill -> first event after reconnect {:?}",
-        published.len(),
-        first_after.len(),
-        p99(first_after)
-    );
+    kill_mid_stream(
+        "scenario 4 (kill a NATS node serving a herald)",
+        Victim::NatsNodeOfHerald,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_5_a_client_away_for_10s() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let t = Topology::start(&[]).await;
-    let mut clients = t.client(2);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut clients = t.clients(2).await;
     let first = publish_all(t.lb.url(PUBLISH), 100, 1, 10, Duration::ZERO).await;
     assert!(clients[0].wait_for(100, WAIT).await);
     let away = clients.remove(0).stop().await;
@@ -352,8 +393,7 @@ async fn scenario_6_slow_client_resumes() {
         ("STREAM__CLOSE_TIMEOUT", "60s"),
     ])
     .await;
-    let clients = t.client(3);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let clients = t.clients(3).await;
     clients[0]
         .paused
         .store(true, std::sync::atomic::Ordering::Relaxed);

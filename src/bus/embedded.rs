@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use parking_lot::Mutex;
 use serde_json::json;
@@ -64,15 +63,8 @@ impl EmbeddedBus {
         for ev in events {
             let seq = ring.next_seq;
             ring.next_seq += 1;
-            let d = Arc::new(Delivery {
-                seq,
-                frame: sse::event_frame(seq, ev.event_type.name(), &ev.json),
-                project: ev.project,
-                event_type: ev.event_type,
-                env: ev.env,
-                path: ev.path,
-                accepted_at: Instant::now(),
-            });
+            let id = ev.id.clone();
+            let d = Arc::new(Delivery::encode(seq, ev));
             self.metrics
                 .events_received
                 .with_label_values(&["api"])
@@ -85,7 +77,7 @@ impl EmbeddedBus {
                 ring.events.push_back(d);
             }
             out.push(Published {
-                id: ev.id,
+                id,
                 sequence: Some(seq),
             });
         }

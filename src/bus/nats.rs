@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event as NatsEvent};
 use bytes::Bytes;
@@ -341,7 +341,7 @@ impl NatsBus {
             let Some(ev) = self.check(&stored.subject, &stored.payload) else {
                 continue;
             };
-            let d = Arc::new(self.delivery(stored.seq, ev));
+            let d = Arc::new(Delivery::encode(stored.seq, ev));
             if self.router.admits(&conn, &d) {
                 // Generation 0: checked again against the policy in force when written.
                 stream.push_replay(Frame {
@@ -465,18 +465,6 @@ impl NatsBus {
         Some(ev)
     }
 
-    fn delivery(&self, seq: u64, ev: Event) -> Delivery {
-        Delivery {
-            seq,
-            frame: sse::event_frame(seq, ev.event_type.name(), &ev.json),
-            project: ev.project,
-            event_type: ev.event_type,
-            env: ev.env,
-            path: ev.path,
-            accepted_at: Instant::now(),
-        }
-    }
-
     /// One live message: checked, numbered (or carrying its stream sequence),
     /// dispatched.
     fn on_message(&self, subj: &str, payload: &[u8], stream_seq: Option<u64>) {
@@ -508,7 +496,7 @@ impl NatsBus {
             .events_received
             .with_label_values(&["nats"])
             .inc();
-        let d = Arc::new(self.delivery(seq, ev));
+        let d = Arc::new(Delivery::encode(seq, ev));
         self.router.dispatch(&d);
         drop(st);
     }

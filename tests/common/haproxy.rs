@@ -10,6 +10,7 @@ use super::{repo_path, WAIT};
 pub struct Haproxy {
     child: Child,
     pub port: u16,
+    stats_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -52,9 +53,9 @@ impl Haproxy {
             }
         }
         // The stats page, to wait for healthy backends.
+        let stats_port = free_low_port();
         cfg.push_str(&format!(
-            "\nfrontend stats\n    bind 127.0.0.1:{}\n    stats enable\n    stats uri /stats\n",
-            free_low_port()
+            "\nfrontend stats\n    bind 127.0.0.1:{stats_port}\n    stats enable\n    stats uri /stats\n"
         ));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("haproxy.cfg");
@@ -79,8 +80,12 @@ impl Haproxy {
         let h = Haproxy {
             child,
             port,
+            stats_port,
             _dir: dir,
         };
+        for i in 0..backends.len() {
+            h.wait_server(&format!("herald{}", i + 1), "UP").await;
+        }
         h.wait_healthy(backends.len()).await;
         h
     }
@@ -106,6 +111,32 @@ impl Haproxy {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = n;
+    }
+
+    /// Waits until haproxy's health checks report `server` as `status` (UP, DOWN).
+    pub async fn wait_server(&self, server: &str, status: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = match reqwest::get(format!("http://127.0.0.1:{}/stats;csv", self.stats_port))
+                .await
+            {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            // CSV columns: pxname, svname, ..., status is the 18th.
+            let reached = text.lines().any(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                f.len() > 17 && f[0] == "herald" && f[1] == server && f[17].starts_with(status)
+            });
+            if reached {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy never saw {server} {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

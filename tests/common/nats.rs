@@ -255,26 +255,8 @@ impl NatsCluster {
         let c = NatsCluster {
             nodes: vec![first, second, third],
         };
-        // Wait for the full mesh: every node routes to the two others.
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let mut ok = true;
-            for n in &c.nodes {
-                let v = n.monitor("/routez").await;
-                let peers: std::collections::HashSet<String> = v["routes"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|r| r["remote_id"].as_str().map(str::to_owned))
-                    .collect();
-                ok &= peers.len() >= 2;
-            }
-            if ok {
-                return c;
-            }
-            assert!(Instant::now() < deadline, "the NATS cluster did not form");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        c.wait_mesh().await;
+        c
     }
 
     /// A 3-node cluster with JetStream on every node. JetStream clustering
