@@ -14,6 +14,10 @@
 //! events are published round-robin through every instance, so the bench also
 //! reports how many NATS messages each instance received for projects it had
 //! no stream for (interest-based subscriptions: must be 0).
+//!
+//! Peer: `FANOUT_TARGET=nchan` runs the same load against nginx + nchan (one
+//! worker, eventsource subscribers, `nchan_subscriber_first_message newest`),
+//! with the same bytes per event; `scripts/bench-compare` runs both.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -134,6 +138,73 @@ fn start_herald(queue_frames: usize, nats_urls: &[String]) -> Herald {
     }
 }
 
+/// nginx + nchan, one worker, on a loopback port.
+struct Nchan {
+    master: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nchan {
+    fn drop(&mut self) {
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+    }
+}
+
+fn start_nchan() -> Nchan {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = nats::free_low_port();
+    let module = ["/usr/lib/nginx/modules/ngx_nchan_module.so", "/usr/share/nginx/modules/ngx_nchan_module.so"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("nchan is required: apt-get install nginx-light libnginx-mod-nchan (scripts/bench-compare does)");
+    let d = dir.path().display().to_string();
+    let conf = format!(
+        "load_module {module};\nworker_processes 1;\nworker_rlimit_nofile 200000;\ndaemon off;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nevents {{ worker_connections 100000; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+           server {{\n    listen 127.0.0.1:{port};\n\
+             location ~ ^/sub/([\\w-]+)$ {{ nchan_subscriber eventsource; nchan_channel_id $1; nchan_subscriber_first_message newest; }}\n\
+             location ~ ^/pub/([\\w-]+)$ {{ nchan_publisher; nchan_channel_id $1; nchan_message_buffer_length 10; }}\n\
+           }}\n}}\n"
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let nginx = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("nginx is required: apt-get install nginx-light");
+    let master = Command::new(nginx)
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start nginx");
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nchan {
+        master,
+        base: format!("http://127.0.0.1:{port}"),
+        _dir: dir,
+    }
+}
+
+/// The nginx worker processes (children of the master).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// One metric value from an instance's /metrics.
 async fn metric(client: &reqwest::Client, admin: &str, series: &str) -> f64 {
     let text = client
@@ -172,6 +243,12 @@ async fn main() {
     let projects = env_usize("FANOUT_PROJECTS", 1).max(1);
     let queue_frames = env_usize("FANOUT_QUEUE_FRAMES", 1024);
     let mode = std::env::var("FANOUT_NATS").unwrap_or_default();
+    let target = std::env::var("FANOUT_TARGET").unwrap_or_else(|_| "herald".into());
+    let nchan = match target.as_str() {
+        "herald" => None,
+        "nchan" => Some(start_nchan()),
+        other => panic!("FANOUT_TARGET must be herald or nchan, not {other:?}"),
+    };
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
@@ -199,7 +276,7 @@ async fn main() {
     } else {
         env_usize("FANOUT_INSTANCES", 3).max(1)
     };
-    let heralds: Vec<Herald> = (0..n_instances)
+    let heralds: Vec<Herald> = (0..if nchan.is_some() { 0 } else { n_instances })
         .map(|i| {
             let urls: Vec<String> = if node_urls.is_empty() {
                 vec![]
@@ -212,7 +289,11 @@ async fn main() {
     for h in &heralds {
         wait_ready(&client, &h.admin).await;
     }
-    let pids: Vec<u32> = heralds.iter().map(|h| h.child.id()).collect();
+    let pids: Vec<u32> = match &nchan {
+        Some(n) => children(n.master.id()),
+        None => heralds.iter().map(|h| h.child.id()).collect(),
+    };
+    let nchan_base = nchan.as_ref().map(|n| n.base.clone());
     let instance_of_project = |p: usize| p % n_instances;
 
     let signer = Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes());
@@ -233,31 +314,37 @@ async fn main() {
     for i in 0..conns {
         let client = client.clone();
         let project = i % projects;
-        let url = format!(
-            "http://{}/api/v1/events/subscribe/project-events",
-            heralds[instance_of_project(project)].public
-        );
+        let url = match &nchan_base {
+            Some(base) => format!("{base}/sub/proj-{project}"),
+            None => format!(
+                "http://{}/api/v1/events/subscribe/project-events",
+                heralds[instance_of_project(project)].public
+            ),
+        };
+        let is_nchan = nchan_base.is_some();
         let token = tokens[i % IDENTITIES].clone();
         let body = json!({"projectId": format!("proj-{project}"), "register": [{"event": "secret:updated"}]});
         let ready = ready.clone();
         let expect = expected_per_conn[i];
         tasks.push(tokio::spawn(async move {
-            let resp = client
-                .post(url)
-                .bearer_auth(token)
-                .json(&body)
-                .send()
-                .await
-                .expect("subscribe");
+            let req = if is_nchan {
+                client.get(url).header("accept", "text/event-stream")
+            } else {
+                client.post(url).bearer_auth(token).json(&body)
+            };
+            let resp = req.send().await.expect("subscribe");
             assert_eq!(resp.status(), 200);
             let mut stream = resp.bytes_stream();
             let mut buf: Vec<u8> = Vec::new();
             let mut lat = Vec::with_capacity(expect);
             let mut ids = HashSet::with_capacity(expect);
             let mut dups = 0usize;
-            // The first chunk is the retry: hint; the stream is registered by then.
-            if let Some(Ok(b)) = stream.next().await {
-                buf.extend_from_slice(&b);
+            // herald's first chunk is the retry: hint (the stream is registered
+            // by then); nchan answers the headers once it has subscribed.
+            if !is_nchan {
+                if let Some(Ok(b)) = stream.next().await {
+                    buf.extend_from_slice(&b);
+                }
             }
             ready.wait().await;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
@@ -322,18 +409,26 @@ async fn main() {
     for e in 0..events {
         tick.tick().await;
         // A 1 KiB payload: the same bytes per event whatever the broker.
-        let ev = json!({"specversion": "1.0", "source": "/bench", "type": "secret:updated",
+        let ev = json!({"specversion": "1.0", "id": format!("e{e}"), "source": "/bench", "type": "secret:updated",
             "projectid": format!("proj-{}", e % projects), "environment": "prod", "secretpath": "/apps/db",
             "data": {"pad": "x".repeat(1024), "sentNanos": now_nanos()}});
-        let via = &heralds[e % n_instances].public;
-        let r = client
-            .post(format!("http://{via}/api/v1/events/publish"))
-            .bearer_auth(&publisher)
-            .json(&ev)
-            .send()
-            .await
-            .expect("publish");
-        assert_eq!(r.status(), 202);
+        let r = match &nchan_base {
+            // The same bytes: the CloudEvent JSON as the message body.
+            Some(base) => client
+                .post(format!("{base}/pub/proj-{}", e % projects))
+                .body(ev.to_string()),
+            None => {
+                let via = &heralds[e % n_instances].public;
+                client
+                    .post(format!("http://{via}/api/v1/events/publish"))
+                    .bearer_auth(&publisher)
+                    .json(&ev)
+            }
+        }
+        .send()
+        .await
+        .expect("publish");
+        assert!(r.status().is_success(), "publish: {}", r.status());
     }
     let publish_window = t0.elapsed();
     let mut all = Vec::new();
@@ -354,7 +449,9 @@ async fn main() {
             .unwrap_or(0) as f64
             / 1e6
     };
-    let bus = if mode.is_empty() {
+    let bus = if nchan.is_some() {
+        "nginx + nchan (1 worker)".to_owned()
+    } else if mode.is_empty() {
         "embedded bus".to_owned()
     } else {
         format!(
@@ -362,7 +459,7 @@ async fn main() {
             node_urls.len()
         )
     };
-    println!("herald fan-out, {bus}: {conns} connections over {projects} project(s), {events} events at {rate}/s (1 KiB payload)");
+    println!("{target} fan-out, {bus}: {conns} connections over {projects} project(s), {events} events at {rate}/s (1 KiB payload)");
     println!("  connected            {conns}");
     println!("  delivered            {delivered} (lost {lost}, duplicates {dups})");
     println!(
@@ -389,7 +486,7 @@ async fn main() {
         rss_before / 1024,
         rss_after / 1024
     );
-    if !mode.is_empty() {
+    if !mode.is_empty() && nchan.is_none() {
         for (i, h) in heralds.iter().enumerate() {
             let got = metric(
                 &client,
