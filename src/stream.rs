@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame as BodyFrame};
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::{Interval, MissedTickBehavior, Sleep};
 
 use crate::event::EventType;
@@ -124,18 +124,22 @@ pub enum Push {
 /// A stream whose client stopped reading cannot write its closing event: hyper
 /// is blocked on the socket and never asks the body for more. After
 /// `stream.close_timeout` such a connection is dropped through this handle.
+/// It aborts the connection's task, so it costs nothing while unused (nothing
+/// is polled on the connection's hot path).
 #[derive(Default)]
-pub struct ConnectionAbort(Notify);
+pub struct ConnectionAbort(std::sync::OnceLock<tokio::task::AbortHandle>);
 
 impl ConnectionAbort {
-    /// Drops the connection.
-    pub fn abort(&self) {
-        self.0.notify_one();
+    /// Ties the handle to the task serving the connection.
+    pub fn set(&self, task: tokio::task::AbortHandle) {
+        let _ = self.0.set(task);
     }
 
-    /// Resolves when [`abort`](Self::abort) is called.
-    pub async fn aborted(&self) {
-        self.0.notified().await
+    /// Drops the connection.
+    pub fn abort(&self) {
+        if let Some(task) = self.0.get() {
+            task.abort();
+        }
     }
 }
 
@@ -155,6 +159,9 @@ pub struct Conn {
     capacity: usize,
     close: Mutex<Option<CloseReason>>,
     gap: Mutex<Option<Bytes>>,
+    /// Set when `close` or `gap` changed, so the stream looks at them (and
+    /// takes their locks) only then.
+    signalled: AtomicBool,
     waker: AtomicWaker,
     finished: Arc<AtomicBool>,
     last_dispatched: AtomicU64,
@@ -209,6 +216,7 @@ impl Conn {
             .inc();
         *c = Some(reason);
         drop(c);
+        self.signalled.store(true, Ordering::Release);
         self.waker.wake();
         self.abort_if_stuck();
         true
@@ -241,6 +249,7 @@ impl Conn {
             None,
         );
         *self.gap.lock() = Some(frame);
+        self.signalled.store(true, Ordering::Release);
         self.waker.wake();
     }
 
@@ -269,6 +278,9 @@ pub struct StreamSettings {
     pub close_timeout: Duration,
 }
 
+/// Deliveries buffered in a stream's local metrics before they are flushed.
+const METRIC_FLUSH_EVERY: u32 = 64;
+
 /// The HTTP-facing half of a stream: a response body.
 pub struct SseStream {
     conn: Arc<Conn>,
@@ -282,6 +294,11 @@ pub struct SseStream {
     done: bool,
     metrics: Arc<Metrics>,
     authorizer: Arc<Authorizer>,
+    /// Per-stream metric buffers: the shared atomics are touched once per
+    /// `METRIC_FLUSH_EVERY` deliveries (and at each heartbeat), not per event.
+    delivered: prometheus::local::LocalIntCounter,
+    latency: prometheus::local::LocalHistogram,
+    unflushed: u32,
     /// Dropped with the stream: router registration, limit slots.
     _guards: Vec<Box<dyn Send + Sync>>,
 }
@@ -323,6 +340,7 @@ pub fn new_stream(
         capacity: settings.queue_frames,
         close: Mutex::new(None),
         gap: Mutex::new(None),
+        signalled: AtomicBool::new(false),
         waker: AtomicWaker::new(),
         finished: Arc::new(AtomicBool::new(false)),
         last_dispatched: AtomicU64::new(0),
@@ -348,6 +366,9 @@ pub fn new_stream(
         heartbeat,
         expiry: Box::pin(tokio::time::sleep(settings.expires_in)),
         done: false,
+        delivered: metrics.events_delivered.local(),
+        latency: metrics.delivery_latency.local(),
+        unflushed: 0,
         metrics,
         authorizer,
         _guards: Vec::new(),
@@ -391,6 +412,7 @@ impl SseStream {
         &mut self,
         reason: &CloseReason,
     ) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
+        self.flush_metrics();
         self.done = true;
         self.conn.finished.store(true, Ordering::Release);
         self.rx.close();
@@ -420,11 +442,19 @@ impl SseStream {
                 .inc();
             return None;
         }
-        self.metrics.events_delivered.inc();
-        self.metrics
-            .delivery_latency
-            .observe(d.accepted_at.elapsed().as_secs_f64());
+        self.delivered.inc();
+        self.latency.observe(d.accepted_at.elapsed().as_secs_f64());
+        self.unflushed += 1;
+        if self.unflushed >= METRIC_FLUSH_EVERY {
+            self.flush_metrics();
+        }
         Some(d.frame.clone())
+    }
+
+    fn flush_metrics(&mut self) {
+        self.delivered.flush();
+        self.latency.flush();
+        self.unflushed = 0;
     }
 }
 
@@ -451,23 +481,25 @@ impl Body for SseStream {
         if let Some(b) = this.replay_tail.take() {
             return Poll::Ready(Some(Ok(BodyFrame::data(b))));
         }
-        // Register before looking, so a close that lands in between still wakes us.
-        this.conn.waker.register(cx.waker());
-        let closing = this.conn.close.lock().clone();
-        if let Some(reason) = closing {
-            if reason.flushes_queue() {
-                while let Ok(f) = this.rx.try_recv() {
-                    if let Some(b) = this.deliver(f) {
-                        return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+        loop {
+            // Close and gap notices: only looked at when signalled.
+            if this.conn.signalled.swap(false, Ordering::AcqRel) {
+                let closing = this.conn.close.lock().clone();
+                if let Some(reason) = closing {
+                    this.conn.signalled.store(true, Ordering::Release); // terminal
+                    if reason.flushes_queue() {
+                        while let Ok(f) = this.rx.try_recv() {
+                            if let Some(b) = this.deliver(f) {
+                                return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+                            }
+                        }
                     }
+                    return this.finish(&reason);
+                }
+                if let Some(gap) = this.conn.gap.lock().take() {
+                    return Poll::Ready(Some(Ok(BodyFrame::data(gap))));
                 }
             }
-            return this.finish(&reason);
-        }
-        if let Some(gap) = this.conn.gap.lock().take() {
-            return Poll::Ready(Some(Ok(BodyFrame::data(gap))));
-        }
-        loop {
             match this.rx.poll_recv(cx) {
                 Poll::Ready(Some(f)) => {
                     if let Some(b) = this.deliver(f) {
@@ -495,9 +527,16 @@ impl Body for SseStream {
             return this.finish(&reason);
         }
         if this.heartbeat.poll_tick(cx).is_ready() {
+            this.flush_metrics();
             return Poll::Ready(Some(Ok(BodyFrame::data(Bytes::from_static(
                 sse::HEARTBEAT,
             )))));
+        }
+        // About to sleep: register for notices, then look once more, so one
+        // that landed in between is not missed.
+        this.conn.waker.register(cx.waker());
+        if this.conn.signalled.load(Ordering::Acquire) {
+            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }
@@ -509,6 +548,7 @@ impl Body for SseStream {
 
 impl Drop for SseStream {
     fn drop(&mut self) {
+        self.flush_metrics();
         self.conn.finished.store(true, Ordering::Release);
         self.metrics.connections.dec();
         // Frames still queued are lost with the stream: count them.

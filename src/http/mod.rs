@@ -140,29 +140,27 @@ pub async fn serve<H: Handler>(
         let watcher = graceful.watcher();
         let handler = handler.clone();
         let builder = builder.clone();
-        tokio::spawn(async move {
+        let abort = Arc::new(ConnectionAbort::default());
+        let for_requests = abort.clone();
+        let task = tokio::spawn(async move {
             let mut first = [0u8; 1];
             match tokio::time::timeout(opts.header_read_timeout, tcp.peek(&mut first)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return, // silent, closed or failed before the first byte
             }
-            let abort = Arc::new(ConnectionAbort::default());
-            let for_requests = abort.clone();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(for_requests.clone());
                 let h = handler.clone();
                 async move { Ok::<_, Infallible>(h.handle(req, peer).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::select! {
-                r = watcher.watch(conn.into_owned()) => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
-                }
-                _ = abort.aborted() => tracing::debug!(%peer, "connection dropped: a closing stream could not be written"),
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
         });
+        // A stream that cannot write its closing event drops the connection by
+        // aborting this task (see `ConnectionAbort`).
+        abort.set(task.abort_handle());
     }
     drop(listener);
     if tokio::time::timeout(deadline, graceful.shutdown())
