@@ -97,6 +97,10 @@ fn start_herald(queue_frames: usize, nats_urls: &[String]) -> Herald {
     )
     .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    // FANOUT_HERALD_WORKERS: herald's runtime threads (nchan runs one worker).
+    if let Ok(n) = std::env::var("FANOUT_HERALD_WORKERS") {
+        cmd.env("HERALD_SERVER__WORKER_THREADS", n);
+    }
     if !nats_urls.is_empty() {
         cmd.env(
             "HERALD_NATS__URLS",
@@ -476,12 +480,12 @@ async fn main() {
         pct(1.0)
     );
     println!(
-        "  herald CPU/delivery  {:.2} us ({:.2} CPU s, all instances)",
+        "  server CPU/delivery  {:.2} us ({:.2} CPU s, all server processes)",
         (cpu1 - cpu0) * 1e6 / delivered.max(1) as f64,
         cpu1 - cpu0
     );
     println!(
-        "  RSS per idle conn    {:.1} KB ({} -> {} KB, all instances)",
+        "  RSS per idle conn    {:.1} KB ({} -> {} KB, all server processes)",
         (rss_after.saturating_sub(rss_before)) as f64 / 1024.0 / conns as f64,
         rss_before / 1024,
         rss_after / 1024

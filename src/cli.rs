@@ -147,10 +147,18 @@ enum PolicyCmd {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // The runtime exists before `serve` loads its config; peek at the one
+    // setting it needs (errors are reported by `serve` itself).
+    if let Command::Serve(args) = &cli.command {
+        if let Ok(cfg) = Config::load(args.cfg.config.as_deref(), &[]) {
+            if cfg.server.worker_threads > 0 {
+                builder.worker_threads(cfg.server.worker_threads);
+            }
+        }
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("herald: cannot start the runtime: {e}");

@@ -148,6 +148,8 @@ pub struct ServerConfig {
     /// Time allowed for a client to send a request body.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Runtime worker threads; 0 means one per core.
+    pub worker_threads: usize,
 }
 
 /// `[stream]`
@@ -261,6 +263,7 @@ impl Default for ServerConfig {
             admin_listen: ([127, 0, 0, 1], 9090).into(),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            worker_threads: 0,
         }
     }
 }
