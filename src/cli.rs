@@ -98,30 +98,42 @@ enum ConfigCmd {
     Print(ConfigArgs),
 }
 
+/// Which policy files a policy tool reads.
+#[derive(Args, Debug)]
+struct PolicyFiles {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Model file (default: policy.model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Policy file (default: policy.policy).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+}
+
+impl PolicyFiles {
+    /// The model and policy paths: flags first, then the config.
+    fn paths(self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let c = load(&self.cfg, &[])?;
+        Ok((
+            self.model.unwrap_or(c.policy.model),
+            self.policy.unwrap_or(c.policy.policy),
+        ))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum PolicyCmd {
     /// Validate policy files; prints `file:line: message` per problem, exit 1 on any.
     Check {
         #[command(flatten)]
-        cfg: ConfigArgs,
-        /// Model file (default: policy.model).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Policy file (default: policy.policy).
-        #[arg(long)]
-        policy: Option<PathBuf>,
+        files: PolicyFiles,
     },
     /// Explain one decision: allow or deny, and the lines and roles that decided it.
     /// Exit code 0 for allow, 1 for deny, 2 for bad input.
     Explain {
         #[command(flatten)]
-        cfg: ConfigArgs,
-        /// Model file (default: policy.model).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Policy file (default: policy.policy).
-        #[arg(long)]
-        policy: Option<PathBuf>,
+        files: PolicyFiles,
         /// The identity (a token's `sub`).
         #[arg(long)]
         sub: String,
@@ -236,9 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Policy(PolicyCmd::Explain {
-            cfg,
-            model,
-            policy,
+            files,
             sub,
             project,
             event,
@@ -246,12 +256,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             path,
             action,
         }) => {
-            let c = load(&cfg, &[])?;
-            let src = PolicySource::read(
-                &model.unwrap_or(c.policy.model),
-                &policy.unwrap_or(c.policy.policy),
-            )
-            .map_err(problems_error)?;
+            let (model, policy) = files.paths()?;
+            let src = PolicySource::read(&model, &policy).map_err(problems_error)?;
             let set = PolicySet::compile(&src, 1).await.map_err(problems_error)?;
             let bad = |what: &str, e: String| {
                 eprintln!("herald: {what}: {e}");
@@ -287,10 +293,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             print!("{ex}");
             Ok(if ex.allowed { 0 } else { 1 })
         }
-        Command::Policy(PolicyCmd::Check { cfg, model, policy }) => {
-            let c = load(&cfg, &[])?;
-            let model = model.unwrap_or(c.policy.model);
-            let policy = policy.unwrap_or(c.policy.policy);
+        Command::Policy(PolicyCmd::Check { files }) => {
+            let (model, policy) = files.paths()?;
             let src = match PolicySource::read(&model, &policy) {
                 Ok(s) => s,
                 Err(problems) => {
