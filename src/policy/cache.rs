@@ -1,4 +1,5 @@
-//! The delivery-time decision cache: bounded, sharded, keyed by generation.
+//! The decision cache for concrete requests (delivery and publish): bounded,
+//! sharded, keyed by policy generation.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
@@ -10,6 +11,8 @@ use crate::event::EventType;
 use crate::ident::{EnvSlug, ProjectId};
 use crate::path::SecretPath;
 
+use super::Action;
+
 /// One delivery-time question.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) struct DecisionKey {
@@ -17,6 +20,7 @@ pub(crate) struct DecisionKey {
     pub(crate) sub: Arc<str>,
     pub(crate) project: ProjectId,
     pub(crate) ty: EventType,
+    pub(crate) action: Action,
     pub(crate) env: EnvSlug,
     pub(crate) path: SecretPath,
 }

@@ -348,6 +348,8 @@ pub struct PolicyStatus {
 pub struct Authorizer {
     current: RwLock<Arc<PolicySet>>,
     cache: DecisionCache,
+    cache_hits: prometheus::IntCounter,
+    cache_misses: prometheus::IntCounter,
     metrics: Arc<Metrics>,
     next_generation: AtomicU64,
     generation: AtomicU64,
@@ -370,6 +372,8 @@ impl Authorizer {
         Ok(Self {
             current: RwLock::new(Arc::new(set)),
             cache: DecisionCache::new(cache_size),
+            cache_hits: metrics.decision_cache.with_label_values(&["hit"]),
+            cache_misses: metrics.decision_cache.with_label_values(&["miss"]),
             metrics,
             next_generation: AtomicU64::new(2),
             generation: AtomicU64::new(1),
@@ -438,27 +442,35 @@ impl Authorizer {
         env: &EnvSlug,
         path: &SecretPath,
     ) -> bool {
+        self.may(sub, project, ty, Action::Subscribe, env, path)
+    }
+
+    /// Decides one concrete request, from the cache when it can.
+    pub fn may(
+        &self,
+        sub: &Arc<str>,
+        project: &ProjectId,
+        ty: EventType,
+        action: Action,
+        env: &EnvSlug,
+        path: &SecretPath,
+    ) -> bool {
         let set = self.current();
         let key = DecisionKey {
             generation: set.generation,
             sub: sub.clone(),
             project: project.clone(),
             ty,
+            action,
             env: env.clone(),
             path: path.clone(),
         };
         if let Some(v) = self.cache.get(&key) {
-            self.metrics
-                .decision_cache
-                .with_label_values(&["hit"])
-                .inc();
+            self.cache_hits.inc();
             return v;
         }
-        self.metrics
-            .decision_cache
-            .with_label_values(&["miss"])
-            .inc();
-        let v = set.decide(sub, project, ty, Action::Subscribe, env, path);
+        self.cache_misses.inc();
+        let v = set.decide(sub, project, ty, action, env, path);
         self.cache.put(key, v);
         v
     }
