@@ -189,3 +189,53 @@ async fn a_long_resume_replays_everything() {
         assert_eq!(path_of(&s.next_event().await), format!("/{i}"));
     }
 }
+
+#[tokio::test]
+async fn after_a_nats_outage_clients_resume_without_loss() {
+    use common::eventsource::EventSource;
+    let mut nats = NatsServer::start_jetstream();
+    let h = replaying(&nats, &[("STREAM__RETRY", "200ms")]).await;
+    let client = EventSource::start(h.url(SUBSCRIBE), token_for("reader", HOUR), all_p1());
+    h.wait_metric("herald_connections", 1.0).await;
+    let w = token_for("writer", HOUR);
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let v = h
+            .publish(
+                &w,
+                &event("secret:created", "p1", "prod", &format!("/before/{i}")),
+            )
+            .await;
+        acked.push(v["events"][0]["sequence"].as_u64().unwrap());
+    }
+    assert!(client.wait_for(5, WAIT).await);
+    nats.kill();
+    h.wait_ready(503).await;
+    let refused = h
+        .publish_raw(&w, &event("secret:created", "p1", "prod", "/during"))
+        .await;
+    assert_eq!(refused.status(), 503, "not stored, so not promised");
+    nats.restart();
+    h.wait_ready(200).await;
+    for i in 0..5 {
+        let v = h
+            .publish(
+                &w,
+                &event("secret:created", "p1", "prod", &format!("/after/{i}")),
+            )
+            .await;
+        acked.push(v["events"][0]["sequence"].as_u64().unwrap());
+    }
+    assert!(
+        client.wait_for(10, WAIT).await,
+        "the client caught up after the outage"
+    );
+    let seen = client.stop().await;
+    let (events, _) = seen.deduped();
+    let ids: Vec<u64> = events.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, acked, "every acknowledged event once, in order");
+    assert!(
+        seen.controls.iter().any(|(k, _)| k == "reconnect"),
+        "streams were told to reconnect and resume"
+    );
+}
