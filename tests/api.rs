@@ -735,3 +735,40 @@ fn which(bin: &str) -> Option<std::path::PathBuf> {
         .map(|d| std::path::Path::new(d).join(bin))
         .find(|p| p.is_file())
 }
+
+#[tokio::test]
+async fn streams_work_over_h2c() {
+    let h = Herald::start();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let resp = h2
+        .post(h.url(SUBSCRIBE))
+        .bearer_auth(token_for("reader", HOUR))
+        .json(&registration("p1", "secret:created", None, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    let mut s = SseClient::open(resp).await;
+    // A second stream and a publish share the same HTTP/2 connection.
+    let resp = h2
+        .post(h.url(SUBSCRIBE))
+        .bearer_auth(token_for("reader", HOUR))
+        .json(&registration("p1", "secret:created", None, Some("/apps")))
+        .send()
+        .await
+        .unwrap();
+    let mut s2 = SseClient::open(resp).await;
+    let r = h2
+        .post(h.url(PUBLISH))
+        .bearer_auth(token_for("writer", HOUR))
+        .json(&event("secret:created", "p1", "prod", "/apps/db"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(s.next_event().await.json()["secretpath"], "/apps/db");
+    assert_eq!(s2.next_event().await.json()["secretpath"], "/apps/db");
+}
