@@ -71,10 +71,39 @@ pub struct DispatchStats {
     pub overflowed: usize,
 }
 
+/// Connections with one registration: dense for iteration on every event,
+/// O(1) removal (a swap with the last one) when a stream closes.
+#[derive(Default)]
+struct ConnSet {
+    items: Vec<Arc<Conn>>,
+    position: HashMap<u64, usize>,
+}
+
+impl ConnSet {
+    fn insert(&mut self, conn: Arc<Conn>) {
+        self.position.insert(conn.id, self.items.len());
+        self.items.push(conn);
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(i) = self.position.remove(&id) else {
+            return;
+        };
+        self.items.swap_remove(i);
+        if let Some(moved) = self.items.get(i) {
+            self.position.insert(moved.id, i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
 /// The open streams of one project.
 #[derive(Default)]
 struct ProjectConns {
-    by_interest: HashMap<Interest, Vec<Arc<Conn>>>,
+    by_interest: HashMap<Interest, ConnSet>,
     count: usize,
 }
 
@@ -122,7 +151,7 @@ impl Router {
             pc.by_interest
                 .entry(i.clone())
                 .or_default()
-                .push(conn.clone());
+                .insert(conn.clone());
         }
         pc.count += 1;
         Registration {
@@ -138,7 +167,7 @@ impl Router {
         };
         for i in conn.interests.iter() {
             if let Some(v) = pc.by_interest.get_mut(i) {
-                v.retain(|c| c.id != conn.id);
+                v.remove(conn.id);
                 if v.is_empty() {
                     pc.by_interest.remove(i);
                 }
@@ -170,7 +199,8 @@ impl Router {
         let segs = d.path.split();
         // Consecutive connections of one identity share one decision.
         let mut last: Option<(&Arc<str>, bool)> = None;
-        for (interest, conns) in &pc.by_interest {
+        for (interest, set) in &pc.by_interest {
+            let conns = &set.items;
             if !interest.matches_split(d.event_type, &d.env, &segs) {
                 continue;
             }
@@ -221,7 +251,7 @@ impl Router {
         let map = self.projects.read();
         let mut seen = HashSet::new();
         map.values()
-            .flat_map(|pc| pc.by_interest.values().flatten())
+            .flat_map(|pc| pc.by_interest.values().flat_map(|s| s.items.iter()))
             .filter(|c| seen.insert(c.id))
             .cloned()
             .collect()
@@ -235,5 +265,86 @@ impl Router {
     /// Whether no connection is open.
     pub fn is_empty(&self) -> bool {
         self.projects.read().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::path::PathPattern;
+    use crate::policy::PolicySource;
+    use crate::stream::{new_stream, SseStream, StreamSettings, Subscriber};
+    use std::time::Duration;
+
+    async fn router() -> (Arc<Router>, Arc<Authorizer>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let mut src = PolicySource::shipped();
+        src.policy = "p, a, *, *, subscribe, *, /**, allow\n".into();
+        let auth = Arc::new(Authorizer::new(&src, 100, metrics.clone()).await.unwrap());
+        (
+            Arc::new(Router::new(auth.clone(), metrics.clone())),
+            auth,
+            metrics,
+        )
+    }
+
+    fn open(
+        r: &Arc<Router>,
+        auth: &Arc<Authorizer>,
+        m: &Arc<Metrics>,
+        path: &str,
+    ) -> (Arc<Conn>, SseStream) {
+        let settings = StreamSettings {
+            queue_frames: 8,
+            heartbeat: Duration::from_secs(3600),
+            retry: Duration::from_secs(1),
+            expires_in: Duration::from_secs(3600),
+            close_timeout: Duration::from_secs(10),
+        };
+        let who = Subscriber {
+            id: r.next_conn_id(),
+            subject: Arc::from("a"),
+            project: ProjectId::parse("p1").unwrap(),
+            interests: vec![Interest {
+                event_type: EventType::parse("secret:created").unwrap(),
+                env: None,
+                path: PathPattern::parse_subscription(path).unwrap(),
+            }],
+        };
+        let (conn, mut stream) = new_stream(who, &settings, None, auth.clone(), m.clone());
+        stream.hold(Box::new(r.add(conn.clone())));
+        (conn, stream)
+    }
+
+    fn delivery(seq: u64, path: &str) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            seq,
+            project: ProjectId::parse("p1").unwrap(),
+            event_type: EventType::parse("secret:created").unwrap(),
+            env: EnvSlug::parse("prod").unwrap(),
+            path: SecretPath::parse(path).unwrap(),
+            frame: Bytes::from_static(b"x\n\n"),
+            accepted_at: Instant::now(),
+        })
+    }
+
+    #[tokio::test]
+    async fn streams_leave_their_groups_when_they_close() {
+        let (r, auth, m) = router().await;
+        let (_a, sa) = open(&r, &auth, &m, "/apps");
+        let (_b, sb) = open(&r, &auth, &m, "/apps");
+        let (_c, sc) = open(&r, &auth, &m, "/apps");
+        let (_d, sd) = open(&r, &auth, &m, "/other");
+        assert_eq!(r.len(), 4);
+        assert_eq!(r.dispatch(&delivery(1, "/apps/x")).queued, 3);
+        drop(sb); // the middle of its group
+        assert_eq!(r.dispatch(&delivery(2, "/apps/x")).queued, 2);
+        drop(sa);
+        drop(sc);
+        assert_eq!(r.dispatch(&delivery(3, "/apps/x")).queued, 0);
+        assert_eq!(r.dispatch(&delivery(4, "/other")).queued, 1);
+        drop(sd);
+        assert!(r.is_empty());
+        assert!(r.connections().is_empty());
     }
 }
