@@ -15,6 +15,9 @@
 //! reports how many NATS messages each instance received for projects it had
 //! no stream for (interest-based subscriptions: must be 0).
 //!
+//! Scenario D: `FANOUT_HOLD_SECS=60 FANOUT_EVENTS=1` holds the streams idle and
+//! reports whether memory stays flat.
+//!
 //! Peer: `FANOUT_TARGET=nchan` runs the same load against nginx + nchan (one
 //! worker, eventsource subscribers, `nchan_subscriber_first_message newest`),
 //! with the same bytes per event; `scripts/bench-compare` runs both.
@@ -391,6 +394,22 @@ async fn main() {
     ready.wait().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_after: u64 = pids.iter().map(|p| proc_stats(*p).1).sum();
+    // FANOUT_HOLD_SECS: hold the streams idle (heartbeats only) and report
+    // whether memory stays flat (scenario D).
+    let hold = env_usize("FANOUT_HOLD_SECS", 0);
+    if hold > 0 {
+        let cpu_before: f64 = pids.iter().map(|p| proc_stats(*p).0).sum();
+        tokio::time::sleep(Duration::from_secs(hold as u64)).await;
+        let rss_held: u64 = pids.iter().map(|p| proc_stats(*p).1).sum();
+        let cpu_held: f64 = pids.iter().map(|p| proc_stats(*p).0).sum();
+        println!(
+            "{target}: {conns} idle streams held {hold}s: RSS {} KB after connecting, {} KB after holding ({:.1} KB per stream), {:.2} CPU s while idle",
+            rss_after / 1024,
+            rss_held / 1024,
+            rss_held.saturating_sub(rss_before) as f64 / 1024.0 / conns as f64,
+            cpu_held - cpu_before
+        );
+    }
     let cpu0: f64 = pids.iter().map(|p| proc_stats(*p).0).sum();
     let mut received0 = Vec::new();
     for h in &heralds {
