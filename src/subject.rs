@@ -17,6 +17,30 @@ use crate::path::{PathPattern, SecretPath, Seg};
 /// The token that ends every event subject.
 pub const TERMINATOR: &str = "~";
 
+/// The second token of a subject: which family of subjects it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `{prefix}.ev.…`: events as published.
+    Events,
+    /// `{prefix}.rp.…`: events republished by the replay stream, with their
+    /// stream sequence.
+    Republished,
+}
+
+impl Kind {
+    fn token(self) -> &'static str {
+        match self {
+            Kind::Events => "ev",
+            Kind::Republished => "rp",
+        }
+    }
+}
+
+/// Every subject of one kind: `{prefix}.{kind}.>`.
+pub fn kind_filter(prefix: &str, kind: Kind) -> String {
+    format!("{prefix}.{}.>", kind.token())
+}
+
 fn is_plain(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b':' || b == b'-'
 }
@@ -110,7 +134,16 @@ pub struct SubjectParts {
 
 /// Decodes an event subject; `None` for anything that is not one.
 pub fn decode_event_subject(prefix: &str, subject: &str) -> Option<SubjectParts> {
-    let rest = subject.strip_prefix(prefix)?.strip_prefix(".ev.")?;
+    decode_subject(prefix, Kind::Events, subject)
+}
+
+/// Decodes a subject of `kind` (an event subject or its republished copy).
+pub fn decode_subject(prefix: &str, kind: Kind, subject: &str) -> Option<SubjectParts> {
+    let rest = subject
+        .strip_prefix(prefix)?
+        .strip_prefix('.')?
+        .strip_prefix(kind.token())?
+        .strip_prefix('.')?;
     let mut tokens = rest.split('.');
     let project = ProjectId::parse(&decode_token(tokens.next()?)?).ok()?;
     let env = EnvSlug::parse(&decode_token(tokens.next()?)?).ok()?;
@@ -142,11 +175,13 @@ pub fn decode_event_subject(prefix: &str, subject: &str) -> Option<SubjectParts>
     })
 }
 
-/// Every event subject of one project: `{prefix}.ev.{project}.>`.
-pub fn project_subject(prefix: &str, project: &ProjectId) -> String {
+/// Every subject of `kind` for one project: `{prefix}.{kind}.{project}.>`.
+pub fn project_subject(prefix: &str, kind: Kind, project: &ProjectId) -> String {
     let mut s = String::with_capacity(prefix.len() + project.as_str().len() + 8);
     s.push_str(prefix);
-    s.push_str(".ev.");
+    s.push('.');
+    s.push_str(kind.token());
+    s.push('.');
     encode_token(project.as_str(), &mut s);
     s.push_str(".>");
     s
@@ -194,7 +229,7 @@ pub fn interest_subject(
 }
 
 /// NATS wildcard matching of a subject against a filter (`*` one token, `>`
-/// one or more trailing tokens). Used by tests and by exact in-process filtering.
+/// one or more trailing tokens): the server's rule, for checking the mapping.
 pub fn subject_matches(filter: &str, subject: &str) -> bool {
     let mut f = filter.split('.');
     let mut s = subject.split('.');
@@ -285,6 +320,21 @@ mod tests {
             interest_subject("h", &pid("p"), None, None, &pat),
             "h.ev.p.*.*.apps.*.~"
         );
+    }
+
+    #[test]
+    fn a_prefix_ending_in_a_kind_token_stays_apart() {
+        let p = pid("p1");
+        assert_eq!(
+            project_subject("my.ev", Kind::Republished, &p),
+            "my.ev.rp.p1.>"
+        );
+        assert_eq!(kind_filter("my.ev", Kind::Events), "my.ev.ev.>");
+        let s = event_subject("my.ev", &p, &env("prod"), ty(), &SecretPath::root());
+        assert!(decode_subject("my.ev", Kind::Events, &s).is_some());
+        let rp = s.replacen("my.ev.ev.", "my.ev.rp.", 1);
+        assert!(decode_subject("my.ev", Kind::Republished, &rp).is_some());
+        assert!(decode_subject("my.ev", Kind::Events, &rp).is_none());
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::router::{Delivery, Router};
 use crate::sse::{self, Control};
 use crate::stream::{CloseReason, Frame, SseStream};
-use crate::subject;
+use crate::subject::{self, Kind};
 
 use super::replay::Replay;
 use super::{first_sequence, BusError, Published};
@@ -338,7 +338,7 @@ impl NatsBus {
         }
         let mut replayed = 0u64;
         for stored in fetched.events {
-            let Some(ev) = self.check(&stored.subject, &stored.payload) else {
+            let Some(ev) = self.check(Kind::Events, &stored.subject, &stored.payload) else {
                 continue;
             };
             let d = Arc::new(Delivery::encode(stored.seq, ev));
@@ -364,10 +364,13 @@ impl NatsBus {
     /// Where live events of a project arrive: the event subjects themselves, or
     /// with replay their republished copies, which carry the stream sequence.
     fn live_subject(&self, project: &ProjectId) -> String {
-        let s = subject::project_subject(&self.prefix, project);
+        subject::project_subject(&self.prefix, self.live_kind(), project)
+    }
+
+    fn live_kind(&self) -> Kind {
         match self.replay {
-            Some(_) => s.replacen(".ev.", ".rp.", 1),
-            None => s,
+            Some(_) => Kind::Republished,
+            None => Kind::Events,
         }
     }
 
@@ -431,8 +434,8 @@ impl NatsBus {
     /// Checks one message and dispatches it.
     /// Checks one message: the subject decodes, the envelope validates and
     /// agrees with the subject. Anything else is counted and dropped.
-    fn check(&self, subj: &str, payload: &[u8]) -> Option<Event> {
-        let Some(parts) = subject::decode_event_subject(&self.prefix, subj) else {
+    fn check(&self, kind: Kind, subj: &str, payload: &[u8]) -> Option<Event> {
+        let Some(parts) = subject::decode_subject(&self.prefix, kind, subj) else {
             self.reject("bad_subject");
             return None;
         };
@@ -468,17 +471,7 @@ impl NatsBus {
     /// One live message: checked, numbered (or carrying its stream sequence),
     /// dispatched.
     fn on_message(&self, subj: &str, payload: &[u8], stream_seq: Option<u64>) {
-        // Republished copies arrive on {prefix}.rp.…; the event subject is {prefix}.ev.….
-        let rp = format!("{}.rp.", self.prefix);
-        let ev_subject;
-        let subj = match (self.replay.is_some(), subj.strip_prefix(&rp)) {
-            (true, Some(rest)) => {
-                ev_subject = format!("{}.ev.{rest}", self.prefix);
-                ev_subject.as_str()
-            }
-            _ => subj,
-        };
-        let Some(ev) = self.check(subj, payload) else {
+        let Some(ev) = self.check(self.live_kind(), subj, payload) else {
             return;
         };
         // Numbering and dispatch under one lock: every stream sees increasing ids.

@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 
 use crate::config::ReplayConfig;
 use crate::ident::ProjectId;
-use crate::subject;
+use crate::subject::{self, Kind};
 
 use super::BusError;
 
@@ -75,8 +75,8 @@ impl Replay {
     /// Creates the stream, or checks an existing one captures and republishes
     /// what herald needs.
     pub async fn ensure_stream(&self) -> Result<(), String> {
-        let capture = format!("{}.ev.>", self.prefix);
-        let republish = format!("{}.rp.>", self.prefix);
+        let capture = subject::kind_filter(&self.prefix, Kind::Events);
+        let republish = subject::kind_filter(&self.prefix, Kind::Republished);
         let config = stream::Config {
             name: self.cfg.stream.clone(),
             subjects: vec![capture.clone()],
@@ -162,7 +162,7 @@ impl Replay {
                 return Ok(fetched);
             }
             let start = (after + 1).max(state.first_sequence);
-            let filter = subject::project_subject(&self.prefix, project);
+            let filter = subject::project_subject(&self.prefix, Kind::Events, project);
             let consumer = stream
                 .create_consumer(consumer::pull::OrderedConfig {
                     filter_subject: filter,
