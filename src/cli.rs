@@ -308,7 +308,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(set) => {
                     println!(
                         "ok: {} rules, {} role links, fingerprint {}",
-                        set.size.0, set.size.1, set.fingerprint
+                        set.size().0,
+                        set.size().1,
+                        set.fingerprint
                     );
                     Ok(0)
                 }

@@ -65,18 +65,27 @@ impl Cluster {
         }
     }
 
-    fn live(&self) -> Vec<Presence> {
+    /// The peers heard from recently (older ones are forgotten here).
+    fn live_peers(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Peer>> {
         let horizon = self.interval * 3;
         let mut peers = self.peers.lock();
         peers.retain(|_, p| p.seen.elapsed() < horizon);
-        peers.values().map(|p| p.presence.clone()).collect()
+        peers
     }
 
-    /// Streams `identity` has open on `project` on other live instances.
+    fn live(&self) -> Vec<Presence> {
+        self.live_peers()
+            .values()
+            .map(|p| p.presence.clone())
+            .collect()
+    }
+
+    /// Streams `identity` has open on `project` on other live instances
+    /// (asked on every subscribe: counted in place, nothing copied).
     pub fn streams_elsewhere(&self, identity: &str, project: &ProjectId) -> usize {
-        self.live()
-            .iter()
-            .flat_map(|p| p.streams.iter())
+        self.live_peers()
+            .values()
+            .flat_map(|p| p.presence.streams.iter())
             .filter(|(s, pr, _)| s == identity && pr == project.as_str())
             .map(|(_, _, n)| n)
             .sum()

@@ -27,12 +27,11 @@ fn put_field(buf: &mut BytesMut, name: &str, value: &str) {
 /// An event frame: `id`, `event`, one `data` line, blank line.
 pub fn event_frame(id: u64, event: &str, json: &str) -> Bytes {
     let mut buf = BytesMut::with_capacity(json.len() + event.len() + 40);
-    let mut itoa = itoa_buf(id);
+    let itoa = itoa_buf(id);
     put_field(&mut buf, "id", itoa.as_str());
     put_field(&mut buf, "event", event);
     put_data(&mut buf, json);
     buf.put_u8(b'\n');
-    itoa.clear();
     buf.freeze()
 }
 
@@ -95,9 +94,6 @@ impl ItoaBuf {
     fn as_str(&self) -> &str {
         // Only ASCII digits are ever written.
         std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
-    }
-    fn clear(&mut self) {
-        self.start = self.buf.len();
     }
 }
 

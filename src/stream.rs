@@ -156,8 +156,8 @@ pub struct Conn {
     /// When the stream was opened.
     pub opened_at: SystemTime,
     tx: mpsc::Sender<Frame>,
-    capacity: usize,
     close: Mutex<Option<CloseReason>>,
+    closing: AtomicBool,
     gap: Mutex<Option<Bytes>>,
     /// Set when `close` or `gap` changed, so the stream looks at them (and
     /// takes their locks) only then.
@@ -216,6 +216,7 @@ impl Conn {
             .inc();
         *c = Some(reason);
         drop(c);
+        self.closing.store(true, Ordering::Release);
         self.signalled.store(true, Ordering::Release);
         self.waker.wake();
         self.abort_if_stuck();
@@ -255,12 +256,13 @@ impl Conn {
 
     /// Whether a close was requested.
     pub fn is_closing(&self) -> bool {
-        self.close.lock().is_some()
+        // An atomic, not the `close` lock: every push on the hot path asks.
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Frames waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.capacity - self.tx.capacity()
+        self.tx.max_capacity() - self.tx.capacity()
     }
 }
 
@@ -337,8 +339,8 @@ pub fn new_stream(
         interests: interests.into_boxed_slice(),
         opened_at: SystemTime::now(),
         tx,
-        capacity: settings.queue_frames,
         close: Mutex::new(None),
+        closing: AtomicBool::new(false),
         gap: Mutex::new(None),
         signalled: AtomicBool::new(false),
         waker: AtomicWaker::new(),

@@ -31,7 +31,7 @@ struct Ring {
 /// The in-process bus.
 pub struct EmbeddedBus {
     ring: Mutex<Ring>,
-    pub(super) router: Arc<Router>,
+    router: Arc<Router>,
     authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
 }

@@ -20,7 +20,6 @@ pub use embedded::EmbeddedBus;
 pub use nats::NatsBus;
 
 use crate::event::Event;
-use crate::router::Router;
 use crate::stream::SseStream;
 
 /// The result of publishing one event.
@@ -78,14 +77,6 @@ impl Bus {
         match self {
             Bus::Embedded(_) => true,
             Bus::Nats(b) => b.is_ready(),
-        }
-    }
-
-    /// The router this bus feeds.
-    pub fn router(&self) -> &Arc<Router> {
-        match self {
-            Bus::Embedded(b) => &b.router,
-            Bus::Nats(b) => b.router(),
         }
     }
 }

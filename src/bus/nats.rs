@@ -202,11 +202,6 @@ impl NatsBus {
         self.is_connected() && self.replay.as_ref().is_none_or(|r| r.is_ready())
     }
 
-    /// The router this bus feeds.
-    pub fn router(&self) -> &Arc<Router> {
-        &self.router
-    }
-
     /// The server's version, once connected.
     pub fn server_version(&self) -> String {
         self.client.server_info().version

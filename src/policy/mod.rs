@@ -150,8 +150,6 @@ pub struct PolicySet {
     pub fingerprint: String,
     /// When it was loaded.
     pub loaded_at: SystemTime,
-    /// Number of `p` rules and `g` links.
-    pub size: (usize, usize),
     /// The validated lines, for `explain`.
     parsed: ParsedPolicy,
     /// The policy file name, for `explain`.
@@ -179,7 +177,6 @@ impl PolicySet {
                 )]
             })?;
         functions::register(&mut enforcer);
-        let size = (parsed.rules.len(), parsed.links.len());
         if !parsed.rules.is_empty() {
             enforcer
                 .add_policies(parsed.rules.clone())
@@ -241,10 +238,14 @@ impl PolicySet {
             generation,
             fingerprint: format!("{:016x}", h.0),
             loaded_at: SystemTime::now(),
-            size,
             parsed,
             policy_name: src.policy_name.clone(),
         })
+    }
+
+    /// Number of `p` rules and `g` links.
+    pub fn size(&self) -> (usize, usize) {
+        (self.parsed.rules.len(), self.parsed.links.len())
     }
 
     fn enforce(
@@ -485,8 +486,8 @@ impl Authorizer {
             generation: set.generation,
             fingerprint: set.fingerprint.clone(),
             loaded_at,
-            rules: set.size.0,
-            role_links: set.size.1,
+            rules: set.size().0,
+            role_links: set.size().1,
             model_file: self.files.0.clone(),
             policy_file: self.files.1.clone(),
             last_error: self
