@@ -1,7 +1,7 @@
 //! Wiring: builds every component from the config, starts the listeners, and
 //! runs the graceful drain.
 //!
-//! Start-up order: verifier (fails without a key), policy (fails on any
+//! Start-up order: the caller builds the verifier (fails without a key) and reads the policy; then policy compile (fails on any
 //! problem), router, bus, listeners. Drain order on SIGTERM/SIGINT: readiness
 //! fails and new subscribes are told to reconnect; after `shutdown.grace`, open
 //! streams get `reconnect` spread over `shutdown.drain_window`; listeners stop
@@ -60,9 +60,13 @@ pub struct App {
 }
 
 impl App {
-    /// Builds every component. Fails with a message naming what to fix.
-    pub async fn build(config: Config, policy: PolicySource) -> anyhow::Result<Arc<App>> {
-        let verifier = Verifier::from_config(&config.auth)?;
+    /// Builds every component from the config, the token verifier built from
+    /// it, and the policy read. Fails with a message naming what to fix.
+    pub async fn build(
+        config: Config,
+        verifier: Verifier,
+        policy: PolicySource,
+    ) -> anyhow::Result<Arc<App>> {
         let metrics = Arc::new(Metrics::new());
         let authorizer = Authorizer::new(&policy, config.policy.cache_size, metrics.clone())
             .await

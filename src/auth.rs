@@ -122,6 +122,22 @@ struct Claims {
     exp: Option<u64>,
 }
 
+/// The configured HS secret: `auth.hs_secret`, or the content of
+/// `auth.hs_secret_file` without its trailing newline.
+pub fn hs_secret(cfg: &AuthConfig) -> Result<Option<Vec<u8>>, KeyError> {
+    match (&cfg.hs_secret, &cfg.hs_secret_file) {
+        (Some(s), _) => Ok(Some(s.as_bytes().to_vec())),
+        (None, Some(f)) => {
+            let mut b = read_file(f)?;
+            while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+                b.pop();
+            }
+            Ok(Some(b))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// Verifies bearer tokens.
 pub struct Verifier {
     keys: Vec<(Family, DecodingKey)>,
@@ -142,18 +158,7 @@ impl Verifier {
     /// Builds the verifier from `[auth]`.
     pub fn from_config(cfg: &AuthConfig) -> Result<Self, KeyError> {
         let mut keys = Vec::new();
-        let secret = match (&cfg.hs_secret, &cfg.hs_secret_file) {
-            (Some(s), _) => Some(s.as_bytes().to_vec()),
-            (None, Some(f)) => {
-                let mut b = read_file(f)?;
-                while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
-                    b.pop();
-                }
-                Some(b)
-            }
-            (None, None) => None,
-        };
-        if let Some(s) = secret {
+        if let Some(s) = hs_secret(cfg)? {
             if s.len() < 32 {
                 return Err(KeyError::WeakSecret);
             }

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use rand::RngCore;
 
 use crate::app::{self, App};
-use crate::auth::{parse_algorithm, Signer};
+use crate::auth::{hs_secret, parse_algorithm, Signer, Verifier};
 use crate::config::Config;
 use crate::event::EventType;
 use crate::ident::{EnvSlug, ProjectId};
@@ -161,15 +161,22 @@ pub fn main() -> i32 {
     init_logging();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    // The runtime exists before `serve` loads its config; peek at the one
-    // setting it needs (errors are reported by `serve` itself).
-    if let Command::Serve(args) = &cli.command {
-        if let Ok(cfg) = Config::load(args.cfg.config.as_deref(), &[]) {
-            if cfg.server.worker_threads > 0 {
-                builder.worker_threads(cfg.server.worker_threads);
+    // `serve` loads its config before the runtime exists: the runtime's size is in it.
+    let serve_config = match &cli.command {
+        Command::Serve(args) => match serve_config(args) {
+            Ok(cfg) => {
+                if cfg.server.worker_threads > 0 {
+                    builder.worker_threads(cfg.server.worker_threads);
+                }
+                Some(cfg)
             }
-        }
-    }
+            Err(e) => {
+                eprintln!("herald: {e:#}");
+                return 1;
+            }
+        },
+        _ => None,
+    };
     let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -177,7 +184,11 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = match (cli.command, serve_config) {
+        (Command::Serve(args), Some(cfg)) => rt.block_on(serve(args, cfg)).map(|_| 0),
+        (command, _) => rt.block_on(run(command)),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("herald: {e:#}");
@@ -201,9 +212,12 @@ fn load(cfg: &ConfigArgs, overrides: &[(&str, figment::value::Value)]) -> anyhow
     Ok(Config::load(cfg.config.as_deref(), overrides)?)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {
-        Command::Serve(args) => serve(args).await.map(|_| 0),
+async fn run(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Serve(args) => {
+            let cfg = serve_config(&args)?;
+            serve(args, cfg).await.map(|_| 0)
+        }
         Command::Config(ConfigCmd::Print(cfg)) => {
             let c = load(&cfg, &[])?;
             print!("{}", c.redacted());
@@ -231,7 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     if !alg.starts_with("HS") {
                         bail!("{alg} needs --key PRIVATE_KEY.pem");
                     }
-                    let secret = hs_secret(&c)?.context(
+                    let secret = hs_secret(&c.auth)?.context(
                         "no HS secret configured: set auth.hs_secret (HERALD_AUTH__HS_SECRET) or auth.hs_secret_file, or pass --key",
                     )?;
                     Signer::hmac(a, &secret)
@@ -325,20 +339,6 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn hs_secret(c: &Config) -> anyhow::Result<Option<Vec<u8>>> {
-    if let Some(s) = &c.auth.hs_secret {
-        return Ok(Some(s.as_bytes().to_vec()));
-    }
-    if let Some(f) = &c.auth.hs_secret_file {
-        let mut b = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-        while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
-            b.pop();
-        }
-        return Ok(Some(b));
-    }
-    Ok(None)
-}
-
 fn loopback(mut a: SocketAddr) -> SocketAddr {
     if !a.ip().is_loopback() {
         a.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -346,7 +346,8 @@ fn loopback(mut a: SocketAddr) -> SocketAddr {
     a
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The configuration `serve` runs with: file, environment, then its flags.
+fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
     let mut overrides: Vec<(&str, figment::value::Value)> = Vec::new();
     if let Some(l) = args.listen {
         overrides.push(("server.listen", l.to_string().into()));
@@ -354,9 +355,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(l) = args.admin_listen {
         overrides.push(("server.admin_listen", l.to_string().into()));
     }
-    let mut cfg = load(&args.cfg, &overrides)?;
+    load(&args.cfg, &overrides)
+}
+
+async fn serve(args: ServeArgs, mut cfg: Config) -> anyhow::Result<()> {
     let mut dev_secret = None;
-    let policy = if args.dev {
+    if args.dev {
         cfg.server.listen = loopback(cfg.server.listen);
         cfg.server.admin_listen = loopback(cfg.server.admin_listen);
         if cfg.auth.hs_secret.is_none() && cfg.auth.hs_secret_file.is_none() {
@@ -365,7 +369,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let secret: String = key.iter().map(|b| format!("{b:02x}")).collect();
             cfg.auth.hs_secret = Some(secret);
         }
-        dev_secret = hs_secret(&cfg)?;
+        dev_secret = hs_secret(&cfg.auth)?;
+    }
+    // The key before the policy: it is the setting a new operator is most likely missing.
+    let verifier = Verifier::from_config(&cfg.auth)?;
+    let policy = if args.dev {
         if cfg.policy.model.is_file() && cfg.policy.policy.is_file() {
             PolicySource::read(&cfg.policy.model, &cfg.policy.policy).map_err(problems_error)?
         } else {
@@ -373,11 +381,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             PolicySource::shipped()
         }
     } else {
-        // Check the key first: it is the setting a new operator is most likely missing.
-        crate::auth::Verifier::from_config(&cfg.auth)?;
         PolicySource::read(&cfg.policy.model, &cfg.policy.policy).map_err(problems_error)?
     };
-    let app = App::build(cfg, policy).await?;
+    let app = App::build(cfg, verifier, policy).await?;
     let running = app::start(app).await?;
     tracing::info!(public = %running.public_addr, admin = %running.admin_addr, "herald ready");
     let mut out = std::io::stdout().lock();
