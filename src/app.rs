@@ -1,8 +1,9 @@
 //! Wiring: builds every component from the config, starts the listeners, and
 //! runs the graceful drain.
 //!
-//! Start-up order: the caller builds the verifier (fails without a key) and reads the policy; then policy compile (fails on any
-//! problem), router, bus, listeners. Drain order on SIGTERM/SIGINT: readiness
+//! Start-up order: the caller builds the verifier (fails without a key) and
+//! reads the policy; then the policy compiles (fails on any problem), router,
+//! bus, listeners. Drain order on SIGTERM/SIGINT: readiness
 //! fails and new subscribes are told to reconnect; after `shutdown.grace`, open
 //! streams get `reconnect` spread over `shutdown.drain_window`; listeners stop
 //! when the streams are gone or at `shutdown.deadline`.
