@@ -194,71 +194,74 @@ impl Metrics {
             registry: r,
         };
         // Pre-create the label sets operators alert on, so they read 0, not absent.
-        for r in [
-            "accepted",
-            "bad_request",
-            "unauthorized",
-            "forbidden",
-            "limited",
-            "draining",
-            "bus_unavailable",
-        ] {
-            m.subscriptions.with_label_values(&[r]);
-        }
-        for s in ["subscribe", "delivery", "publish"] {
-            m.permission_denied.with_label_values(&[s]);
-        }
-        m.events_dropped.with_label_values(&["slow_consumer"]);
-        for r in [
-            "malformed",
-            "missing_attribute",
-            "bad_attribute",
-            "unknown_type",
-            "too_large",
-            "bad_subject",
-            "subject_mismatch",
-        ] {
-            m.events_rejected.with_label_values(&[r]);
-        }
-        for r in [
-            "missing",
-            "malformed",
-            "algorithm",
-            "signature",
-            "expired",
-            "not_yet_valid",
-            "missing_claim",
-            "claims",
-        ] {
-            m.auth_failures.with_label_values(&[r]);
-        }
-        for r in [
-            "connections_per_identity_project",
-            "max_connections",
-            "subscribe_rate",
-            "max_body_bytes",
-        ] {
-            m.limit_rejections.with_label_values(&[r]);
-        }
-        for r in [
-            "slow_consumer",
-            "permission_revoked",
-            "token_expired",
-            "reconnect",
-            "client_gone",
-        ] {
-            m.streams_closed.with_label_values(&[r]);
-        }
-        m.events_received.with_label_values(&["api"]);
-        m.events_received.with_label_values(&["nats"]);
+        let zero = |v: &IntCounterVec, labels: &[&str]| {
+            for l in labels {
+                v.with_label_values(&[l]);
+            }
+        };
+        zero(
+            &m.subscriptions,
+            &[
+                "accepted",
+                "bad_request",
+                "unauthorized",
+                "forbidden",
+                "limited",
+                "draining",
+                "bus_unavailable",
+            ],
+        );
+        zero(&m.permission_denied, &["subscribe", "delivery", "publish"]);
+        zero(&m.events_dropped, &["slow_consumer"]);
+        zero(
+            &m.events_rejected,
+            &[
+                "malformed",
+                "missing_attribute",
+                "bad_attribute",
+                "unknown_type",
+                "too_large",
+                "bad_subject",
+                "subject_mismatch",
+            ],
+        );
+        zero(
+            &m.auth_failures,
+            &[
+                "missing",
+                "malformed",
+                "algorithm",
+                "signature",
+                "expired",
+                "not_yet_valid",
+                "missing_claim",
+                "claims",
+            ],
+        );
+        zero(
+            &m.limit_rejections,
+            &[
+                "connections_per_identity_project",
+                "max_connections",
+                "subscribe_rate",
+                "max_body_bytes",
+            ],
+        );
+        zero(
+            &m.streams_closed,
+            &[
+                "slow_consumer",
+                "permission_revoked",
+                "token_expired",
+                "reconnect",
+                "client_gone",
+            ],
+        );
+        zero(&m.events_received, &["api", "nats"]);
+        zero(&m.policy_reloads, &["success", "error"]);
+        zero(&m.decision_cache, &["hit", "miss"]);
         m.cluster_instances.set(1);
         m.cluster_policy_fingerprints.set(1);
-        for r in ["success", "error"] {
-            m.policy_reloads.with_label_values(&[r]);
-        }
-        for r in ["hit", "miss"] {
-            m.decision_cache.with_label_values(&[r]);
-        }
         m
     }
 

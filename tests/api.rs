@@ -63,20 +63,15 @@ async fn received_before_sentinel(
         .await;
     let mut out = Vec::new();
     for s in streams.iter_mut() {
-        let mut seen = Vec::new();
-        loop {
-            let ev = s.next_event().await;
-            let p = ev.json()["secretpath"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            if p == "/sentinel" {
-                break;
-            }
-            let env = ev.json()["environment"].as_str().unwrap_or("").to_owned();
-            seen.push(format!("{} {env} {p}", ev.event.unwrap_or_default()));
-        }
-        out.push(seen);
+        let seen = s.events_until("/sentinel").await.into_iter().map(|ev| {
+            let v = ev.json();
+            let (env, p) = (
+                v["environment"].as_str().unwrap_or(""),
+                v["secretpath"].as_str().unwrap_or(""),
+            );
+            format!("{} {env} {p}", ev.event.as_deref().unwrap_or_default())
+        });
+        out.push(seen.collect());
     }
     out
 }
@@ -254,25 +249,11 @@ async fn delivery_time_check_hides_denied_events() {
         &event("secret:deleted", "p1", "prod", "/apps/db/sentinel"),
     )
     .await;
-    let mut seen = Vec::new();
-    loop {
-        let ev = reader.next_event().await;
-        let p = ev.json()["secretpath"].as_str().unwrap().to_owned();
-        if p == "/sentinel" {
-            break;
-        }
-        seen.push(p);
-    }
-    assert_eq!(seen, vec!["/apps/web", "/apps/db/x"]);
-    let mut seen = Vec::new();
-    loop {
-        let ev = narrow.next_event().await;
-        let p = ev.json()["secretpath"].as_str().unwrap().to_owned();
-        if p == "/apps/db/sentinel" {
-            break;
-        }
-        seen.push(p);
-    }
+    assert_eq!(
+        reader.paths_until("/sentinel").await,
+        vec!["/apps/web", "/apps/db/x"]
+    );
+    let seen = narrow.paths_until("/apps/db/sentinel").await;
     assert_eq!(seen, vec!["/apps/db/x"]);
     assert!(
         h.metric("herald_permission_denied_total{stage=\"delivery\"}")

@@ -71,23 +71,6 @@ async fn until_sentinels(s: &mut SseClient, n: usize) -> Vec<String> {
     seen
 }
 
-/// Reads `s` until an event at `sentinel_path` arrives; returns the paths before it.
-async fn until_sentinel(s: &mut SseClient, sentinel_path: &str) -> Vec<String> {
-    let mut seen = Vec::new();
-    loop {
-        let ev = s.next_event().await;
-        assert_ne!(ev.event.as_deref(), Some("error"), "{}", ev.data);
-        let p = ev.json()["secretpath"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if p == sentinel_path {
-            return seen;
-        }
-        seen.push(p);
-    }
-}
-
 fn body(project: &str, env: Option<&str>, path: &str) -> Value {
     let mut cond = json!({"secretPath": path});
     if let Some(e) = env {
@@ -267,9 +250,7 @@ async fn interest_follows_the_streams() {
         &event("secret:deleted", "p2", "prod", "/apps/db/sentinel"),
     )
     .await;
-    assert!(until_sentinel(&mut p2, "/apps/db/sentinel")
-        .await
-        .is_empty());
+    assert!(p2.paths_until("/apps/db/sentinel").await.is_empty());
     assert_eq!(
         h.metric("herald_events_received_total{source=\"nats\"}")
             .await,
@@ -339,7 +320,7 @@ async fn hostile_subjects_cannot_widen_or_cross() {
     ];
     for (i, s) in streams.iter_mut().enumerate() {
         assert_eq!(
-            until_sentinel(s, "/apps/db/sentinel").await,
+            s.paths_until("/apps/db/sentinel").await,
             want[i],
             "stream for {}",
             paths[i]
@@ -347,9 +328,7 @@ async fn hostile_subjects_cannot_widen_or_cross() {
     }
     let mut other = other_project;
     assert!(
-        until_sentinel(&mut other, "/apps/db/sentinel")
-            .await
-            .is_empty(),
+        other.paths_until("/apps/db/sentinel").await.is_empty(),
         "nothing crossed into p1x"
     );
     assert_eq!(
@@ -409,7 +388,7 @@ async fn a_dead_cluster_node_does_not_stop_the_others() {
     want.extend((0..20).map(|i| format!("/during/{i}")));
     for i in [0, 2] {
         assert_eq!(
-            until_sentinel(&mut streams[i], "/apps/db/sentinel").await,
+            streams[i].paths_until("/apps/db/sentinel").await,
             want,
             "instance {i}"
         );
@@ -436,7 +415,7 @@ async fn a_dead_cluster_node_does_not_stop_the_others() {
         .await;
     for i in [0, 2] {
         assert_eq!(
-            until_sentinel(&mut streams[i], "/apps/db/sentinel").await,
+            streams[i].paths_until("/apps/db/sentinel").await,
             vec!["/after"],
             "instance {i}"
         );
@@ -444,7 +423,7 @@ async fn a_dead_cluster_node_does_not_stop_the_others() {
     // Instance 1 may still hold part of the outage window before /after.
     while streams[1].next_event().await.json()["secretpath"] != "/after" {}
     assert_eq!(
-        until_sentinel(&mut streams[1], "/apps/db/sentinel").await,
+        streams[1].paths_until("/apps/db/sentinel").await,
         Vec::<String>::new()
     );
     // An instance given a dead node first starts on a live one.
@@ -486,10 +465,7 @@ async fn a_restarted_server_brings_readiness_back_and_gap_to_streams() {
         &event("secret:deleted", "p1", "prod", "/apps/db/sentinel"),
     )
     .await;
-    assert_eq!(
-        until_sentinel(&mut s, "/apps/db/sentinel").await,
-        vec!["/after"]
-    );
+    assert_eq!(s.paths_until("/apps/db/sentinel").await, vec!["/after"]);
 }
 
 /// Waits until `h` sees `n` streams in total across the cluster.

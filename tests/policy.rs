@@ -32,18 +32,7 @@ async fn seen_before_sentinel(h: &Herald, s: &mut SseClient, paths: &[&str]) -> 
     }
     h.publish(&w, &event("secret:deleted", "p1", "prod", "/apps/sentinel"))
         .await;
-    let mut seen = Vec::new();
-    loop {
-        let ev = s.next_event().await;
-        let p = ev.json()["secretpath"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if p == "/apps/sentinel" {
-            return seen;
-        }
-        seen.push(p);
-    }
+    s.paths_until("/apps/sentinel").await
 }
 
 fn write_policy(h: &Herald, text: &str) {

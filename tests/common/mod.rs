@@ -528,6 +528,34 @@ impl SseClient {
         }
     }
 
+    /// Reads up to the first event at `sentinel_path` (consumed) and returns
+    /// the events before it. An `error` event on the way fails the test.
+    pub async fn events_until(&mut self, sentinel_path: &str) -> Vec<SseEvent> {
+        let mut seen = Vec::new();
+        loop {
+            let ev = self.next_event().await;
+            assert_ne!(ev.event.as_deref(), Some("error"), "{}", ev.data);
+            if ev.json()["secretpath"].as_str() == Some(sentinel_path) {
+                return seen;
+            }
+            seen.push(ev);
+        }
+    }
+
+    /// The secret paths of [`events_until`](Self::events_until).
+    pub async fn paths_until(&mut self, sentinel_path: &str) -> Vec<String> {
+        let events = self.events_until(sentinel_path).await;
+        events
+            .iter()
+            .map(|e| {
+                e.json()["secretpath"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// Waits for the end of the stream, returning messages seen on the way.
     pub async fn until_end(&mut self) -> Vec<SseEvent> {
         let mut seen = Vec::new();
