@@ -34,6 +34,8 @@ pub struct EmbeddedBus {
     router: Arc<Router>,
     authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
+    /// `herald_events_received_total{source="api"}`, resolved once.
+    received: prometheus::IntCounter,
 }
 
 impl EmbeddedBus {
@@ -53,6 +55,7 @@ impl EmbeddedBus {
             }),
             router,
             authorizer,
+            received: metrics.events_received.with_label_values(&["api"]),
             metrics,
         }
     }
@@ -65,10 +68,7 @@ impl EmbeddedBus {
             ring.next_seq += 1;
             let id = ev.id.clone();
             let d = Arc::new(Delivery::encode(seq, ev));
-            self.metrics
-                .events_received
-                .with_label_values(&["api"])
-                .inc();
+            self.received.inc();
             self.router.dispatch(&d);
             if ring.capacity > 0 {
                 if ring.events.len() == ring.capacity {

@@ -70,6 +70,8 @@ pub struct NatsBus {
     prefix: String,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    /// `herald_events_received_total{source="nats"}`, resolved once.
+    received: prometheus::IntCounter,
     link: Arc<Link>,
     subs: Mutex<HashMap<String, SubEntry>>,
     dispatch: Mutex<DispatchState>,
@@ -170,6 +172,7 @@ impl NatsBus {
             client,
             prefix: cfg.prefix.clone(),
             router,
+            received: metrics.events_received.with_label_values(&["nats"]),
             metrics,
             link,
             subs: Mutex::new(HashMap::new()),
@@ -480,10 +483,7 @@ impl NatsBus {
                 s
             }
         };
-        self.metrics
-            .events_received
-            .with_label_values(&["nats"])
-            .inc();
+        self.received.inc();
         let d = Arc::new(Delivery::encode(seq, ev));
         self.router.dispatch(&d);
         drop(st);
