@@ -242,6 +242,8 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let admin_addr = admin.local_addr()?;
     let opts = ServeOptions {
         header_read_timeout: cfg.server.header_read_timeout,
+        body_read_timeout: cfg.server.body_read_timeout,
+        max_body_bytes: cfg.limits.max_body_bytes,
     };
     // Connections left after the drain get this much longer to finish.
     let close_deadline = Duration::from_secs(2);

@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 
 use super::error::{json_response, ApiError};
-use super::{Handler, HttpBody};
+use super::{Handler, HttpBody, RequestBody};
 use crate::app::App;
 
 /// The admin listener's handler.
@@ -20,7 +19,7 @@ pub struct Admin(pub Arc<App>);
 impl Handler for Admin {
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         _peer: SocketAddr,
     ) -> Response<HttpBody> {
         let app = &self.0;

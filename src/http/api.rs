@@ -13,12 +13,11 @@ use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, ORIGIN};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{json_response, ApiError};
-use super::{Handler, HttpBody};
+use super::{Handler, HttpBody, RequestBody};
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::event::{Event, EventType};
@@ -38,9 +37,13 @@ pub const PUBLISH_PATH: &str = "/api/v1/events/publish";
 pub struct Api(pub Arc<App>);
 
 impl Handler for Api {
+    fn stream_path(&self) -> Option<&'static str> {
+        Some(SUBSCRIBE_PATH)
+    }
+
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         _peer: SocketAddr,
     ) -> Response<HttpBody> {
         let app = &self.0;
@@ -199,7 +202,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// Reads a JSON body within the size and time limits.
-async fn read_json(app: &App, req: Request<Incoming>) -> Result<Value, ApiError> {
+async fn read_json(app: &App, req: Request<RequestBody>) -> Result<Value, ApiError> {
     if !is_json(req.headers()) {
         return Err(ApiError::unsupported_media_type());
     }
@@ -419,7 +422,7 @@ fn reconnect_now(app: &App, reason: &str) -> Response<HttpBody> {
     sse_response(HttpBody::full(frame))
 }
 
-fn parse_query(req: &Request<Incoming>) -> Vec<(String, String)> {
+fn parse_query(req: &Request<RequestBody>) -> Vec<(String, String)> {
     req.uri()
         .query()
         .map(|q| {
@@ -430,7 +433,10 @@ fn parse_query(req: &Request<Incoming>) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<HttpBody>, ApiError> {
+async fn subscribe(
+    app: &Arc<App>,
+    req: Request<RequestBody>,
+) -> Result<Response<HttpBody>, ApiError> {
     if app.shutdown.is_draining() {
         app.metrics
             .subscriptions
@@ -558,7 +564,10 @@ async fn subscribe(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Ht
     Ok(sse_response(HttpBody::Stream(Box::new(stream))))
 }
 
-async fn publish(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<HttpBody>, ApiError> {
+async fn publish(
+    app: &Arc<App>,
+    req: Request<RequestBody>,
+) -> Result<Response<HttpBody>, ApiError> {
     let identity = authenticate(app, req.headers(), &[], TokenSources::HeaderOnly)?;
     let body = read_json(app, req).await?;
     let (items, batch) = match body {

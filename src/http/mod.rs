@@ -3,11 +3,13 @@
 //! [`serve`] accepts TCP connections, bounds the protocol-detection read (the
 //! HTTP/1-or-2 auto builder has no timeout of its own), and serves each
 //! connection with hyper-util's auto builder (HTTP/1.1 and h2c) under a
-//! graceful-shutdown watcher. `api` holds the public routes, `admin` the
+//! graceful-shutdown watcher, except HTTP/1 stream requests, which `direct`
+//! reads and writes itself. `api` holds the public routes, `admin` the
 //! operator routes, `error` the single mapping from errors to JSON responses.
 
 pub mod admin;
 pub mod api;
+pub mod direct;
 pub mod error;
 
 use std::convert::Infallible;
@@ -19,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -80,11 +82,63 @@ impl Body for HttpBody {
     }
 }
 
+/// A request body: hyper's, or one read whole by `direct`.
+pub enum RequestBody {
+    /// Read by hyper.
+    Incoming(Incoming),
+    /// Read already.
+    Buffered(Option<Bytes>),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Incoming(b) => b.is_end_stream(),
+            RequestBody::Buffered(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Incoming(b) => b.size_hint(),
+            RequestBody::Buffered(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RequestBody::Buffered(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// Connection-level settings of a listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
     /// Time allowed for the first byte and for the request head.
     pub header_read_timeout: Duration,
+    /// Time allowed for a request body read by `direct`.
+    pub body_read_timeout: Duration,
+    /// The largest request body read by `direct`.
+    pub max_body_bytes: usize,
+}
+
+impl ServeOptions {
+    fn limits(&self) -> direct::ReadLimits {
+        direct::ReadLimits {
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
 }
 
 /// A request handler.
@@ -92,9 +146,16 @@ pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
     fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<HttpBody>> + Send;
+
+    /// The path (no query) whose GET and POST requests open event streams;
+    /// the first such request on an HTTP/1 connection is served by `direct`
+    /// instead of hyper.
+    fn stream_path(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Accepts and serves connections until `shutdown` reaches `Phase::Stopped`,
@@ -142,22 +203,48 @@ pub async fn serve<H: Handler>(
         let builder = builder.clone();
         let abort = Arc::new(ConnectionAbort::default());
         let for_requests = abort.clone();
-        let task = tokio::spawn(async move {
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(opts.header_read_timeout, tcp.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return, // silent, closed or failed before the first byte
-            }
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        // Boxed: a task is as large as its largest state, and a stream's
+        // connection lives long in the smallest one.
+        let task = tokio::spawn(Box::pin(async move {
+            let mut tcp = tcp;
+            let prefix = match handler.stream_path() {
+                None => {
+                    let mut first = [0u8; 1];
+                    let peek = tokio::time::timeout(opts.header_read_timeout, tcp.peek(&mut first));
+                    match Box::pin(peek).await {
+                        Ok(Ok(n)) if n > 0 => Bytes::new(),
+                        _ => return, // silent, closed or failed before the first byte
+                    }
+                }
+                Some(stream_path) => {
+                    let is_stream = |m: &Method, p: &str| {
+                        (m == Method::GET || m == Method::POST) && p == stream_path
+                    };
+                    match Box::pin(direct::read_first(&mut tcp, opts.limits(), is_stream)).await {
+                        direct::First::Done => return,
+                        direct::First::Pass(prefix) => prefix,
+                        direct::First::Stream(mut req) => {
+                            req.extensions_mut().insert(for_requests);
+                            let version = req.version();
+                            let resp = Box::pin(handler.handle(*req, peer)).await;
+                            direct::respond(tcp, version, resp).await;
+                            return;
+                        }
+                    }
+                }
+            };
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let mut req = req.map(RequestBody::Incoming);
                 req.extensions_mut().insert(for_requests.clone());
                 let h = handler.clone();
                 async move { Ok::<_, Infallible>(h.handle(req, peer).await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let io = TokioIo::new(direct::Prefixed::new(prefix, tcp));
+            let conn = builder.serve_connection(io, service);
+            if let Err(e) = Box::pin(watcher.watch(conn.into_owned())).await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-        });
+        }));
         // A stream that cannot write its closing event drops the connection by
         // aborting this task (see `ConnectionAbort`).
         abort.set(task.abort_handle());
