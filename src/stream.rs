@@ -10,7 +10,9 @@
 //! The queue is bounded in frames; overflow is decided here: the connection is
 //! closed with `slow_consumer` and its backlog dropped, so memory stays bounded
 //! and a client that resumes with `Last-Event-ID` loses nothing retained.
-//! Pushing never blocks and never allocates beyond the queue slot.
+//! Pushing never blocks; it takes one uncontended lock and allocates only
+//! when the queue grows past the largest backlog it has had, so an idle
+//! stream's queue holds no memory at all.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -25,8 +27,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame as BodyFrame};
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
-use tokio::time::{Interval, MissedTickBehavior, Sleep};
+use tokio::time::{Instant, Sleep};
 
 use crate::event::EventType;
 use crate::ident::{EnvSlug, ProjectId};
@@ -127,17 +128,25 @@ pub enum Push {
 /// It aborts the connection's task, so it costs nothing while unused (nothing
 /// is polled on the connection's hot path).
 #[derive(Default)]
-pub struct ConnectionAbort(std::sync::OnceLock<tokio::task::AbortHandle>);
+pub struct ConnectionAbort(Mutex<Option<tokio::task::AbortHandle>>);
 
 impl ConnectionAbort {
-    /// Ties the handle to the task serving the connection.
+    /// Ties the handle to the task serving the connection, unless it has
+    /// already moved (the listener sets it after spawning, which can be after
+    /// the connection moved on).
     pub fn set(&self, task: tokio::task::AbortHandle) {
-        let _ = self.0.set(task);
+        self.0.lock().get_or_insert(task);
+    }
+
+    /// Moves the connection to another task (a stream written by
+    /// `http::direct` runs as a task of its own).
+    pub fn move_to(&self, task: tokio::task::AbortHandle) {
+        *self.0.lock() = Some(task);
     }
 
     /// Drops the connection.
     pub fn abort(&self) {
-        if let Some(task) = self.0.get() {
+        if let Some(task) = self.0.lock().as_ref() {
             task.abort();
         }
     }
@@ -155,7 +164,8 @@ pub struct Conn {
     pub interests: Box<[Interest]>,
     /// When the stream was opened.
     pub opened_at: SystemTime,
-    tx: mpsc::Sender<Frame>,
+    queue: Mutex<Queue>,
+    capacity: usize,
     close: Mutex<Option<CloseReason>>,
     closing: AtomicBool,
     gap: Mutex<Option<Bytes>>,
@@ -189,18 +199,23 @@ impl Conn {
         if self.is_closing() {
             return Push::Closed;
         }
-        match self.tx.try_send(frame) {
-            Ok(()) => Push::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics
-                    .events_dropped
-                    .with_label_values(&["slow_consumer"])
-                    .inc();
-                self.close(CloseReason::SlowConsumer);
-                Push::Overflow
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
+        let mut q = self.queue.lock();
+        if q.ended {
+            return Push::Closed;
         }
+        if q.frames.len() >= self.capacity {
+            drop(q);
+            self.metrics
+                .events_dropped
+                .with_label_values(&["slow_consumer"])
+                .inc();
+            self.close(CloseReason::SlowConsumer);
+            return Push::Overflow;
+        }
+        q.frames.push_back(frame);
+        drop(q);
+        self.waker.wake();
+        Push::Queued
     }
 
     /// Asks the stream to end with `reason`. The first reason wins; returns
@@ -262,8 +277,15 @@ impl Conn {
 
     /// Frames waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.queue.lock().frames.len()
     }
+}
+
+/// A stream's queue: frames in dispatch order, and whether the stream ended
+/// (nothing more is accepted). Empty, it holds no memory.
+struct Queue {
+    frames: VecDeque<Frame>,
+    ended: bool,
 }
 
 /// Settings for a new stream.
@@ -286,13 +308,15 @@ const METRIC_FLUSH_EVERY: u32 = 64;
 /// The HTTP-facing half of a stream: a response body.
 pub struct SseStream {
     conn: Arc<Conn>,
-    rx: mpsc::Receiver<Frame>,
     preamble: VecDeque<Bytes>,
     replay: VecDeque<Frame>,
     replay_tail: Option<Bytes>,
     last_seq: u64,
-    heartbeat: Interval,
-    expiry: Pin<Box<Sleep>>,
+    /// One timer for both the next heartbeat and the token's expiry.
+    timer: Pin<Box<Sleep>>,
+    heartbeat_every: Duration,
+    next_heartbeat: Instant,
+    expires_at: Instant,
     done: bool,
     metrics: Arc<Metrics>,
     authorizer: Arc<Authorizer>,
@@ -331,14 +355,17 @@ pub fn new_stream(
         project,
         interests,
     } = who;
-    let (tx, rx) = mpsc::channel(settings.queue_frames);
     let conn = Arc::new(Conn {
         id,
         subject,
         project,
         interests: interests.into_boxed_slice(),
         opened_at: SystemTime::now(),
-        tx,
+        queue: Mutex::new(Queue {
+            frames: VecDeque::new(),
+            ended: false,
+        }),
+        capacity: settings.queue_frames,
         close: Mutex::new(None),
         closing: AtomicBool::new(false),
         gap: Mutex::new(None),
@@ -350,23 +377,22 @@ pub fn new_stream(
         abort,
         metrics: metrics.clone(),
     });
-    let mut heartbeat = tokio::time::interval_at(
-        tokio::time::Instant::now() + settings.heartbeat,
-        settings.heartbeat,
-    );
-    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let now = Instant::now();
+    let next_heartbeat = now + settings.heartbeat;
+    let expires_at = now + settings.expires_in;
     let mut preamble = VecDeque::new();
     preamble.push_back(sse::retry_frame(settings.retry.as_millis() as u64));
     metrics.connections.inc();
     let stream = SseStream {
         conn: conn.clone(),
-        rx,
         preamble,
         replay: VecDeque::new(),
         replay_tail: None,
         last_seq: 0,
-        heartbeat,
-        expiry: Box::pin(tokio::time::sleep(settings.expires_in)),
+        timer: Box::pin(tokio::time::sleep_until(next_heartbeat.min(expires_at))),
+        heartbeat_every: settings.heartbeat,
+        next_heartbeat,
+        expires_at,
         done: false,
         delivered: metrics.events_delivered.local(),
         latency: metrics.delivery_latency.local(),
@@ -405,6 +431,10 @@ impl SseStream {
         self._guards.push(guard);
     }
 
+    fn next_queued(&mut self) -> Option<Frame> {
+        self.conn.queue.lock().frames.pop_front()
+    }
+
     /// The router-facing half.
     pub fn conn(&self) -> &Arc<Conn> {
         &self.conn
@@ -417,7 +447,7 @@ impl SseStream {
         self.flush_metrics();
         self.done = true;
         self.conn.finished.store(true, Ordering::Release);
-        self.rx.close();
+        self.conn.queue.lock().ended = true;
         Poll::Ready(Some(Ok(BodyFrame::data(reason.frame()))))
     }
 
@@ -483,6 +513,11 @@ impl Body for SseStream {
         if let Some(b) = this.replay_tail.take() {
             return Poll::Ready(Some(Ok(BodyFrame::data(b))));
         }
+        // Written out: an idle stream keeps no buffers.
+        if this.preamble.capacity() > 0 || this.replay.capacity() > 0 {
+            this.preamble = VecDeque::new();
+            this.replay = VecDeque::new();
+        }
         loop {
             // Close and gap notices: only looked at when signalled.
             if this.conn.signalled.swap(false, Ordering::AcqRel) {
@@ -490,7 +525,7 @@ impl Body for SseStream {
                 if let Some(reason) = closing {
                     this.conn.signalled.store(true, Ordering::Release); // terminal
                     if reason.flushes_queue() {
-                        while let Ok(f) = this.rx.try_recv() {
+                        while let Some(f) = this.next_queued() {
                             if let Some(b) = this.deliver(f) {
                                 return Poll::Ready(Some(Ok(BodyFrame::data(b))));
                             }
@@ -502,22 +537,32 @@ impl Body for SseStream {
                     return Poll::Ready(Some(Ok(BodyFrame::data(gap))));
                 }
             }
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(f)) => {
+            match this.next_queued() {
+                Some(f) => {
                     if let Some(b) = this.deliver(f) {
                         return Poll::Ready(Some(Ok(BodyFrame::data(b))));
                     }
                 }
-                // Every sender is gone: nothing more can arrive.
-                Poll::Ready(None) => {
-                    this.done = true;
-                    this.conn.finished.store(true, Ordering::Release);
-                    return Poll::Ready(None);
-                }
-                Poll::Pending => break,
+                None => break,
             }
         }
-        if this.expiry.as_mut().poll(cx).is_ready() {
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if now < this.expires_at {
+                let heartbeat = now >= this.next_heartbeat;
+                if heartbeat {
+                    this.next_heartbeat = now + this.heartbeat_every;
+                }
+                let next = this.next_heartbeat.min(this.expires_at);
+                this.timer.as_mut().reset(next);
+                if heartbeat {
+                    this.flush_metrics();
+                    return Poll::Ready(Some(Ok(BodyFrame::data(Bytes::from_static(
+                        sse::HEARTBEAT,
+                    )))));
+                }
+                continue;
+            }
             this.conn.close(CloseReason::TokenExpired);
             // Another reason may have won the race; end with whichever did.
             let reason = this
@@ -528,16 +573,10 @@ impl Body for SseStream {
                 .unwrap_or(CloseReason::TokenExpired);
             return this.finish(&reason);
         }
-        if this.heartbeat.poll_tick(cx).is_ready() {
-            this.flush_metrics();
-            return Poll::Ready(Some(Ok(BodyFrame::data(Bytes::from_static(
-                sse::HEARTBEAT,
-            )))));
-        }
         // About to sleep: register for notices, then look once more, so one
         // that landed in between is not missed.
         this.conn.waker.register(cx.waker());
-        if this.conn.signalled.load(Ordering::Acquire) {
+        if this.conn.signalled.load(Ordering::Acquire) || this.conn.queue_depth() > 0 {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
@@ -554,7 +593,11 @@ impl Drop for SseStream {
         self.conn.finished.store(true, Ordering::Release);
         self.metrics.connections.dec();
         // Frames still queued are lost with the stream: count them.
-        let backlog = self.rx.len() as u64;
+        let backlog = {
+            let mut q = self.conn.queue.lock();
+            q.ended = true;
+            std::mem::take(&mut q.frames).len() as u64
+        };
         let closing = self.conn.close.lock().clone();
         let label = match closing {
             Some(r) => r.label(),

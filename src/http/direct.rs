@@ -41,9 +41,11 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 const MAX_IGNORED_INPUT: usize = 64 * 1024;
 
 /// What the first request on a connection turned out to be.
+// Not boxed: a box would live as long as the stream whose request it held.
+#[allow(clippy::large_enum_variant)]
 pub enum First {
     /// A stream request, read whole.
-    Stream(Box<Request<RequestBody>>),
+    Stream(Request<RequestBody>),
     /// Something for hyper: these bytes were already read from the socket.
     Pass(Bytes),
     /// Nothing more to do: the client left, was too slow, or was answered.
@@ -138,13 +140,14 @@ fn body_len(b: &Option<Bytes>) -> usize {
     b.as_ref().map_or(0, Bytes::len)
 }
 
+#[allow(clippy::large_enum_variant)] // one per connection, moved once
 enum Parsed {
     /// More bytes are needed.
     Partial,
     /// Not for this module.
     Other,
     /// A stream request, the head's length and the declared body length.
-    Stream(Box<Request<RequestBody>>, usize, u64),
+    Stream(Request<RequestBody>, usize, u64),
 }
 
 fn parse_head(buf: &[u8], is_stream: &impl Fn(&Method, &str) -> bool) -> Parsed {
@@ -210,7 +213,7 @@ fn parse_head(buf: &[u8], is_stream: &impl Fn(&Method, &str) -> bool) -> Parsed 
         builder = builder.header(n, v);
     }
     match builder.body(RequestBody::Buffered(None)) {
-        Ok(req) => Parsed::Stream(Box::new(req), head_len, declared),
+        Ok(req) => Parsed::Stream(req, head_len, declared),
         Err(_) => Parsed::Other,
     }
 }
@@ -292,13 +295,24 @@ fn http_date(t: SystemTime) -> String {
     )
 }
 
-/// Writes the handler's answer to a stream request; the connection ends with it.
-pub async fn respond(mut tcp: TcpStream, version: Version, resp: Response<HttpBody>) {
-    let (parts, body) = resp.into_parts();
-    let resp = Response::from_parts(parts, HttpBody::empty());
-    match body {
+/// Writes the handler's answer to a stream request. A complete response is
+/// written here; a stream is returned as the future that writes it, to run as
+/// a task of its own (so nothing of the request's handling stays in memory
+/// while it lives). Either way the connection ends with the response.
+pub async fn respond(
+    mut tcp: TcpStream,
+    version: Version,
+    resp: Response<HttpBody>,
+) -> Option<StreamWriter> {
+    let framing = match resp.body() {
+        HttpBody::Full(b) => Framing::Length(body_len(b)),
+        HttpBody::Stream(_) if version == Version::HTTP_10 => Framing::Close,
+        HttpBody::Stream(_) => Framing::Chunked,
+    };
+    let head = response_head(&resp, framing);
+    // The headers are not kept for the life of the stream.
+    match resp.into_body() {
         HttpBody::Full(b) => {
-            let head = response_head(&resp, Framing::Length(body_len(&b)));
             let done = async {
                 tcp.write_all(&head).await?;
                 if let Some(b) = b {
@@ -308,25 +322,16 @@ pub async fn respond(mut tcp: TcpStream, version: Version, resp: Response<HttpBo
             };
             // A client that reads nothing cannot hold the task.
             let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
+            None
         }
-        HttpBody::Stream(stream) => {
-            let chunked = version != Version::HTTP_10;
-            let framing = if chunked {
-                Framing::Chunked
-            } else {
-                Framing::Close
-            };
-            let head = response_head(&resp, framing);
-            let writer = StreamWriter {
-                tcp,
-                body: HttpBody::Stream(stream),
-                chunked,
-                out: Batch::with_head(head),
-                ended: false,
-                ignored: 0,
-            };
-            writer.await;
-        }
+        body @ HttpBody::Stream(_) => Some(StreamWriter {
+            tcp,
+            body,
+            chunked: matches!(framing, Framing::Chunked),
+            out: Batch::with_head(head),
+            ended: false,
+            ignored: 0,
+        }),
     }
 }
 
@@ -449,7 +454,7 @@ impl Batch {
 
 /// Drives one stream to its client: gathers what the stream has ready, writes
 /// it in one vectored write, and notices the client leaving.
-struct StreamWriter {
+pub struct StreamWriter {
     tcp: TcpStream,
     body: HttpBody,
     chunked: bool,

@@ -224,10 +224,14 @@ pub async fn serve<H: Handler>(
                         direct::First::Done => return,
                         direct::First::Pass(prefix) => prefix,
                         direct::First::Stream(mut req) => {
-                            req.extensions_mut().insert(for_requests);
+                            req.extensions_mut().insert(for_requests.clone());
                             let version = req.version();
-                            let resp = Box::pin(handler.handle(*req, peer)).await;
-                            direct::respond(tcp, version, resp).await;
+                            let resp = Box::pin(handler.handle(req, peer)).await;
+                            let writer = Box::pin(direct::respond(tcp, version, resp)).await;
+                            if let Some(writer) = writer {
+                                // The stream's own task, and the one its abort ends.
+                                for_requests.move_to(tokio::spawn(writer).abort_handle());
+                            }
                             return;
                         }
                     }
