@@ -314,6 +314,8 @@ pub struct SseStream {
     last_seq: u64,
     /// One timer for both the next heartbeat and the token's expiry.
     timer: Pin<Box<Sleep>>,
+    /// The task the timer will wake, once polled since its last reset.
+    timer_armed_for: Option<std::task::Waker>,
     heartbeat_every: Duration,
     next_heartbeat: Instant,
     expires_at: Instant,
@@ -390,6 +392,7 @@ pub fn new_stream(
         replay_tail: None,
         last_seq: 0,
         timer: Box::pin(tokio::time::sleep_until(next_heartbeat.min(expires_at))),
+        timer_armed_for: None,
         heartbeat_every: settings.heartbeat,
         next_heartbeat,
         expires_at,
@@ -433,6 +436,30 @@ impl SseStream {
 
     fn next_queued(&mut self) -> Option<Frame> {
         self.conn.queue.lock().frames.pop_front()
+    }
+
+    /// The next queued frame; with none, registers for the next push (under
+    /// the queue's lock, so a push cannot slip in between).
+    fn next_queued_or_register(&mut self, cx: &mut Context<'_>) -> Option<Frame> {
+        let mut q = self.conn.queue.lock();
+        let f = q.frames.pop_front();
+        if f.is_none() {
+            self.conn.waker.register(cx.waker());
+        }
+        f
+    }
+
+    /// Nothing to write: the waker is registered for pushes (see
+    /// `next_queued_or_register`); a notice that was signalled before it was
+    /// registered is looked at again right away.
+    fn sleep(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
+        if self.conn.signalled.load(Ordering::Acquire) {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 
     /// The router-facing half.
@@ -537,7 +564,7 @@ impl Body for SseStream {
                     return Poll::Ready(Some(Ok(BodyFrame::data(gap))));
                 }
             }
-            match this.next_queued() {
+            match this.next_queued_or_register(cx) {
                 Some(f) => {
                     if let Some(b) = this.deliver(f) {
                         return Poll::Ready(Some(Ok(BodyFrame::data(b))));
@@ -546,6 +573,16 @@ impl Body for SseStream {
                 None => break,
             }
         }
+        // The timer is polled only when it may have fired, or has never been
+        // polled by this task: once polled it wakes the task by itself.
+        let armed = this
+            .timer_armed_for
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if armed && !this.timer.is_elapsed() {
+            return this.sleep(cx);
+        }
+        this.timer_armed_for = None;
         while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             if now < this.expires_at {
@@ -573,13 +610,8 @@ impl Body for SseStream {
                 .unwrap_or(CloseReason::TokenExpired);
             return this.finish(&reason);
         }
-        // About to sleep: register for notices, then look once more, so one
-        // that landed in between is not missed.
-        this.conn.waker.register(cx.waker());
-        if this.conn.signalled.load(Ordering::Acquire) || this.conn.queue_depth() > 0 {
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
+        this.timer_armed_for = Some(cx.waker().clone());
+        this.sleep(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -519,10 +519,10 @@ impl std::future::Future for StreamWriter {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        if this.poll_client_gone(cx) {
+            return Poll::Ready(());
+        }
         loop {
-            if this.poll_client_gone(cx) {
-                return Poll::Ready(());
-            }
             if this.out.chunk_written() && !this.ended {
                 // The head goes out with the first frames.
                 this.gather(cx);

@@ -1,10 +1,14 @@
 //! The decision cache for concrete requests (delivery and publish): bounded,
 //! sharded, keyed by policy generation.
+//!
+//! Asked once per delivery per connection, so a lookup builds nothing: the
+//! question is hashed once from borrowed parts (the hash picks the shard and
+//! the slot), and an owned key is made only when a decision is stored.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use parking_lot::Mutex;
 
 use crate::event::EventType;
@@ -13,59 +17,165 @@ use crate::path::SecretPath;
 
 use super::Action;
 
-/// One delivery-time question.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub(crate) struct DecisionKey {
+/// One delivery-time or publish-time question, borrowed.
+#[derive(Clone, Copy)]
+pub(crate) struct Question<'a> {
     pub(crate) generation: u64,
-    pub(crate) sub: Arc<str>,
-    pub(crate) project: ProjectId,
+    pub(crate) sub: &'a Arc<str>,
+    pub(crate) project: &'a ProjectId,
     pub(crate) ty: EventType,
     pub(crate) action: Action,
-    pub(crate) env: EnvSlug,
-    pub(crate) path: SecretPath,
+    pub(crate) env: &'a EnvSlug,
+    pub(crate) path: &'a SecretPath,
+}
+
+/// A stored question.
+struct Entry {
+    hash: u64,
+    generation: u64,
+    sub: Arc<str>,
+    project: ProjectId,
+    ty: EventType,
+    action: Action,
+    env: EnvSlug,
+    path: SecretPath,
+    allowed: bool,
+}
+
+impl Entry {
+    fn answers(&self, hash: u64, q: &Question<'_>) -> bool {
+        self.hash == hash
+            && self.generation == q.generation
+            && self.ty == q.ty
+            && self.action == q.action
+            && *self.sub == **q.sub
+            && self.project == *q.project
+            && self.env == *q.env
+            && self.path == *q.path
+    }
 }
 
 const SHARDS: usize = 16;
 
 /// Bounded, sharded cache of delivery-time decisions.
 pub(crate) struct DecisionCache {
-    shards: Vec<Mutex<HashMap<DecisionKey, bool>>>,
-    hasher: RandomState,
+    shards: Vec<Mutex<HashTable<Entry>>>,
+    /// Seeded per process: keys carry client-chosen strings.
+    hasher: foldhash::quality::RandomState,
     per_shard: usize,
 }
 
 impl DecisionCache {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
+            hasher: foldhash::quality::RandomState::default(),
             per_shard: (capacity / SHARDS).max(16),
         }
     }
 
-    fn shard(&self, k: &DecisionKey) -> &Mutex<HashMap<DecisionKey, bool>> {
-        let mut h = self.hasher.build_hasher();
-        k.hash(&mut h);
-        &self.shards[(std::hash::Hasher::finish(&h) as usize) % SHARDS]
+    fn hash(&self, q: &Question<'_>) -> u64 {
+        self.hasher.hash_one((
+            q.generation,
+            &**q.sub,
+            q.project.as_str(),
+            q.ty,
+            q.action,
+            q.env.as_str(),
+            q.path.as_str(),
+        ))
     }
 
-    pub(crate) fn get(&self, k: &DecisionKey) -> Option<bool> {
-        self.shard(k).lock().get(k).copied()
+    fn shard(&self, hash: u64) -> &Mutex<HashTable<Entry>> {
+        // Bits the table itself does not use for slots or tags.
+        &self.shards[(hash >> 32) as usize % SHARDS]
     }
 
-    pub(crate) fn put(&self, k: DecisionKey, v: bool) {
-        let mut s = self.shard(&k).lock();
+    pub(crate) fn get(&self, q: &Question<'_>) -> Option<bool> {
+        let hash = self.hash(q);
+        self.shard(hash)
+            .lock()
+            .find(hash, |e| e.answers(hash, q))
+            .map(|e| e.allowed)
+    }
+
+    pub(crate) fn put(&self, q: &Question<'_>, allowed: bool) {
+        let hash = self.hash(q);
+        let mut s = self.shard(hash).lock();
+        if let Some(e) = s.find_mut(hash, |e| e.answers(hash, q)) {
+            e.allowed = allowed;
+            return;
+        }
         // Full: start the shard over. Simple, bounded, and a refill costs one
         // casbin evaluation per distinct key.
         if s.len() >= self.per_shard {
             s.clear();
         }
-        s.insert(k, v);
+        let entry = Entry {
+            hash,
+            generation: q.generation,
+            sub: q.sub.clone(),
+            project: q.project.clone(),
+            ty: q.ty,
+            action: q.action,
+            env: q.env.clone(),
+            path: q.path.clone(),
+            allowed,
+        };
+        s.insert_unique(hash, entry, |e| e.hash);
     }
 
     pub(crate) fn clear(&self) {
         for s in &self.shards {
             s.lock().clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_only_the_same_question() {
+        let c = DecisionCache::new(64);
+        let sub: Arc<str> = Arc::from("alice");
+        let other: Arc<str> = Arc::from("bob");
+        let project = ProjectId::parse("p1").unwrap();
+        let env = EnvSlug::parse("prod").unwrap();
+        let path = SecretPath::parse("/a").unwrap();
+        let ty = EventType::parse("secret:created").unwrap();
+        let q = Question {
+            generation: 1,
+            sub: &sub,
+            project: &project,
+            ty,
+            action: Action::Subscribe,
+            env: &env,
+            path: &path,
+        };
+        assert_eq!(c.get(&q), None);
+        c.put(&q, true);
+        assert_eq!(c.get(&q), Some(true));
+        assert_eq!(c.get(&Question { sub: &other, ..q }), None);
+        assert_eq!(c.get(&Question { generation: 2, ..q }), None);
+        assert_eq!(
+            c.get(&Question {
+                action: Action::Publish,
+                ..q
+            }),
+            None
+        );
+        c.put(&q, false);
+        assert_eq!(c.get(&q), Some(false));
+        // Bounded: many distinct questions never grow it past its capacity.
+        let paths: Vec<SecretPath> = (0..10_000)
+            .map(|i| SecretPath::parse(&format!("/p{i}")).unwrap())
+            .collect();
+        for p in &paths {
+            c.put(&Question { path: p, ..q }, true);
+        }
+        let stored: usize = c.shards.iter().map(|s| s.lock().len()).sum();
+        assert!(stored <= 16 * SHARDS, "{stored} entries");
     }
 }

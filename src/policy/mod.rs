@@ -34,7 +34,7 @@ use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::path::SecretPath;
 
-use cache::{DecisionCache, DecisionKey};
+use cache::{DecisionCache, Question};
 use functions::{ANY_ENV, PATTERN_MARK};
 use parse::{parse_policy, ParsedPolicy};
 
@@ -457,22 +457,22 @@ impl Authorizer {
         path: &SecretPath,
     ) -> bool {
         let set = self.current();
-        let key = DecisionKey {
+        let q = Question {
             generation: set.generation,
-            sub: sub.clone(),
-            project: project.clone(),
+            sub,
+            project,
             ty,
             action,
-            env: env.clone(),
-            path: path.clone(),
+            env,
+            path,
         };
-        if let Some(v) = self.cache.get(&key) {
+        if let Some(v) = self.cache.get(&q) {
             self.cache_hits.inc();
             return v;
         }
         self.cache_misses.inc();
         let v = set.decide(sub, project, ty, action, env, path);
-        self.cache.put(key, v);
+        self.cache.put(&q, v);
         v
     }
 
