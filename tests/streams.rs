@@ -317,7 +317,9 @@ async fn silent_connections_are_closed_after_the_header_timeout() {
 #[tokio::test]
 async fn sigterm_drains_streams_and_exits() {
     let mut h = HeraldBuilder::new()
-        .env("SHUTDOWN__GRACE", "300ms")
+        // Long enough for the readiness probe below to land inside it on a
+        // loaded machine.
+        .env("SHUTDOWN__GRACE", "1500ms")
         .env("SHUTDOWN__DRAIN_WINDOW", "300ms")
         .env("SHUTDOWN__DEADLINE", "5s")
         .start();
