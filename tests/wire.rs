@@ -1,0 +1,274 @@
+//! HTTP/1 event streams on the wire: what a raw client sees from the direct
+//! stream writer (framing, headers, the end of the connection), and the
+//! requests it hands on to hyper.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HOUR: Duration = Duration::from_secs(3600);
+const SUBSCRIBE: &str = "/api/v1/events/subscribe/project-events";
+
+fn all_created(project: &str) -> Value {
+    serde_json::json!({"projectId": project, "register": [{"event": "secret:created"}]})
+}
+
+fn subscribe_request(version: &str, token: &str, body: &str) -> String {
+    format!(
+        "POST {SUBSCRIBE} {version}\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// What arrived on a raw connection so far.
+struct Raw {
+    s: TcpStream,
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+impl Raw {
+    async fn connect(h: &Herald) -> Raw {
+        Raw {
+            s: TcpStream::connect(h.public).await.unwrap(),
+            bytes: Vec::new(),
+            closed: false,
+        }
+    }
+
+    async fn send(&mut self, data: &[u8]) {
+        self.s.write_all(data).await.unwrap();
+    }
+
+    /// Reads until `needle` has arrived (true) or the connection ended (false).
+    async fn until(&mut self, needle: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if String::from_utf8_lossy(&self.bytes).contains(needle) {
+                return true;
+            }
+            if self.closed {
+                return false;
+            }
+            match tokio::time::timeout_at(deadline, self.s.read(&mut buf)).await {
+                Err(_) => panic!("{needle:?} did not arrive; got {:?}", self.text()),
+                Ok(Ok(0)) | Ok(Err(_)) => self.closed = true,
+                Ok(Ok(n)) => self.bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection.
+    async fn until_closed(&mut self) {
+        self.until("\u{0}never\u{0}").await;
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// The response head (lower-cased) and the raw body after it.
+    fn split(&self) -> (String, Vec<u8>) {
+        let at = self
+            .bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a complete head");
+        (
+            String::from_utf8_lossy(&self.bytes[..at]).to_ascii_lowercase(),
+            self.bytes[at + 4..].to_vec(),
+        )
+    }
+}
+
+/// Decodes a chunked body; `complete` says whether the last chunk arrived.
+fn dechunk(mut body: &[u8]) -> (String, bool) {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
+            return (String::from_utf8_lossy(&out).into_owned(), false);
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..eol]).unwrap(), 16)
+            .expect("a hex chunk size");
+        body = &body[eol + 2..];
+        if size == 0 {
+            assert_eq!(body, b"\r\n", "nothing after the last chunk");
+            return (String::from_utf8_lossy(&out).into_owned(), true);
+        }
+        assert!(body.len() >= size + 2, "a whole chunk");
+        out.extend_from_slice(&body[..size]);
+        assert_eq!(&body[size..size + 2], b"\r\n", "a chunk ends with CRLF");
+        body = &body[size + 2..];
+    }
+}
+
+#[tokio::test]
+async fn an_http11_stream_is_chunked_and_ends_its_connection() {
+    let h = HeraldBuilder::new().env("STREAM__HEARTBEAT", "1h").start();
+    let t = token_for("reader", Duration::from_secs(3));
+    let mut c = Raw::connect(&h).await;
+    c.send(subscribe_request("HTTP/1.1", &t, &all_created("p1").to_string()).as_bytes())
+        .await;
+    assert!(c.until("retry:").await);
+    h.publish(
+        &token_for("writer", HOUR),
+        &event("secret:created", "p1", "prod", "/wire/a"),
+    )
+    .await;
+    assert!(c.until("/wire/a").await);
+    // The token expires after 3 s: the stream ends with its error event, the
+    // last chunk, and the connection.
+    assert!(c.until("token_expired").await);
+    c.until_closed().await;
+    let (head, body) = c.split();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    for line in [
+        "content-type: text/event-stream",
+        "cache-control: no-cache",
+        "transfer-encoding: chunked",
+        "connection: close",
+        "date: ",
+    ] {
+        assert!(head.contains(line), "{line:?} missing from {head}");
+    }
+    assert!(!head.contains("content-length"), "{head}");
+    let (events, complete) = dechunk(&body);
+    assert!(complete, "the body ends with the last chunk: {events:?}");
+    let names: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names, ["secret:created", "error"], "{events}");
+    assert!(events.starts_with("retry: "), "{events}");
+    h.wait_metric("herald_connections", 0.0).await;
+}
+
+#[tokio::test]
+async fn an_http10_stream_ends_with_its_connection() {
+    let h = HeraldBuilder::new().start();
+    let t = token_for("reader", Duration::from_secs(2));
+    let mut c = Raw::connect(&h).await;
+    c.send(subscribe_request("HTTP/1.0", &t, &all_created("p1").to_string()).as_bytes())
+        .await;
+    assert!(c.until("retry:").await);
+    assert!(c.until("token_expired").await);
+    c.until_closed().await;
+    let (head, body) = c.split();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.starts_with("retry: "), "{body}");
+    assert!(
+        body.ends_with("\n\n"),
+        "the body is the events alone: {body:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_frees_its_stream() {
+    let h = HeraldBuilder::new().env("STREAM__HEARTBEAT", "1h").start();
+    let t = token_for("reader", HOUR);
+    let mut gone = Raw::connect(&h).await;
+    gone.send(subscribe_request("HTTP/1.1", &t, &all_created("p1").to_string()).as_bytes())
+        .await;
+    assert!(gone.until("retry:").await);
+    let mut chatty = Raw::connect(&h).await;
+    chatty
+        .send(subscribe_request("HTTP/1.1", &t, &all_created("p1").to_string()).as_bytes())
+        .await;
+    assert!(chatty.until("retry:").await);
+    h.wait_metric("herald_connections", 2.0).await;
+    // Closing the socket is noticed without any write to it.
+    drop(gone);
+    h.wait_metric("herald_connections", 1.0).await;
+    // A client that keeps sending on a stream is cut off.
+    let junk = vec![b'x'; 128 * 1024];
+    let _ = chatty.s.write_all(&junk).await;
+    chatty.until_closed().await;
+    h.wait_metric("herald_connections", 0.0).await;
+}
+
+#[tokio::test]
+async fn a_stream_after_another_request_on_one_connection_is_served() {
+    let h = HeraldBuilder::new().start();
+    let w = token_for("writer", HOUR);
+    let t = token_for("reader", HOUR);
+    let mut c = Raw::connect(&h).await;
+    // First a publish (served by hyper), then a subscribe on the same
+    // keep-alive connection.
+    let ev = event("secret:created", "p1", "prod", "/wire/first").to_string();
+    c.send(
+        format!(
+            "POST /api/v1/events/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {w}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ev}",
+            ev.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(c.until("\"sequence\"").await, "{}", c.text());
+    assert!(c.text().starts_with("HTTP/1.1 20"), "{}", c.text());
+    c.send(subscribe_request("HTTP/1.1", &t, &all_created("p1").to_string()).as_bytes())
+        .await;
+    assert!(c.until("retry:").await);
+    h.publish(&w, &event("secret:created", "p1", "prod", "/wire/second"))
+        .await;
+    assert!(c.until("/wire/second").await);
+}
+
+#[tokio::test]
+async fn stream_request_bodies_are_bounded_in_size_and_time() {
+    let h = HeraldBuilder::new()
+        .env("SERVER__BODY_READ_TIMEOUT", "300ms")
+        .start();
+    let t = token_for("reader", HOUR);
+    // Declared too large: refused without reading it.
+    let mut big = Raw::connect(&h).await;
+    big.send(
+        format!(
+            "POST {SUBSCRIBE} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\ncontent-length: 999999999\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .await;
+    big.until_closed().await;
+    assert!(big.text().starts_with("HTTP/1.1 413 "), "{}", big.text());
+    assert!(
+        big.text().contains("\"code\":\"body_too_large\""),
+        "{}",
+        big.text()
+    );
+    // Declared, never sent in full: 408.
+    let mut slow = Raw::connect(&h).await;
+    slow.send(
+        format!(
+            "POST {SUBSCRIBE} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"projectId\""
+        )
+        .as_bytes(),
+    )
+    .await;
+    slow.until_closed().await;
+    assert!(slow.text().starts_with("HTTP/1.1 408 "), "{}", slow.text());
+    assert!(slow.text().contains("body_timeout"), "{}", slow.text());
+    // Refused requests are answered whole, then the connection ends.
+    let mut bad = Raw::connect(&h).await;
+    bad.send(subscribe_request("HTTP/1.1", "not-a-token", "{}").as_bytes())
+        .await;
+    bad.until_closed().await;
+    let (head, body) = bad.split();
+    assert!(head.starts_with("http/1.1 401 "), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    assert_eq!(len, body.len());
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "unauthorized", "{v}");
+}
