@@ -180,6 +180,7 @@ fn router(c: &mut Criterion) {
                 env: e.clone(),
                 path: target.clone(),
                 frame: frame.clone(),
+                chunk: frame.clone(),
                 accepted_at: Instant::now(),
             });
             let stats = router.dispatch(&d);

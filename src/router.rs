@@ -41,6 +41,8 @@ pub struct Delivery {
     pub path: SecretPath,
     /// The encoded SSE frame, shared by every receiver.
     pub frame: Bytes,
+    /// The same frame as an HTTP/1.1 chunk (`frame` is a view of it).
+    pub chunk: Bytes,
     /// When herald accepted it.
     pub accepted_at: Instant,
 }
@@ -48,9 +50,15 @@ pub struct Delivery {
 impl Delivery {
     /// Encodes `ev` as the SSE frame with id `seq`, once for every receiver.
     pub fn encode(seq: u64, ev: crate::event::Event) -> Delivery {
+        let (chunk, frame) = crate::sse::chunk(&crate::sse::event_frame(
+            seq,
+            ev.event_type.name(),
+            &ev.json,
+        ));
         Delivery {
             seq,
-            frame: crate::sse::event_frame(seq, ev.event_type.name(), &ev.json),
+            frame,
+            chunk,
             project: ev.project,
             event_type: ev.event_type,
             env: ev.env,
@@ -324,6 +332,7 @@ mod tests {
             env: EnvSlug::parse("prod").unwrap(),
             path: SecretPath::parse(path).unwrap(),
             frame: Bytes::from_static(b"x\n\n"),
+            chunk: Bytes::from_static(b"3\r\nx\n\n\r\n"),
             accepted_at: Instant::now(),
         })
     }

@@ -10,6 +10,23 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// The comment sent on idle streams to keep proxies and clients from timing out.
 pub const HEARTBEAT: &[u8] = b":\n\n";
 
+/// [`HEARTBEAT`] as an HTTP/1.1 chunk.
+pub const HEARTBEAT_CHUNK: &[u8] = b"3\r\n:\n\n\r\n";
+
+/// `frame` as one HTTP/1.1 chunk (size line, the bytes, CRLF), and the frame
+/// alone as a view of the same bytes: an event is encoded once for both
+/// kinds of connection.
+pub fn chunk(frame: &[u8]) -> (Bytes, Bytes) {
+    let mut buf = BytesMut::with_capacity(frame.len() + 20);
+    buf.put_slice(format!("{:x}\r\n", frame.len()).as_bytes());
+    let start = buf.len();
+    buf.put_slice(frame);
+    buf.put_slice(b"\r\n");
+    let chunk = buf.freeze();
+    let body = chunk.slice(start..start + frame.len());
+    (chunk, body)
+}
+
 /// Drops CR and LF, the only bytes that could split an SSE field.
 pub fn line_safe(s: &str) -> impl Iterator<Item = &str> {
     s.split(['\r', '\n'])
@@ -155,5 +172,15 @@ mod tests {
             b"retry: 1500\nevent: reconnect\ndata: {\"reason\":\"draining\"}\n\n"
         );
         assert_eq!(&retry_frame(3000)[..], b"retry: 3000\n\n");
+    }
+
+    #[test]
+    fn chunks_wrap_frames() {
+        let (chunk, body) = chunk(&[b'x'; 26]);
+        assert_eq!(&chunk[..4], b"1a\r\n");
+        assert_eq!(&chunk[4..30], &[b'x'; 26]);
+        assert_eq!(&chunk[30..], b"\r\n");
+        assert_eq!(&body[..], &[b'x'; 26]);
+        assert_eq!(super::chunk(HEARTBEAT).0, HEARTBEAT_CHUNK);
     }
 }

@@ -320,6 +320,8 @@ pub struct SseStream {
     next_heartbeat: Instant,
     expires_at: Instant,
     done: bool,
+    /// Frames are written as HTTP/1.1 chunks (see `write_chunks`).
+    chunked: bool,
     metrics: Arc<Metrics>,
     authorizer: Arc<Authorizer>,
     /// Per-stream metric buffers: the shared atomics are touched once per
@@ -397,6 +399,7 @@ pub fn new_stream(
         next_heartbeat,
         expires_at,
         done: false,
+        chunked: false,
         delivered: metrics.events_delivered.local(),
         latency: metrics.delivery_latency.local(),
         unflushed: 0,
@@ -475,7 +478,22 @@ impl SseStream {
         self.done = true;
         self.conn.finished.store(true, Ordering::Release);
         self.conn.queue.lock().ended = true;
-        Poll::Ready(Some(Ok(BodyFrame::data(reason.frame()))))
+        Poll::Ready(Some(Ok(BodyFrame::data(self.wire(reason.frame())))))
+    }
+
+    /// Makes the stream write HTTP/1.1 chunks rather than bare frames (its
+    /// writer then adds only the last chunk).
+    pub fn write_chunks(&mut self) {
+        self.chunked = true;
+    }
+
+    /// A frame in the form this stream writes.
+    fn wire(&self, frame: Bytes) -> Bytes {
+        if self.chunked {
+            crate::sse::chunk(&frame).0
+        } else {
+            frame
+        }
     }
 
     fn deliver(&mut self, frame: Frame) -> Option<Bytes> {
@@ -507,7 +525,11 @@ impl SseStream {
         if self.unflushed >= METRIC_FLUSH_EVERY {
             self.flush_metrics();
         }
-        Some(d.frame.clone())
+        Some(if self.chunked {
+            d.chunk.clone()
+        } else {
+            d.frame.clone()
+        })
     }
 
     fn flush_metrics(&mut self) {
@@ -530,7 +552,7 @@ impl Body for SseStream {
             return Poll::Ready(None);
         }
         if let Some(b) = this.preamble.pop_front() {
-            return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+            return Poll::Ready(Some(Ok(BodyFrame::data(this.wire(b)))));
         }
         while let Some(f) = this.replay.pop_front() {
             if let Some(b) = this.deliver(f) {
@@ -538,7 +560,7 @@ impl Body for SseStream {
             }
         }
         if let Some(b) = this.replay_tail.take() {
-            return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+            return Poll::Ready(Some(Ok(BodyFrame::data(this.wire(b)))));
         }
         // Written out: an idle stream keeps no buffers.
         if this.preamble.capacity() > 0 || this.replay.capacity() > 0 {
@@ -561,7 +583,7 @@ impl Body for SseStream {
                     return this.finish(&reason);
                 }
                 if let Some(gap) = this.conn.gap.lock().take() {
-                    return Poll::Ready(Some(Ok(BodyFrame::data(gap))));
+                    return Poll::Ready(Some(Ok(BodyFrame::data(this.wire(gap)))));
                 }
             }
             match this.next_queued_or_register(cx) {
@@ -594,9 +616,12 @@ impl Body for SseStream {
                 this.timer.as_mut().reset(next);
                 if heartbeat {
                     this.flush_metrics();
-                    return Poll::Ready(Some(Ok(BodyFrame::data(Bytes::from_static(
-                        sse::HEARTBEAT,
-                    )))));
+                    let beat = if this.chunked {
+                        sse::HEARTBEAT_CHUNK
+                    } else {
+                        sse::HEARTBEAT
+                    };
+                    return Poll::Ready(Some(Ok(BodyFrame::data(Bytes::from_static(beat)))));
                 }
                 continue;
             }
@@ -715,6 +740,7 @@ mod tests {
                 env: EnvSlug::parse("prod").unwrap(),
                 path: SecretPath::parse(path).unwrap(),
                 frame: Bytes::from(format!("event {seq}\n\n")),
+                chunk: Bytes::new(),
                 accepted_at: Instant::now(),
             }),
             generation,

@@ -8,9 +8,10 @@
 //!
 //! So the first request on a public connection is read here. When it is a
 //! stream request the handler answers it as usual and [`StreamWriter`] writes
-//! the response: the head, then every queued frame of a wake-up in one
-//! chunk and one vectored write of the shared frame bytes (no copy, no
-//! per-connection buffer), and the connection closes when the stream ends.
+//! the response: the head, then every frame queued at a wake-up in one
+//! vectored write of the shared bytes (each event is encoded once, as an
+//! HTTP/1.1 chunk, for every connection: no copy, no per-connection buffer),
+//! and the connection closes when the stream ends.
 //! Anything else (h2c, another route, chunked or `Expect` bodies, a head
 //! herald does not parse) is handed to hyper with the bytes already read put
 //! back in front of the socket ([`Prefixed`]).
@@ -28,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{HttpBody, RequestBody};
+use crate::stream::SseStream;
 
 /// The longest request head read here; a longer one is left to hyper.
 const MAX_HEAD: usize = 16 * 1024;
@@ -36,6 +38,8 @@ const MAX_HEADERS: usize = 48;
 /// Frames and bytes gathered into one chunk and one write.
 const MAX_BATCH_FRAMES: usize = 64;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// A batch's slices: the head, its frames, the body's end.
+const MAX_SLICES: usize = MAX_BATCH_FRAMES + 2;
 /// Bytes a client may send on a connection that carries a stream before it is
 /// dropped (nothing it sends is read for any purpose but noticing it left).
 const MAX_IGNORED_INPUT: usize = 64 * 1024;
@@ -324,25 +328,29 @@ pub async fn respond(
             let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
             None
         }
-        body @ HttpBody::Stream(_) => Some(StreamWriter {
-            tcp,
-            body,
-            chunked: matches!(framing, Framing::Chunked),
-            out: Batch::with_head(head),
-            ended: false,
-            ignored: 0,
-        }),
+        HttpBody::Stream(mut stream) => {
+            let chunked = matches!(framing, Framing::Chunked);
+            if chunked {
+                stream.write_chunks();
+            }
+            Some(StreamWriter {
+                tcp,
+                stream,
+                chunked,
+                out: Batch::with_head(head),
+                ended: false,
+                ignored: 0,
+            })
+        }
     }
 }
 
-/// The bytes of one write: a chunk-size line, frames, and the chunk's end.
+/// The bytes of one write: the response head (first write only), frames in
+/// their wire form, and the body's end (last write only).
 struct Batch {
     /// The response head before the first batch; afterwards empty.
     lead: Vec<u8>,
     lead_at: usize,
-    size_line: [u8; 18],
-    size_at: u8,
-    size_end: u8,
     frames: Vec<Bytes>,
     /// `frames[next..]` are unwritten, the first of them from `offset` on.
     next: usize,
@@ -356,9 +364,6 @@ impl Batch {
         Batch {
             lead: head,
             lead_at: 0,
-            size_line: [0; 18],
-            size_at: 0,
-            size_end: 0,
             frames: Vec::new(),
             next: 0,
             offset: 0,
@@ -368,58 +373,39 @@ impl Batch {
     }
 
     fn is_empty(&self) -> bool {
-        self.lead_at == self.lead.len() && self.chunk_written()
+        self.lead_at == self.lead.len() && self.frames_written()
     }
 
-    /// Whether the last sealed chunk is written (the head may not be).
-    fn chunk_written(&self) -> bool {
-        self.size_at == self.size_end
-            && self.next == self.frames.len()
-            && self.tail_at == self.tail.len()
+    /// Whether the gathered frames (and the end, if sealed) are written; the
+    /// head may not be.
+    fn frames_written(&self) -> bool {
+        self.next == self.frames.len() && self.tail_at == self.tail.len()
     }
 
-    /// Frames the gathered frames as one chunk (or not at all), with `end`
-    /// appending the body's end.
-    fn seal(&mut self, chunked: bool, end: bool) {
-        let bytes: usize = self.frames.iter().map(Bytes::len).sum();
-        self.size_at = 0;
-        self.size_end = 0;
+    /// Appends the body's end: the last chunk, when the body is chunked.
+    fn seal_end(&mut self, chunked: bool) {
+        self.tail = if chunked { b"0\r\n\r\n" } else { b"" };
         self.tail_at = 0;
-        self.tail = b"";
-        if !chunked {
-            return;
-        }
-        if bytes > 0 {
-            let mut line = io::Cursor::new(&mut self.size_line[..]);
-            // 16 hex digits and CRLF always fit in 18 bytes.
-            if io::Write::write_fmt(&mut line, format_args!("{bytes:x}\r\n")).is_ok() {
-                self.size_end = line.position() as u8;
-            }
-        }
-        self.tail = match (bytes > 0, end) {
-            (true, true) => b"\r\n0\r\n\r\n",
-            (true, false) => b"\r\n",
-            (false, true) => b"0\r\n\r\n",
-            (false, false) => b"",
-        };
     }
 
-    fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+    /// Fills `out` with what is left to write; returns how many slices.
+    fn slices<'a>(&'a self, out: &mut [IoSlice<'a>; MAX_SLICES]) -> usize {
+        let mut n = 0;
+        let mut push = |b: &'a [u8]| {
+            out[n] = IoSlice::new(b);
+            n += 1;
+        };
         if self.lead_at < self.lead.len() {
-            out.push(IoSlice::new(&self.lead[self.lead_at..]));
-        }
-        if self.size_at < self.size_end {
-            out.push(IoSlice::new(
-                &self.size_line[self.size_at as usize..self.size_end as usize],
-            ));
+            push(&self.lead[self.lead_at..]);
         }
         for (i, f) in self.frames.iter().enumerate().skip(self.next) {
             let from = if i == self.next { self.offset } else { 0 };
-            out.push(IoSlice::new(&f[from..]));
+            push(&f[from..]);
         }
         if self.tail_at < self.tail.len() {
-            out.push(IoSlice::new(&self.tail[self.tail_at..]));
+            push(&self.tail[self.tail_at..]);
         }
+        n
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -430,9 +416,6 @@ impl Batch {
             self.lead = Vec::new();
             self.lead_at = 0;
         }
-        let k = usize::from(self.size_end - self.size_at).min(n);
-        self.size_at += k as u8;
-        n -= k;
         while n > 0 && self.next < self.frames.len() {
             let left = self.frames[self.next].len() - self.offset;
             if n >= left {
@@ -456,7 +439,7 @@ impl Batch {
 /// it in one vectored write, and notices the client leaving.
 pub struct StreamWriter {
     tcp: TcpStream,
-    body: HttpBody,
+    stream: Box<SseStream>,
     chunked: bool,
     out: Batch,
     ended: bool,
@@ -490,7 +473,7 @@ impl StreamWriter {
     fn gather(&mut self, cx: &mut Context<'_>) {
         let mut bytes = 0;
         while !self.ended && self.out.frames.len() < MAX_BATCH_FRAMES && bytes < MAX_BATCH_BYTES {
-            match Pin::new(&mut self.body).poll_frame(cx) {
+            match Pin::new(&mut *self.stream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         if !data.is_empty() {
@@ -504,13 +487,15 @@ impl StreamWriter {
                 Poll::Pending => break,
             }
         }
-        self.out.seal(self.chunked, self.ended);
+        if self.ended {
+            self.out.seal_end(self.chunked);
+        }
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let mut slices = Vec::with_capacity(self.out.frames.len() + 3);
-        self.out.slices(&mut slices);
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, &slices)
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let n = self.out.slices(&mut slices);
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, &slices[..n])
     }
 }
 
@@ -523,7 +508,7 @@ impl std::future::Future for StreamWriter {
             return Poll::Ready(());
         }
         loop {
-            if this.out.chunk_written() && !this.ended {
+            if this.out.frames_written() && !this.ended {
                 // The head goes out with the first frames.
                 this.gather(cx);
             }
@@ -663,22 +648,24 @@ mod tests {
         let mut b = Batch::with_head(b"HEAD".to_vec());
         b.frames.push(Bytes::from_static(b"abc"));
         b.frames.push(Bytes::from_static(b"defg"));
-        b.seal(true, false);
+        fn pending(b: &Batch) -> Vec<u8> {
+            let mut s = [IoSlice::new(&[]); MAX_SLICES];
+            let n = b.slices(&mut s);
+            s[..n].iter().flat_map(|x| x.iter().copied()).collect()
+        }
         let mut written = Vec::new();
         for step in [1, 4, 2, 3, 100] {
-            let mut s = Vec::new();
-            b.slices(&mut s);
-            let all: Vec<u8> = s.iter().flat_map(|x| x.iter().copied()).collect();
+            let all = pending(&b);
             let n = step.min(all.len());
             written.extend_from_slice(&all[..n]);
             b.advance(n);
         }
         assert!(b.is_empty());
-        assert_eq!(written, b"HEAD7\r\nabcdefg\r\n");
-        b.seal(true, true);
-        let mut s = Vec::new();
-        b.slices(&mut s);
-        let all: Vec<u8> = s.iter().flat_map(|x| x.iter().copied()).collect();
-        assert_eq!(all, b"0\r\n\r\n");
+        assert_eq!(written, b"HEADabcdefg");
+        b.seal_end(true);
+        assert_eq!(pending(&b), b"0\r\n\r\n");
+        b.advance(1);
+        assert_eq!(pending(&b), b"\r\n\r\n");
+        b.advance(4);
     }
 }
