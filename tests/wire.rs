@@ -19,9 +19,13 @@ fn all_created(project: &str) -> Value {
 }
 
 fn subscribe_request(version: &str, token: &str, body: &str) -> String {
+    declared_subscribe(version, token, body.len(), body)
+}
+
+/// A subscribe request whose `Content-Length` says `declared`, whatever is sent.
+fn declared_subscribe(version: &str, token: &str, declared: usize, body: &str) -> String {
     format!(
-        "POST {SUBSCRIBE} {version}\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
+        "POST {SUBSCRIBE} {version}\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n{body}"
     )
 }
 
@@ -229,13 +233,8 @@ async fn stream_request_bodies_are_bounded_in_size_and_time() {
     let t = token_for("reader", HOUR);
     // Declared too large: refused without reading it.
     let mut big = Raw::connect(&h).await;
-    big.send(
-        format!(
-            "POST {SUBSCRIBE} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\ncontent-length: 999999999\r\n\r\n{{"
-        )
-        .as_bytes(),
-    )
-    .await;
+    big.send(declared_subscribe("HTTP/1.1", &t, 999_999_999, "{").as_bytes())
+        .await;
     big.until_closed().await;
     assert!(big.text().starts_with("HTTP/1.1 413 "), "{}", big.text());
     assert!(
@@ -245,13 +244,8 @@ async fn stream_request_bodies_are_bounded_in_size_and_time() {
     );
     // Declared, never sent in full: 408.
     let mut slow = Raw::connect(&h).await;
-    slow.send(
-        format!(
-            "POST {SUBSCRIBE} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"projectId\""
-        )
-        .as_bytes(),
-    )
-    .await;
+    slow.send(declared_subscribe("HTTP/1.1", &t, 100, "{\"projectId\"").as_bytes())
+        .await;
     slow.until_closed().await;
     assert!(slow.text().starts_with("HTTP/1.1 408 "), "{}", slow.text());
     assert!(slow.text().contains("body_timeout"), "{}", slow.text());
