@@ -222,13 +222,7 @@ async fn read_json(app: &App, req: Request<RequestBody>) -> Result<Value, ApiErr
     let collect = Limited::new(req.into_body(), max).collect();
     let bytes: Bytes =
         match tokio::time::timeout(app.config.server.body_read_timeout, collect).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "the request body was not received in time",
-                ))
-            }
+            Err(_) => return Err(ApiError::body_timeout()),
             Ok(Err(e)) => {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()

@@ -119,18 +119,10 @@ pub async fn read_first(
             Ok(true) => buf.split_to(want).freeze(),
             Ok(false) => return First::Done,
             Err(_) => {
-                let resp = super::error::ApiError::new(
-                    http::StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "the request body was not received in time",
-                )
-                .into_response();
-                if let HttpBody::Full(body) = resp.body() {
-                    let head = response_head(&resp, Framing::Length(body_len(body)));
-                    let _ = tcp.write_all(&head).await;
-                    if let Some(b) = body {
-                        let _ = tcp.write_all(b).await;
-                    }
+                let resp = super::error::ApiError::body_timeout().into_response();
+                let head = response_head(&resp, Framing::Length(body_len(resp.body())));
+                if let HttpBody::Full(body) = resp.into_body() {
+                    write_complete(tcp, &head, body).await;
                 }
                 return First::Done;
             }
@@ -140,8 +132,24 @@ pub async fn read_first(
     First::Stream(req)
 }
 
-fn body_len(b: &Option<Bytes>) -> usize {
-    b.as_ref().map_or(0, Bytes::len)
+fn body_len(b: &HttpBody) -> usize {
+    match b {
+        HttpBody::Full(b) => b.as_ref().map_or(0, Bytes::len),
+        HttpBody::Stream(_) => 0,
+    }
+}
+
+/// Writes a complete response and ends the connection; a client that reads
+/// nothing cannot hold the task.
+async fn write_complete(tcp: &mut TcpStream, head: &[u8], body: Option<Bytes>) {
+    let done = async {
+        tcp.write_all(head).await?;
+        if let Some(b) = body {
+            tcp.write_all(&b).await?;
+        }
+        tcp.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
 }
 
 #[allow(clippy::large_enum_variant)] // one per connection, moved once
@@ -309,7 +317,7 @@ pub async fn respond(
     resp: Response<HttpBody>,
 ) -> Option<StreamWriter> {
     let framing = match resp.body() {
-        HttpBody::Full(b) => Framing::Length(body_len(b)),
+        b @ HttpBody::Full(_) => Framing::Length(body_len(b)),
         HttpBody::Stream(_) if version == Version::HTTP_10 => Framing::Close,
         HttpBody::Stream(_) => Framing::Chunked,
     };
@@ -317,15 +325,7 @@ pub async fn respond(
     // The headers are not kept for the life of the stream.
     match resp.into_body() {
         HttpBody::Full(b) => {
-            let done = async {
-                tcp.write_all(&head).await?;
-                if let Some(b) = b {
-                    tcp.write_all(&b).await?;
-                }
-                tcp.shutdown().await
-            };
-            // A client that reads nothing cannot hold the task.
-            let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
+            write_complete(&mut tcp, &head, b).await;
             None
         }
         HttpBody::Stream(mut stream) => {

@@ -108,6 +108,15 @@ impl ApiError {
         .with_details(json!({"limit": limit}))
     }
 
+    /// 408: the body did not arrive within `server.body_read_timeout`.
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body was not received in time",
+        )
+    }
+
     /// 415.
     pub fn unsupported_media_type() -> Self {
         Self::new(
