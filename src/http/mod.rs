@@ -203,8 +203,8 @@ pub async fn serve<H: Handler>(
         let builder = builder.clone();
         let abort = Arc::new(ConnectionAbort::default());
         let for_requests = abort.clone();
-        // Boxed: a task is as large as its largest state, and a stream's
-        // connection lives long in the smallest one.
+        // A task is as large as its largest state: every long wait inside is
+        // boxed, and an HTTP/1 stream moves to a small task of its own.
         let task = tokio::spawn(Box::pin(async move {
             let mut tcp = tcp;
             let prefix = match handler.stream_path() {
