@@ -22,8 +22,9 @@
 //! worker, eventsource subscribers, `nchan_subscriber_first_message newest`),
 //! with the same bytes per event; `scripts/bench-compare` runs both.
 
+mod support;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,8 +32,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use herald::auth::Signer;
 use serde_json::json;
+use support::{Herald, SECRET};
 
-const SECRET: &str = "herald-bench-secret-0123456789abcdef";
 /// How long the nats-server helpers wait for a server.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -67,82 +68,27 @@ fn proc_stats(pid: u32) -> (f64, u64) {
     (cpu, rss)
 }
 
-struct Herald {
-    child: Child,
-    public: String,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Herald {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_herald(queue_frames: usize, nats_urls: &[String]) -> Herald {
-    let dir = tempfile::tempdir().expect("tempdir");
     let mut policy = String::from("p, role:bench, *, *, subscribe, *, /**, allow\np, bench-publisher, *, *, publish, *, /**, allow\n");
     for i in 0..IDENTITIES {
         policy.push_str(&format!("g, bench-{i}, role:bench, *\n"));
     }
-    std::fs::write(dir.path().join("policy.csv"), policy).unwrap();
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/model.conf");
-    std::fs::write(
-        dir.path().join("herald.toml"),
-        format!(
-            "[auth]\nhs_secret = \"{SECRET}\"\n[policy]\nmodel = {:?}\npolicy = \"policy.csv\"\n\
-             [limits]\nconnections_per_identity_project = 1000000\nmax_connections = 1000000\nsubscribe_rate = 1000000.0\nsubscribe_burst = 1000000.0\n\
-             [stream]\nqueue_frames = {queue_frames}\n",
-            model.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    // FANOUT_HERALD_WORKERS: herald's runtime threads (nchan runs one worker).
-    if let Ok(n) = std::env::var("FANOUT_HERALD_WORKERS") {
-        cmd.env("HERALD_SERVER__WORKER_THREADS", n);
-    }
-    if !nats_urls.is_empty() {
-        cmd.env(
-            "HERALD_NATS__URLS",
-            serde_json::to_string(nats_urls).unwrap(),
-        );
-    }
-    let mut child = cmd
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .env("HERALD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start herald");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let public = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("public="))
-        .expect("ready line")
-        .to_owned();
-    let admin = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .expect("ready line")
-        .to_owned();
-    Herald {
-        child,
-        public,
-        admin,
-        _dir: dir,
-    }
+    let extra = format!(
+        "[limits]\nconnections_per_identity_project = 1000000\nmax_connections = 1000000\nsubscribe_rate = 1000000.0\nsubscribe_burst = 1000000.0\n\
+         [stream]\nqueue_frames = {queue_frames}\n"
+    );
+    Herald::start(&policy, &extra, |cmd| {
+        // FANOUT_HERALD_WORKERS: herald's runtime threads (nchan runs one worker).
+        if let Ok(n) = std::env::var("FANOUT_HERALD_WORKERS") {
+            cmd.env("HERALD_SERVER__WORKER_THREADS", n);
+        }
+        if !nats_urls.is_empty() {
+            cmd.env(
+                "HERALD_NATS__URLS",
+                serde_json::to_string(nats_urls).unwrap(),
+            );
+        }
+    })
 }
 
 /// nginx + nchan, one worker, on a loopback port.

@@ -5,78 +5,22 @@
 //! the latency for a file save (watcher, `policy.watch_interval` 250 ms) and for
 //! a save followed by SIGHUP (watcher off).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use herald::auth::Signer;
 use serde_json::{json, Value};
+use support::{Herald, SECRET};
 
-const SECRET: &str = "herald-bench-secret-0123456789abcdef";
 const GRANT: &str = "p, alice, p1, secret:*, subscribe, *, /**, allow\n";
 const NO_GRANT: &str = "p, bob, p1, secret:*, subscribe, *, /**, allow\n";
 
-struct Herald {
-    child: Child,
-    public: String,
-    admin: String,
-    policy: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Herald {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(watch: bool) -> Herald {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.csv");
     // Every round first grants, then takes the grant away: start without it.
-    std::fs::write(&policy, NO_GRANT).unwrap();
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/model.conf");
-    std::fs::write(
-        dir.path().join("herald.toml"),
-        format!(
-            "[auth]\nhs_secret = \"{SECRET}\"\n[policy]\nmodel = {:?}\npolicy = \"policy.csv\"\nwatch = {watch}\n",
-            model.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .env("HERALD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start herald");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .expect("ready line")
-            .to_owned()
-    };
-    Herald {
-        public: addr("public="),
-        admin: addr("admin="),
-        child,
-        policy,
-        _dir: dir,
-    }
+    Herald::start(NO_GRANT, &format!("watch = {watch}\n"), |_| {})
 }
 
 async fn generation(http: &reqwest::Client, h: &Herald) -> u64 {
@@ -94,7 +38,7 @@ async fn generation(http: &reqwest::Client, h: &Herald) -> u64 {
 /// One round: grant, subscribe, take the grant away, time until the error arrives.
 async fn round(http: &reqwest::Client, h: &Herald, token: &str, hup: bool) -> Duration {
     let before = generation(http, h).await;
-    std::fs::write(&h.policy, GRANT).unwrap();
+    std::fs::write(h.policy_path(), GRANT).unwrap();
     if hup {
         signal(h, "HUP");
     }
@@ -115,7 +59,7 @@ async fn round(http: &reqwest::Client, h: &Herald, token: &str, hup: bool) -> Du
     let mut body = resp.bytes_stream();
     body.next().await; // the retry: hint
     let saved = Instant::now();
-    std::fs::write(&h.policy, NO_GRANT).unwrap();
+    std::fs::write(h.policy_path(), NO_GRANT).unwrap();
     if hup {
         signal(h, "HUP");
     }
