@@ -28,7 +28,7 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{HttpBody, RequestBody};
+use super::{HttpBody, RequestBody, ServeOptions};
 use crate::stream::SseStream;
 
 /// The longest request head read here; a longer one is left to hyper.
@@ -56,23 +56,11 @@ pub enum First {
     Done,
 }
 
-/// Limits that apply while reading the first request.
-#[derive(Clone, Copy, Debug)]
-pub struct ReadLimits {
-    /// Time for the request head.
-    pub header_read_timeout: Duration,
-    /// Time for the request body.
-    pub body_read_timeout: Duration,
-    /// The largest body read here (a larger declared one is passed on empty,
-    /// with its `Content-Length`, for the handler to refuse).
-    pub max_body_bytes: usize,
-}
-
 /// Reads the first request of a connection. `is_stream` says from the method
 /// and path (without query) whether a request is a stream request.
 pub async fn read_first(
     tcp: &mut TcpStream,
-    limits: ReadLimits,
+    limits: &ServeOptions,
     is_stream: impl Fn(&Method, &str) -> bool,
 ) -> First {
     let mut buf = BytesMut::with_capacity(2048);

@@ -127,18 +127,9 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Time allowed for a request body read by `direct`.
     pub body_read_timeout: Duration,
-    /// The largest request body read by `direct`.
+    /// The largest request body read by `direct` (a larger declared one is
+    /// passed on unread, with its `Content-Length`, for the handler to refuse).
     pub max_body_bytes: usize,
-}
-
-impl ServeOptions {
-    fn limits(&self) -> direct::ReadLimits {
-        direct::ReadLimits {
-            header_read_timeout: self.header_read_timeout,
-            body_read_timeout: self.body_read_timeout,
-            max_body_bytes: self.max_body_bytes,
-        }
-    }
 }
 
 /// A request handler.
@@ -220,7 +211,7 @@ pub async fn serve<H: Handler>(
                     let is_stream = |m: &Method, p: &str| {
                         (m == Method::GET || m == Method::POST) && p == stream_path
                     };
-                    match Box::pin(direct::read_first(&mut tcp, opts.limits(), is_stream)).await {
+                    match Box::pin(direct::read_first(&mut tcp, &opts, is_stream)).await {
                         direct::First::Done => return,
                         direct::First::Pass(prefix) => prefix,
                         direct::First::Stream(mut req) => {
