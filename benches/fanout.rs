@@ -249,7 +249,8 @@ async fn main() {
     let nchan_base = nchan.as_ref().map(|n| n.base.clone());
     let instance_of_project = |p: usize| p % n_instances;
 
-    let signer = Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes());
+    let signer =
+        Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes()).expect("a valid key");
     let tokens: Vec<String> = (0..IDENTITIES)
         .map(|i| {
             signer

@@ -99,6 +99,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let token = Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes())
+        .expect("a valid key")
         .mint("alice", Duration::from_secs(3600), None, None)
         .unwrap();
     let http = reqwest::Client::new();

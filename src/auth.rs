@@ -3,17 +3,21 @@
 //! Only the algorithms of an allow-list are accepted (HS256/384/512, RS256,
 //! ES256, EdDSA; never `none`), and each algorithm is verified only with a key of
 //! its own family, so an HS secret can never verify an RS token or the reverse.
-//! `exp` is required; `iss`/`aud` are checked when configured. The `sub` claim is
-//! the identity casbin sees.
+//! `exp` is required; `iss`/`aud` are required when configured. Every claim is
+//! checked with the type RFC 7519 gives it (a string `nbf` is refused, not
+//! ignored). The `sub` claim is the identity casbin sees, and it can never be a
+//! role name (DESIGN.md section 12).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
 
 use crate::config::AuthConfig;
+use crate::ident::{Principal, PrincipalError};
 
 /// Parses a configured algorithm name from the allow-list.
 pub fn parse_algorithm(s: &str) -> Option<Algorithm> {
@@ -28,28 +32,24 @@ pub fn parse_algorithm(s: &str) -> Option<Algorithm> {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Family {
-    Hmac,
-    Rsa,
-    Ec,
-    Ed,
-}
+/// Every algorithm herald accepts, in the order `auth.algorithms` lists them.
+const ACCEPTED: [Algorithm; 6] = [
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::RS256,
+    Algorithm::ES256,
+    Algorithm::EdDSA,
+];
 
-fn family(alg: Algorithm) -> Option<Family> {
-    match alg {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Some(Family::Hmac),
-        Algorithm::RS256 => Some(Family::Rsa),
-        Algorithm::ES256 => Some(Family::Ec),
-        Algorithm::EdDSA => Some(Family::Ed),
-        _ => None,
-    }
-}
+/// Longest accepted token, in bytes: far above what identity providers issue,
+/// far below what would make parsing it cost anything.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    /// The `sub` claim.
+    /// The identity policies name (the token's mapped claim, `sub` by default).
     pub subject: Arc<str>,
     /// When the token expires (`exp`), as a UNIX timestamp in seconds.
     pub expires_at: u64,
@@ -79,8 +79,14 @@ pub enum AuthError {
     NotYetValid,
     #[error("token is missing the required claim {0}")]
     MissingClaim(&'static str),
+    #[error("token claim {0} does not have the type RFC 7519 gives it")]
+    ClaimType(&'static str),
     #[error("token issuer or audience is not accepted")]
     Claims,
+    #[error("token header names critical extensions herald does not understand")]
+    Critical,
+    #[error("the token's identity is not accepted: it {0}")]
+    Identity(#[source] PrincipalError),
 }
 
 impl AuthError {
@@ -94,9 +100,27 @@ impl AuthError {
             AuthError::Expired => "expired",
             AuthError::NotYetValid => "not_yet_valid",
             AuthError::MissingClaim(_) => "missing_claim",
+            AuthError::ClaimType(_) => "claim_type",
             AuthError::Claims => "claims",
+            AuthError::Critical => "critical_header",
+            AuthError::Identity(_) => "identity",
         }
     }
+
+    /// Every label [`reason`](Self::reason) can return.
+    pub const REASONS: &'static [&'static str] = &[
+        "missing",
+        "malformed",
+        "algorithm",
+        "signature",
+        "expired",
+        "not_yet_valid",
+        "missing_claim",
+        "claim_type",
+        "claims",
+        "critical_header",
+        "identity",
+    ];
 }
 
 /// A key configuration problem.
@@ -108,18 +132,12 @@ pub enum KeyError {
     WeakSecret,
     #[error("cannot read {path}: {err}")]
     Read { path: String, err: std::io::Error },
-    #[error("{0}: not a PEM RSA, EC (P-256) or Ed25519 key")]
+    #[error("{0}: not a PEM RSA, EC (P-256) or Ed25519 public key")]
     BadPem(String),
+    #[error("{0}: {1}")]
+    UnusableKey(String, &'static str),
     #[error("`auth.algorithms` lists {0:?} but no key of its family is configured")]
     NoKeyFor(String),
-}
-
-#[derive(Serialize, Deserialize)]
-struct Claims {
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    exp: Option<u64>,
 }
 
 /// The configured HS secret: `auth.hs_secret`, or the content of
@@ -138,13 +156,99 @@ pub fn hs_secret(cfg: &AuthConfig) -> Result<Option<Vec<u8>>, KeyError> {
     }
 }
 
+/// What a verified token's claims must satisfy (RFC 7519 types, herald's
+/// configured values).
+#[derive(Clone, Debug, Default)]
+pub struct ClaimRules {
+    /// Required `iss`, compared exactly (a string, never an array).
+    pub issuer: Option<String>,
+    /// Required `aud` (a string equal to it, or an array of strings holding it).
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
+    pub leeway: u64,
+}
+
+/// The claims herald takes from a verified token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// The identity.
+    pub subject: Principal,
+    /// `exp`.
+    pub expires_at: u64,
+}
+
+/// A NumericDate claim (RFC 7519 section 2): when present, a non-negative
+/// integer number of seconds. Floats, strings, negative or oversized numbers
+/// are refused rather than rounded or ignored.
+fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, AuthError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or(AuthError::ClaimType(name)),
+    }
+}
+
+impl ClaimRules {
+    /// Checks the claims of a token whose signature is verified, at `now`.
+    pub fn check(&self, claims: &Value, now: u64) -> Result<Checked, AuthError> {
+        let claims = claims.as_object().ok_or(AuthError::Malformed)?;
+        let exp = numeric_date(claims, "exp")?.ok_or(AuthError::MissingClaim("exp"))?;
+        if exp.saturating_add(self.leeway) <= now {
+            return Err(AuthError::Expired);
+        }
+        if let Some(nbf) = numeric_date(claims, "nbf")? {
+            if nbf > now.saturating_add(self.leeway) {
+                return Err(AuthError::NotYetValid);
+            }
+        }
+        if let Some(iat) = numeric_date(claims, "iat")? {
+            if iat > now.saturating_add(self.leeway) {
+                return Err(AuthError::NotYetValid);
+            }
+        }
+        match claims.get("iss") {
+            None if self.issuer.is_some() => return Err(AuthError::MissingClaim("iss")),
+            None => {}
+            Some(Value::String(iss)) if self.issuer.as_ref().is_some_and(|want| want != iss) => {
+                return Err(AuthError::Claims);
+            }
+            Some(Value::String(_)) => {}
+            Some(_) => return Err(AuthError::ClaimType("iss")),
+        }
+        let audiences: Vec<&str> = match claims.get("aud") {
+            None => Vec::new(),
+            Some(Value::String(a)) => vec![a.as_str()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().ok_or(AuthError::ClaimType("aud")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(AuthError::ClaimType("aud")),
+        };
+        if let Some(want) = &self.audience {
+            if claims.get("aud").is_none() {
+                return Err(AuthError::MissingClaim("aud"));
+            }
+            if !audiences.iter().any(|a| a == want) {
+                return Err(AuthError::Claims);
+            }
+        }
+        let sub = match claims.get("sub") {
+            None => return Err(AuthError::MissingClaim("sub")),
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(AuthError::ClaimType("sub")),
+        };
+        let subject = Principal::parse(sub).map_err(AuthError::Identity)?;
+        Ok(Checked {
+            subject,
+            expires_at: exp,
+        })
+    }
+}
+
 /// Verifies bearer tokens.
 pub struct Verifier {
-    keys: Vec<(Family, DecodingKey)>,
+    keys: Vec<(AlgorithmFamily, DecodingKey)>,
     allowed: Vec<Algorithm>,
-    issuer: Option<String>,
-    audience: Option<String>,
-    leeway: u64,
+    rules: ClaimRules,
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, KeyError> {
@@ -154,49 +258,92 @@ fn read_file(path: &Path) -> Result<Vec<u8>, KeyError> {
     })
 }
 
+/// Makes sure the one crypto backend herald builds with is the process's.
+fn install_crypto() {
+    // An error only says one is installed already.
+    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+}
+
+/// A public key from a PEM file, checked so that verifying with it cannot
+/// fail in ways a token could exploit: an Ed25519 key of exactly 32 bytes, a
+/// P-256 point, an RSA modulus of at least 2048 bits, and never a private key.
+fn public_key_from_pem(name: &str, pem: &[u8]) -> Result<(AlgorithmFamily, DecodingKey), KeyError> {
+    if std::str::from_utf8(pem).is_ok_and(|t| t.contains("PRIVATE KEY")) {
+        return Err(KeyError::UnusableKey(
+            name.to_owned(),
+            "is a private key; give herald the public key",
+        ));
+    }
+    let key = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+        k
+    } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+        k
+    } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+        k
+    } else {
+        return Err(KeyError::BadPem(name.to_owned()));
+    };
+    let unusable = |why| KeyError::UnusableKey(name.to_owned(), why);
+    let family = key.family();
+    match family {
+        AlgorithmFamily::Ed => {
+            if key.try_get_as_bytes().map(<[u8]>::len).ok() != Some(32) {
+                return Err(unusable("an Ed25519 public key is 32 bytes"));
+            }
+        }
+        AlgorithmFamily::Ec => {
+            if key.try_get_as_bytes().map(<[u8]>::len).ok() != Some(65) {
+                return Err(unusable("only P-256 keys are accepted (ES256)"));
+            }
+        }
+        AlgorithmFamily::Rsa => {
+            let bits = jsonwebtoken::jwk::Jwk::from_decoding_key(&key, None)
+                .ok()
+                .and_then(|j| match j.algorithm {
+                    jsonwebtoken::jwk::AlgorithmParameters::RSA(p) => {
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .decode(p.n.as_bytes())
+                            .ok()
+                            .map(|n| n.iter().skip_while(|b| **b == 0).count() * 8)
+                    }
+                    _ => None,
+                });
+            if bits.is_none_or(|b| b < 2048) {
+                return Err(unusable("RSA keys must have at least 2048 bits"));
+            }
+        }
+        _ => return Err(KeyError::BadPem(name.to_owned())),
+    }
+    Ok((family, key))
+}
+
 impl Verifier {
     /// Builds the verifier from `[auth]`.
     pub fn from_config(cfg: &AuthConfig) -> Result<Self, KeyError> {
+        install_crypto();
         let mut keys = Vec::new();
         if let Some(s) = hs_secret(cfg)? {
             if s.len() < 32 {
                 return Err(KeyError::WeakSecret);
             }
-            keys.push((Family::Hmac, DecodingKey::from_secret(&s)));
+            let key = DecodingKey::from_secret(&s).map_err(|_| KeyError::WeakSecret)?;
+            keys.push((AlgorithmFamily::Hmac, key));
         }
         if let Some(f) = &cfg.public_key_file {
             let pem = read_file(f)?;
-            let key = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
-                (Family::Rsa, k)
-            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
-                (Family::Ec, k)
-            } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
-                (Family::Ed, k)
-            } else {
-                return Err(KeyError::BadPem(f.display().to_string()));
-            };
-            keys.push(key);
+            keys.push(public_key_from_pem(&f.display().to_string(), &pem)?);
         }
         if keys.is_empty() {
             return Err(KeyError::NoKey);
         }
+        let has_key = |a: Algorithm| keys.iter().any(|(f, _)| *f == a.family());
         let allowed: Vec<Algorithm> = if cfg.algorithms.is_empty() {
-            [
-                Algorithm::HS256,
-                Algorithm::HS384,
-                Algorithm::HS512,
-                Algorithm::RS256,
-                Algorithm::ES256,
-                Algorithm::EdDSA,
-            ]
-            .into_iter()
-            .filter(|a| keys.iter().any(|(f, _)| Some(*f) == family(*a)))
-            .collect()
+            ACCEPTED.into_iter().filter(|a| has_key(*a)).collect()
         } else {
             let mut v = Vec::new();
             for name in &cfg.algorithms {
                 let a = parse_algorithm(name).ok_or_else(|| KeyError::NoKeyFor(name.clone()))?;
-                if !keys.iter().any(|(f, _)| Some(*f) == family(a)) {
+                if !has_key(a) {
                     return Err(KeyError::NoKeyFor(name.clone()));
                 }
                 v.push(a);
@@ -206,62 +353,58 @@ impl Verifier {
         Ok(Self {
             keys,
             allowed,
-            issuer: cfg.issuer.clone(),
-            audience: cfg.audience.clone(),
-            leeway: cfg.leeway.as_secs(),
+            rules: ClaimRules {
+                issuer: cfg.issuer.clone(),
+                audience: cfg.audience.clone(),
+                leeway: cfg.leeway.as_secs(),
+            },
         })
     }
 
     /// Verifies a token and returns the identity it names.
+    ///
+    /// The library checks the signature (and `crit`, which it refuses unless
+    /// it is the one extension it implements; herald refuses every `crit`);
+    /// every claim is then checked by herald, with RFC 7519's types
+    /// ([`ClaimRules::check`]). Nothing in the header chooses a key but its
+    /// `alg` family: `kid`, `jku`, `x5u` and an embedded `jwk` are never used.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Malformed);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        if header.crit.is_some() {
+            return Err(AuthError::Critical);
+        }
         if !self.allowed.contains(&header.alg) {
             return Err(AuthError::Algorithm);
         }
-        let fam = family(header.alg).ok_or(AuthError::Algorithm)?;
         let key = self
             .keys
             .iter()
-            .find(|(f, _)| *f == fam)
+            .find(|(f, _)| *f == header.alg.family())
             .map(|(_, k)| k)
             .ok_or(AuthError::Algorithm)?;
         let mut v = Validation::new(header.alg);
-        v.algorithms = vec![header.alg];
-        v.leeway = self.leeway;
-        v.validate_exp = true;
-        v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp", "sub"]);
-        match &self.audience {
-            Some(a) => v.set_audience(&[a]),
-            None => v.validate_aud = false,
-        }
-        if let Some(i) = &self.issuer {
-            v.set_issuer(&[i]);
-            v.required_spec_claims.insert("iss".into());
-        }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+        // The claims are herald's to check, strictly (ClaimRules::check).
+        v.validate_exp = false;
+        v.validate_nbf = false;
+        v.validate_aud = false;
+        v.required_spec_claims.clear();
+        let data = jsonwebtoken::decode::<Value>(token, key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
-                K::ExpiredSignature => AuthError::Expired,
-                K::ImmatureSignature => AuthError::NotYetValid,
                 K::InvalidSignature => AuthError::Signature,
-                K::InvalidAlgorithm | K::InvalidAlgorithmName => AuthError::Algorithm,
-                K::MissingRequiredClaim(c) if c == "exp" => AuthError::MissingClaim("exp"),
-                K::MissingRequiredClaim(c) if c == "sub" => AuthError::MissingClaim("sub"),
-                K::InvalidIssuer | K::InvalidAudience | K::MissingRequiredClaim(_) => {
-                    AuthError::Claims
+                K::InvalidAlgorithm | K::InvalidAlgorithmName | K::InvalidKeyFormat => {
+                    AuthError::Algorithm
                 }
                 _ => AuthError::Malformed,
             }
         })?;
-        let sub = data.claims.sub.ok_or(AuthError::MissingClaim("sub"))?;
-        if sub.is_empty() || sub.len() > 256 || sub.chars().any(char::is_control) {
-            return Err(AuthError::Malformed);
-        }
-        let exp = data.claims.exp.ok_or(AuthError::MissingClaim("exp"))?;
+        let checked = self.rules.check(&data.claims, unix_now())?;
         Ok(Identity {
-            subject: Arc::from(sub),
-            expires_at: exp,
+            subject: checked.subject.as_arc().clone(),
+            expires_at: checked.expires_at,
         })
     }
 }
@@ -274,6 +417,21 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a token could not be minted.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("an HMAC secret must not be empty")]
+    EmptySecret,
+    #[error("{0:?} does not use a PEM private key")]
+    NotPem(Algorithm),
+    #[error("cannot read the private key")]
+    BadKey(#[source] jsonwebtoken::errors::Error),
+    #[error("--sub {0:?}")]
+    Subject(String, #[source] PrincipalError),
+    #[error("cannot sign the token")]
+    Encode(#[source] jsonwebtoken::errors::Error),
+}
+
 /// A signing key for `herald token mint` and dev mode.
 pub struct Signer {
     alg: Algorithm,
@@ -282,42 +440,50 @@ pub struct Signer {
 
 impl Signer {
     /// An HMAC signer (HS256/384/512).
-    pub fn hmac(alg: Algorithm, secret: &[u8]) -> Self {
-        Self {
-            alg,
-            key: EncodingKey::from_secret(secret),
-        }
+    pub fn hmac(alg: Algorithm, secret: &[u8]) -> Result<Self, SignError> {
+        install_crypto();
+        let key = EncodingKey::from_secret(secret).map_err(|_| SignError::EmptySecret)?;
+        Ok(Self { alg, key })
     }
 
     /// A signer from a PEM private key; `alg` picks how to read it.
-    pub fn from_pem(alg: Algorithm, pem: &[u8]) -> Result<Self, String> {
-        let key = match family(alg) {
-            Some(Family::Rsa) => EncodingKey::from_rsa_pem(pem),
-            Some(Family::Ec) => EncodingKey::from_ec_pem(pem),
-            Some(Family::Ed) => EncodingKey::from_ed_pem(pem),
-            _ => return Err(format!("{alg:?} does not use a PEM private key")),
+    pub fn from_pem(alg: Algorithm, pem: &[u8]) -> Result<Self, SignError> {
+        install_crypto();
+        let key = match alg.family() {
+            AlgorithmFamily::Rsa => EncodingKey::from_rsa_pem(pem),
+            AlgorithmFamily::Ec => EncodingKey::from_ec_pem(pem),
+            AlgorithmFamily::Ed => EncodingKey::from_ed_pem(pem),
+            _ => return Err(SignError::NotPem(alg)),
         }
-        .map_err(|e| format!("cannot read the private key: {e}"))?;
+        .map_err(SignError::BadKey)?;
         Ok(Self { alg, key })
     }
 
     /// Mints a token for `sub` valid for `ttl`, with optional `iss`/`aud`.
+    /// `sub` must be a valid identity (never a role).
     pub fn mint(
         &self,
         sub: &str,
         ttl: Duration,
         iss: Option<&str>,
         aud: Option<&str>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SignError> {
+        Principal::parse(sub).map_err(|e| SignError::Subject(sub.to_owned(), e))?;
         let now = unix_now();
-        let mut claims = serde_json::json!({"sub": sub, "iat": now, "exp": now + ttl.as_secs()});
+        let exp = now.saturating_add(ttl.as_secs());
+        let mut claims = serde_json::json!({"sub": sub, "iat": now, "exp": exp});
         if let Some(i) = iss {
             claims["iss"] = i.into();
         }
         if let Some(a) = aud {
             claims["aud"] = a.into();
         }
-        jsonwebtoken::encode(&Header::new(self.alg), &claims, &self.key).map_err(|e| e.to_string())
+        self.sign(&claims)
+    }
+
+    /// Signs arbitrary claims (tests of hostile tokens; `mint` for the rest).
+    pub fn sign(&self, claims: &Value) -> Result<String, SignError> {
+        jsonwebtoken::encode(&Header::new(self.alg), claims, &self.key).map_err(SignError::Encode)
     }
 }
 
@@ -325,6 +491,7 @@ impl Signer {
 mod tests {
     use super::*;
     use base64::Engine;
+    use serde_json::json;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
@@ -336,9 +503,13 @@ mod tests {
         .unwrap()
     }
 
+    fn signer() -> Signer {
+        Signer::hmac(Algorithm::HS256, SECRET.as_bytes()).unwrap()
+    }
+
     #[test]
     fn round_trip() {
-        let t = Signer::hmac(Algorithm::HS256, SECRET.as_bytes())
+        let t = signer()
             .mint("alice", Duration::from_secs(60), None, None)
             .unwrap();
         let id = verifier().verify(&t).unwrap();
@@ -357,25 +528,22 @@ mod tests {
         );
         assert!(v.verify(&none).is_err());
         assert!(matches!(v.verify("garbage"), Err(AuthError::Malformed)));
-        let expired = Signer::hmac(Algorithm::HS256, SECRET.as_bytes());
-        let claims = serde_json::json!({"sub": "a", "exp": unix_now() - 3600});
-        let t =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &expired.key).unwrap();
+        let t = signer()
+            .sign(&json!({"sub": "a", "exp": unix_now() - 3600}))
+            .unwrap();
         assert!(matches!(v.verify(&t), Err(AuthError::Expired)));
         let other = Signer::hmac(Algorithm::HS256, b"another-secret-another-secret-xx")
+            .unwrap()
             .mint("a", Duration::from_secs(60), None, None)
             .unwrap();
         assert!(matches!(v.verify(&other), Err(AuthError::Signature)));
-        let no_exp = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &serde_json::json!({"sub": "a"}),
-            &expired.key,
-        )
-        .unwrap();
+        let no_exp = signer().sign(&json!({"sub": "a"})).unwrap();
         assert!(matches!(
             v.verify(&no_exp),
             Err(AuthError::MissingClaim("exp"))
         ));
+        let huge = "a".repeat(MAX_TOKEN_BYTES + 1);
+        assert!(matches!(v.verify(&huge), Err(AuthError::Malformed)));
     }
 
     #[test]
@@ -392,5 +560,155 @@ mod tests {
             Verifier::from_config(&weak),
             Err(KeyError::WeakSecret)
         ));
+        assert!(matches!(
+            Signer::hmac(Algorithm::HS256, b""),
+            Err(SignError::EmptySecret)
+        ));
+    }
+
+    fn rules(issuer: Option<&str>, audience: Option<&str>) -> ClaimRules {
+        ClaimRules {
+            issuer: issuer.map(str::to_owned),
+            audience: audience.map(str::to_owned),
+            leeway: 5,
+        }
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn with(extra: Value) -> Value {
+        let mut c = json!({"sub": "alice", "exp": NOW + 60});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    }
+
+    #[test]
+    fn time_claims_have_numeric_types() {
+        let r = rules(None, None);
+        assert!(r.check(&with(json!({})), NOW).is_ok());
+        for (claim, value) in [
+            ("nbf", json!("99999999999")),
+            ("nbf", json!(1.5)),
+            ("nbf", json!(-1)),
+            ("nbf", json!(null)),
+            ("exp", json!("99999999999")),
+            ("exp", json!(1e10)),
+            ("exp", json!(-1)),
+            ("exp", json!(18446744073709551616.0)),
+            ("exp", json!(true)),
+            ("iat", json!("1")),
+            ("iat", json!({})),
+        ] {
+            let got = r.check(&with(json!({ claim: value.clone() })), NOW);
+            assert!(
+                matches!(got, Err(AuthError::ClaimType(c)) if c == claim),
+                "{claim} = {value}: {got:?}"
+            );
+        }
+        assert!(matches!(
+            r.check(&with(json!({"nbf": NOW + 100})), NOW),
+            Err(AuthError::NotYetValid)
+        ));
+        assert!(matches!(
+            r.check(&with(json!({"iat": NOW + 100})), NOW),
+            Err(AuthError::NotYetValid)
+        ));
+        assert!(r
+            .check(&with(json!({"nbf": NOW + 3, "iat": NOW})), NOW)
+            .is_ok());
+        // The largest exp never overflows anything.
+        let far = r.check(&with(json!({"exp": u64::MAX})), NOW).unwrap();
+        assert_eq!(far.expires_at, u64::MAX);
+        assert!(matches!(
+            r.check(&with(json!({"exp": NOW - 6})), NOW),
+            Err(AuthError::Expired)
+        ));
+    }
+
+    #[test]
+    fn a_configured_audience_or_issuer_is_required_with_its_type() {
+        let r = rules(Some("https://idp"), Some("herald"));
+        let ok = with(json!({"iss": "https://idp", "aud": "herald"}));
+        assert!(r.check(&ok, NOW).is_ok());
+        assert!(r
+            .check(
+                &with(json!({"iss": "https://idp", "aud": ["x", "herald"]})),
+                NOW
+            )
+            .is_ok());
+        let cases = [
+            (json!({"iss": "https://idp"}), "missing aud"),
+            (json!({"iss": "https://idp", "aud": 7}), "numeric aud"),
+            (
+                json!({"iss": "https://idp", "aud": {"herald": true}}),
+                "object aud",
+            ),
+            (
+                json!({"iss": "https://idp", "aud": ["herald", 1]}),
+                "mixed aud",
+            ),
+            (json!({"iss": "https://idp", "aud": "other"}), "other aud"),
+            (json!({"iss": "https://idp", "aud": []}), "empty aud"),
+            (json!({"aud": "herald"}), "missing iss"),
+            (
+                json!({"iss": ["https://idp"], "aud": "herald"}),
+                "array iss",
+            ),
+            (
+                json!({"iss": ["x", "https://idp"], "aud": "herald"}),
+                "array iss",
+            ),
+            (json!({"iss": "https://idp2", "aud": "herald"}), "other iss"),
+        ];
+        for (extra, what) in cases {
+            assert!(r.check(&with(extra), NOW).is_err(), "{what}");
+        }
+        // Unconfigured, the claims may be absent but never of the wrong type.
+        let none = rules(None, None);
+        assert!(none
+            .check(&with(json!({"aud": ["a"], "iss": "x"})), NOW)
+            .is_ok());
+        assert!(none.check(&with(json!({"aud": 5})), NOW).is_err());
+        assert!(none.check(&with(json!({"iss": 5})), NOW).is_err());
+    }
+
+    #[test]
+    fn no_token_names_a_role() {
+        let r = rules(None, None);
+        for sub in ["role:admin", "Role:reader", "role", "roles:x"] {
+            assert!(matches!(
+                r.check(&with(json!({"sub": sub})), NOW),
+                Err(AuthError::Identity(PrincipalError::RoleLike))
+            ));
+        }
+        assert!(matches!(
+            r.check(&with(json!({"sub": 42})), NOW),
+            Err(AuthError::ClaimType("sub"))
+        ));
+        assert!(signer()
+            .mint("role:admin", Duration::from_secs(60), None, None)
+            .is_err());
+    }
+
+    #[test]
+    fn critical_headers_are_refused() {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let payload = b64(&json!({"sub": "a", "exp": unix_now() + 60}).to_string());
+        for header in [
+            r#"{"alg":"HS256","crit":["exp"]}"#,
+            r#"{"alg":"HS256","crit":["b64"],"b64":true}"#,
+        ] {
+            let input = format!("{}.{payload}", b64(header));
+            let sig = jsonwebtoken::crypto::sign(
+                input.as_bytes(),
+                &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+                Algorithm::HS256,
+            )
+            .unwrap();
+            let token = format!("{input}.{sig}");
+            assert!(verifier().verify(&token).is_err(), "{header}");
+        }
     }
 }

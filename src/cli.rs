@@ -239,7 +239,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
                 Some(k) => {
                     let pem = std::fs::read(&k)
                         .with_context(|| format!("cannot read {}", k.display()))?;
-                    Signer::from_pem(a, &pem).map_err(anyhow::Error::msg)?
+                    Signer::from_pem(a, &pem)?
                 }
                 None => {
                     if !alg.starts_with("HS") {
@@ -248,16 +248,14 @@ async fn run(command: Command) -> anyhow::Result<i32> {
                     let secret = hs_secret(&c.auth)?.context(
                         "no HS secret configured: set auth.hs_secret (HERALD_AUTH__HS_SECRET) or auth.hs_secret_file, or pass --key",
                     )?;
-                    Signer::hmac(a, &secret)
+                    Signer::hmac(a, &secret)?
                 }
             };
             let iss = iss.or(c.auth.issuer.clone());
             let aud = aud.or(c.auth.audience.clone());
             println!(
                 "{}",
-                signer
-                    .mint(&sub, ttl, iss.as_deref(), aud.as_deref())
-                    .map_err(anyhow::Error::msg)?
+                signer.mint(&sub, ttl, iss.as_deref(), aud.as_deref())?
             );
             Ok(0)
         }
@@ -393,7 +391,7 @@ async fn serve(args: ServeArgs, mut cfg: Config) -> anyhow::Result<()> {
         running.public_addr, running.admin_addr
     );
     if let Some(secret) = dev_secret {
-        let _ = write!(out, "{}", dev_banner(&secret, running.public_addr));
+        let _ = write!(out, "{}", dev_banner(&secret, running.public_addr)?);
     }
     let _ = out.flush();
     drop(out);
@@ -407,17 +405,13 @@ fn problems_error(problems: Vec<crate::policy::Problem>) -> anyhow::Error {
     anyhow::anyhow!("cannot load the policy:\n  {}", list.join("\n  "))
 }
 
-fn dev_banner(secret: &[u8], addr: SocketAddr) -> String {
-    let signer = Signer::hmac(jsonwebtoken::Algorithm::HS256, secret);
+fn dev_banner(secret: &[u8], addr: SocketAddr) -> anyhow::Result<String> {
+    let signer = Signer::hmac(jsonwebtoken::Algorithm::HS256, secret)?;
     let day = Duration::from_secs(24 * 3600);
-    let sub = signer
-        .mint("dev-subscriber", day, None, None)
-        .unwrap_or_default();
-    let publ = signer
-        .mint("dev-publisher", day, None, None)
-        .unwrap_or_default();
+    let sub = signer.mint("dev-subscriber", day, None, None)?;
+    let publ = signer.mint("dev-publisher", day, None, None)?;
     let base = format!("http://{addr}");
-    format!(
+    Ok(format!(
         r#"
 == herald dev mode: loopback only, ephemeral signing key, tokens valid 24h ==
 
@@ -435,5 +429,5 @@ curl -H "Authorization: Bearer $PUB_TOKEN" -H 'Content-Type: application/json' \
   {base}/api/v1/events/publish
 
 "#
-    )
+    ))
 }

@@ -1,9 +1,15 @@
-//! Checked identifiers: project ids and environment slugs.
+//! Checked identifiers: project ids, environment slugs and principals.
 //!
-//! Both are 1..=128 bytes of `[A-Za-z0-9_-]` (UUIDs fit). They can only be built
-//! through [`ProjectId::parse`] and [`EnvSlug::parse`], so code past the HTTP edge
-//! and the NATS decoder never holds a bad value. They are cheap to clone (an
-//! `Arc<str>`), because the router and the decision cache clone them per event.
+//! Project ids and environment slugs are 1..=128 bytes of `[A-Za-z0-9_-]`
+//! (UUIDs fit). A [`Principal`] is the identity a verified token names. They
+//! can only be built through their `parse` functions, so code past the HTTP
+//! edge and the NATS decoder never holds a bad value. They are cheap to clone
+//! (an `Arc<str>`), because the router and the decision cache clone them per
+//! event.
+//!
+//! Identities and roles live in separate namespaces (DESIGN.md section 12): a
+//! role is a policy name beginning `role:`, and no principal can be one or look
+//! like one ([`looks_like_role`]), so no token can ever name a role.
 
 use std::fmt;
 use std::sync::Arc;
@@ -86,6 +92,96 @@ ident_type!(
     EnvSlug
 );
 
+/// The prefix every role name carries in a policy.
+pub const ROLE_PREFIX: &str = "role:";
+
+/// Whether a policy name is a role (`role:…`).
+pub fn is_role_name(name: &str) -> bool {
+    name.starts_with(ROLE_PREFIX)
+}
+
+/// Whether a name is a role or could be taken for one: `role:`, `Role:`,
+/// `ROLE-`, `roles.`, `role_`… (a word `role` or `roles`, any case, followed by
+/// anything but a letter or digit). Such a name is never a principal, and a
+/// policy may not grant to it as an identity.
+pub fn looks_like_role(name: &str) -> bool {
+    let lower = name.as_bytes();
+    let word = |w: &[u8]| {
+        lower.len() >= w.len()
+            && lower[..w.len()].eq_ignore_ascii_case(w)
+            && lower
+                .get(w.len())
+                .is_none_or(|b| !b.is_ascii_alphanumeric())
+    };
+    word(b"role") || word(b"roles")
+}
+
+/// Longest accepted principal, in bytes.
+pub const MAX_PRINCIPAL_LEN: usize = 256;
+
+/// Why a principal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrincipalError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("must be at most {MAX_PRINCIPAL_LEN} bytes")]
+    TooLong,
+    #[error("must not contain control characters, spaces or commas")]
+    BadChar,
+    #[error("must not be or look like a role name (`role:…`)")]
+    RoleLike,
+}
+
+/// The identity a verified token names: what policies grant to (DESIGN.md
+/// section 12). Never empty, at most [`MAX_PRINCIPAL_LEN`] bytes, no control
+/// characters, spaces or commas (a policy line could not name it), and never
+/// a role name or anything shaped like one.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Principal(Arc<str>);
+
+impl Principal {
+    /// Checks `s` and wraps it.
+    pub fn parse(s: &str) -> Result<Self, PrincipalError> {
+        if s.is_empty() {
+            return Err(PrincipalError::Empty);
+        }
+        if s.len() > MAX_PRINCIPAL_LEN {
+            return Err(PrincipalError::TooLong);
+        }
+        if s.chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+        {
+            return Err(PrincipalError::BadChar);
+        }
+        if looks_like_role(s) {
+            return Err(PrincipalError::RoleLike);
+        }
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// The identity as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The shared text (the router and caches keep it without copying).
+    pub fn as_arc(&self) -> &Arc<str> {
+        &self.0
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +201,43 @@ mod tests {
         assert_eq!(EnvSlug::parse("pr*d"), Err(IdentError::BadChar('*')));
         assert_eq!(EnvSlug::parse("prod\n"), Err(IdentError::BadChar('\n')));
         assert_eq!(EnvSlug::parse("é"), Err(IdentError::BadChar('é')));
+    }
+
+    #[test]
+    fn principals_can_never_be_roles() {
+        for bad in [
+            "role:admin",
+            "Role:admin",
+            "ROLE:reader",
+            "role",
+            "roles",
+            "role-admin",
+            "roles.x",
+            "role_x",
+            "role/x",
+        ] {
+            assert_eq!(
+                Principal::parse(bad),
+                Err(PrincipalError::RoleLike),
+                "{bad}"
+            );
+        }
+        for ok in [
+            "alice",
+            "roleplay",
+            "rolex",
+            "svc:role:admin",
+            "6b1c2f0e-3d7a",
+        ] {
+            assert!(Principal::parse(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(Principal::parse(""), Err(PrincipalError::Empty));
+        assert_eq!(Principal::parse("a b"), Err(PrincipalError::BadChar));
+        assert_eq!(Principal::parse("a,b"), Err(PrincipalError::BadChar));
+        assert_eq!(Principal::parse("a\nb"), Err(PrincipalError::BadChar));
+        assert_eq!(
+            Principal::parse(&"a".repeat(257)),
+            Err(PrincipalError::TooLong)
+        );
     }
 }

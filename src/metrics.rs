@@ -225,23 +225,12 @@ impl Metrics {
                 "subject_mismatch",
             ],
         );
-        zero(
-            &m.auth_failures,
-            &[
-                "missing",
-                "malformed",
-                "algorithm",
-                "signature",
-                "expired",
-                "not_yet_valid",
-                "missing_claim",
-                "claims",
-            ],
-        );
+        zero(&m.auth_failures, crate::auth::AuthError::REASONS);
         zero(
             &m.limit_rejections,
             &[
                 "connections_per_identity_project",
+                "connections_per_identity",
                 "max_connections",
                 "subscribe_rate",
                 "max_body_bytes",

@@ -302,6 +302,17 @@ pub struct StreamSettings {
     pub close_timeout: Duration,
 }
 
+/// The furthest deadline a stream keeps: a token that expires later (a
+/// `exp` of 2^64 - 1, say) expires for the stream then.
+const MAX_HORIZON: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `now + after`, saturated at [`MAX_HORIZON`]: values from a token or the
+/// config can never overflow the clock.
+fn deadline_after(now: Instant, after: Duration) -> Instant {
+    let after = after.min(MAX_HORIZON);
+    now.checked_add(after).unwrap_or(now)
+}
+
 /// Deliveries buffered in a stream's local metrics before they are flushed.
 const METRIC_FLUSH_EVERY: u32 = 64;
 
@@ -382,8 +393,8 @@ pub fn new_stream(
         metrics: metrics.clone(),
     });
     let now = Instant::now();
-    let next_heartbeat = now + settings.heartbeat;
-    let expires_at = now + settings.expires_in;
+    let next_heartbeat = deadline_after(now, settings.heartbeat);
+    let expires_at = deadline_after(now, settings.expires_in);
     let mut preamble = VecDeque::new();
     preamble.push_back(sse::retry_frame(settings.retry.as_millis() as u64));
     metrics.connections.inc();
@@ -610,7 +621,7 @@ impl Body for SseStream {
             if now < this.expires_at {
                 let heartbeat = now >= this.next_heartbeat;
                 if heartbeat {
-                    this.next_heartbeat = now + this.heartbeat_every;
+                    this.next_heartbeat = deadline_after(now, this.heartbeat_every);
                 }
                 let next = this.next_heartbeat.min(this.expires_at);
                 this.timer.as_mut().reset(next);

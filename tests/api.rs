@@ -274,15 +274,15 @@ async fn bad_tokens_get_401() {
         b64(r#"{"alg":"none","typ":"JWT"}"#),
         b64(&format!(r#"{{"sub":"reader","exp":{exp}}}"#))
     );
-    let expired = {
-        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
-        let claims = json!({"sub": "reader", "exp": herald::auth::unix_now() - 600});
-        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
-    };
+    let expired = herald::auth::Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes())
+        .unwrap()
+        .sign(&json!({"sub": "reader", "exp": herald::auth::unix_now() - 600}))
+        .unwrap();
     let wrong_sig = herald::auth::Signer::hmac(
         jsonwebtoken::Algorithm::HS256,
         b"some-other-secret-some-other-secret",
     )
+    .expect("a valid key")
     .mint("reader", HOUR, None, None)
     .unwrap();
     let rs = {
@@ -322,6 +322,121 @@ async fn bad_tokens_get_401() {
     );
 }
 
+/// Signs arbitrary claims with the test secret (tokens `mint` refuses to make).
+fn signed(claims: Value) -> String {
+    herald::auth::Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes())
+        .unwrap()
+        .sign(&claims)
+        .unwrap()
+}
+
+/// The 401 reason for a subscribe with `token`.
+async fn refusal(h: &Herald, token: &str) -> (u16, Value) {
+    let r = h
+        .subscribe_raw(
+            Some(token),
+            &registration("p1", "secret:created", None, None),
+        )
+        .await;
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_token_naming_a_role_holds_no_role() {
+    // The shipped policy grants role:admin everything and role:reader reads;
+    // a token whose sub is the role name gets neither, anywhere.
+    let h = Herald::start();
+    let exp = herald::auth::unix_now() + 3600;
+    for sub in ["role:admin", "role:reader", "Role:admin", "roles:x", "role"] {
+        let (status, v) = refusal(&h, &signed(json!({"sub": sub, "exp": exp}))).await;
+        assert_eq!(status, 401, "{sub}");
+        assert_eq!(v["error"]["details"]["reason"], "identity", "{sub}");
+        let p = h
+            .publish_raw(
+                &signed(json!({"sub": sub, "exp": exp})),
+                &event("secret:created", "p9", "prod", "/a"),
+            )
+            .await;
+        assert_eq!(p.status(), 401, "publish as {sub}");
+    }
+    // The CLI refuses to mint one.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["token", "mint", "--sub", "role:admin"])
+        .env("HERALD_AUTH__HS_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("role"));
+}
+
+#[tokio::test]
+async fn configured_claims_are_required_with_their_rfc_7519_types() {
+    let h = HeraldBuilder::new()
+        .config(&format!(
+            "[auth]\nhs_secret = \"{SECRET}\"\nissuer = \"https://idp.example\"\naudience = \"herald\"\n"
+        ))
+        .start();
+    let now = herald::auth::unix_now();
+    let good =
+        json!({"sub": "reader", "exp": now + 3600, "iss": "https://idp.example", "aud": "herald"});
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v;
+        }
+        signed(c)
+    };
+    let cases = [
+        (with("aud", Value::Null), "missing_claim"),
+        (with("aud", json!(7)), "claim_type"),
+        (with("aud", json!({"herald": true})), "claim_type"),
+        (with("aud", json!("other")), "claims"),
+        (with("iss", json!(["https://idp.example"])), "claim_type"),
+        (
+            with("iss", json!(["x", "https://idp.example"])),
+            "claim_type",
+        ),
+        (with("iss", Value::Null), "missing_claim"),
+        (with("nbf", json!("99999999999")), "claim_type"),
+        (with("nbf", json!(now + 3600)), "not_yet_valid"),
+        (with("exp", json!("99999999999")), "claim_type"),
+        (with("exp", json!(1e10)), "claim_type"),
+        (with("iat", json!(now + 3600)), "not_yet_valid"),
+    ];
+    for (token, reason) in cases {
+        let (status, v) = refusal(&h, &token).await;
+        assert_eq!(status, 401, "{reason}: {v}");
+        assert_eq!(v["error"]["details"]["reason"], reason, "{v}");
+    }
+    let mut s = h
+        .subscribe(
+            &with("aud", json!(["x", "herald"])),
+            &registration("p1", "secret:created", None, None),
+        )
+        .await;
+    assert_eq!(s.next_raw(WAIT).await.unwrap().retry, Some(3000));
+}
+
+#[tokio::test]
+async fn a_token_that_never_expires_opens_a_stream_and_breaks_nothing() {
+    let h = Herald::start();
+    let forever = signed(json!({"sub": "reader", "exp": u64::MAX}));
+    let mut s = h
+        .subscribe(&forever, &registration("p1", "secret:created", None, None))
+        .await;
+    h.publish(
+        &token_for("writer", HOUR),
+        &event("secret:created", "p1", "prod", "/a"),
+    )
+    .await;
+    assert_eq!(s.next_event().await.json()["secretpath"], "/a");
+    let (status, _) = h.admin_json("/healthz").await;
+    assert_eq!(status, 200);
+}
+
 #[tokio::test]
 async fn hs_token_signed_with_the_rsa_public_key_is_refused() {
     // Algorithm confusion: herald trusts only an RSA public key; an attacker signs
@@ -335,6 +450,7 @@ async fn hs_token_signed_with_the_rsa_public_key_is_refused() {
         .start();
     let pem = std::fs::read(&public).unwrap();
     let forged = herald::auth::Signer::hmac(jsonwebtoken::Algorithm::HS256, &pem)
+        .expect("a valid key")
         .mint("reader", HOUR, None, None)
         .unwrap();
     let r = h

@@ -11,7 +11,7 @@ use crate::event::EventType;
 use crate::ident::{EnvSlug, ProjectId};
 use crate::path::{glob_match, PathPattern, SecretPath};
 
-use super::{Action, PolicySet};
+use super::{casbin_identity, casbin_name, Action, PolicySet};
 
 /// One policy line that applied, with how the identity reached its subject.
 #[derive(Debug, Clone)]
@@ -96,9 +96,10 @@ impl PolicySet {
         let mut denies = Vec::new();
         let mut allows = Vec::new();
         for (rule, &line) in self.parsed.rules.iter().zip(&self.parsed.rule_lines) {
+            let subject = casbin_name(&rule[0]);
             let chain = match chains_project
-                .get(rule[0].as_str())
-                .or_else(|| chains_any.get(rule[0].as_str()))
+                .get(subject.as_str())
+                .or_else(|| chains_any.get(subject.as_str()))
             {
                 Some(c) => c.clone(),
                 None => continue,
@@ -138,32 +139,36 @@ impl PolicySet {
         }
     }
 
-    /// Every subject `sub` acts as within `domain`, with the chain that leads there.
+    /// Every policy subject the identity `sub` acts as within `domain`, keyed
+    /// as casbin names them (identities and roles apart), with the chain that
+    /// leads there as the file writes it.
     fn reachable(&self, sub: &str, domain: &str) -> HashMap<String, Vec<String>> {
-        let mut edges: HashMap<&str, Vec<(&str, usize)>> = HashMap::new();
+        let mut edges: HashMap<String, Vec<(String, &str, usize)>> = HashMap::new();
         for (l, &line) in self.parsed.links.iter().zip(&self.parsed.link_lines) {
             if l[2] == domain {
-                edges
-                    .entry(l[0].as_str())
-                    .or_default()
-                    .push((l[1].as_str(), line));
+                edges.entry(casbin_name(&l[0])).or_default().push((
+                    casbin_name(&l[1]),
+                    l[1].as_str(),
+                    line,
+                ));
             }
         }
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        out.insert(sub.to_owned(), vec![sub.to_owned()]);
-        let mut queue = VecDeque::from([sub.to_owned()]);
+        let start = casbin_identity(sub);
+        out.insert(start.clone(), vec![sub.to_owned()]);
+        let mut queue = VecDeque::from([start]);
         while let Some(cur) = queue.pop_front() {
             let base = out.get(&cur).cloned().unwrap_or_default();
-            for (role, line) in edges.get(cur.as_str()).into_iter().flatten() {
-                if out.contains_key(*role) {
+            for (role, shown, line) in edges.get(cur.as_str()).into_iter().flatten() {
+                if out.contains_key(role) {
                     continue;
                 }
                 let mut chain = base.clone();
                 let mut step = String::new();
-                let _ = write!(step, "{role} (line {line}, domain {domain})");
+                let _ = write!(step, "{shown} (line {line}, domain {domain})");
                 chain.push(step);
-                out.insert((*role).to_owned(), chain);
-                queue.push_back((*role).to_owned());
+                out.insert(role.clone(), chain);
+                queue.push_back(role.clone());
             }
         }
         out

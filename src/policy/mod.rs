@@ -179,7 +179,7 @@ impl PolicySet {
         functions::register(&mut enforcer);
         if !parsed.rules.is_empty() {
             enforcer
-                .add_policies(parsed.rules.clone())
+                .add_policies(parsed.rules.iter().map(|r| casbin_rule(r)).collect())
                 .await
                 .map_err(|e| {
                     vec![Problem::new(
@@ -191,7 +191,7 @@ impl PolicySet {
         }
         if !parsed.links.is_empty() {
             enforcer
-                .add_grouping_policies(parsed.links.clone())
+                .add_grouping_policies(parsed.links.iter().map(|l| casbin_link(l)).collect())
                 .await
                 .map_err(|e| {
                     vec![Problem::new(
@@ -257,9 +257,11 @@ impl PolicySet {
         env: &str,
         path: &str,
     ) -> bool {
+        // The requester is an identity, whatever its name looks like.
+        let sub = casbin_identity(sub);
         match self
             .enforcer
-            .enforce((sub, proj, typ, act.as_str(), env, path))
+            .enforce((sub.as_str(), proj, typ, act.as_str(), env, path))
         {
             Ok(b) => b,
             Err(e) => {
@@ -306,6 +308,41 @@ impl PolicySet {
             path.as_str(),
         )
     }
+}
+
+/// The prefix of every identity as casbin sees it.
+const IDENTITY_NAMESPACE: &str = "id:";
+
+/// A policy name as casbin sees it: roles (`role:…`) as written, every other
+/// name (an identity) in the `id:` namespace. A request's identity is always
+/// in that namespace, so it can never equal a role, whatever the token said
+/// and whatever casbin's role manager does with equal names (it links every
+/// name to itself).
+pub(crate) fn casbin_name(name: &str) -> String {
+    if crate::ident::is_role_name(name) {
+        name.to_owned()
+    } else {
+        format!("{IDENTITY_NAMESPACE}{name}")
+    }
+}
+
+/// A request's identity as casbin sees it (never a role, see [`casbin_name`]).
+pub(crate) fn casbin_identity(identity: &str) -> String {
+    format!("{IDENTITY_NAMESPACE}{identity}")
+}
+
+fn casbin_rule(rule: &[String]) -> Vec<String> {
+    let mut r = rule.to_vec();
+    r[0] = casbin_name(&r[0]);
+    r
+}
+
+fn casbin_link(link: &[String]) -> Vec<String> {
+    vec![
+        casbin_name(&link[0]),
+        casbin_name(&link[1]),
+        link[2].clone(),
+    ]
 }
 
 /// FNV-1a, 64 bit: a stable fingerprint across processes and versions.
@@ -595,6 +632,74 @@ mod tests {
             &p("p1"),
             &interest("secret:created", None, "/other")
         ));
+    }
+
+    #[tokio::test]
+    async fn an_identity_can_never_act_as_a_role() {
+        // Whatever reaches the policy as an identity, even a name a token
+        // could never carry, it never holds the role of the same name.
+        let set = PolicySet::compile(
+            &src("p, role:admin, *, *, subscribe, *, /**, allow\n\
+                  p, role:reader, *, *, subscribe, *, /**, allow\n\
+                  g, alice, role:reader, p1\n"),
+            1,
+        )
+        .await
+        .unwrap();
+        for project in ["p1", "p2", "p9"] {
+            assert!(
+                !decide(&set, "role:admin", project, "prod", "/x"),
+                "{project}"
+            );
+            assert!(
+                !decide(&set, "role:reader", project, "prod", "/x"),
+                "{project}"
+            );
+        }
+        assert!(decide(&set, "alice", "p1", "prod", "/x"));
+        assert!(!decide(&set, "alice", "p2", "prod", "/x"));
+        assert!(!set.may_subscribe(
+            "role:reader",
+            &p("p2"),
+            &interest("secret:created", None, "/")
+        ));
+        let ex = set.explain(
+            "role:admin",
+            &p("p1"),
+            EventType::parse("secret:created").unwrap(),
+            Action::Subscribe,
+            &EnvSlug::parse("prod").unwrap(),
+            &SecretPath::parse("/x").unwrap(),
+        );
+        assert!(!ex.allowed && ex.casbin_agrees, "{ex}");
+    }
+
+    #[tokio::test]
+    async fn lines_that_blur_identities_and_roles_are_refused() {
+        for line in [
+            "p, Role:admin, *, *, subscribe, *, /**, allow",
+            "p, role-admin, *, *, subscribe, *, /**, allow",
+            "p, roles, *, *, subscribe, *, /**, allow",
+            "p, role:, *, *, subscribe, *, /**, allow",
+            "g, alice, admins, p1",
+            "g, alice, bob, *",
+            "g, role_x, role:reader, *",
+            "g, role:reader, alice, *",
+        ] {
+            let errs = PolicySet::compile(&src(&format!("{line}\n")), 1)
+                .await
+                .err()
+                .unwrap_or_default();
+            assert_eq!(errs.len(), 1, "{line}: {errs:?}");
+            assert_eq!(errs[0].line, 1, "{line}");
+        }
+        // Roles may inherit roles; identities may hold roles.
+        assert!(PolicySet::compile(
+            &src("g, role:mid, role:base, *\ng, svc:role:x, role:mid, p1\n"),
+            1
+        )
+        .await
+        .is_ok());
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 //! casbin's `add_policies` refuses a whole batch when one rule repeats.
 
 use crate::event::EVENT_TYPES;
-use crate::ident::ProjectId;
+use crate::ident::{is_role_name, looks_like_role, ProjectId, ROLE_PREFIX};
 use crate::path::{glob_match, PathPattern};
 
 use super::Problem;
@@ -36,6 +36,26 @@ fn is_subject(s: &str) -> bool {
         && !s
             .chars()
             .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+}
+
+/// What is wrong with `name` in a place that takes an identity or a role, if
+/// anything: a role is `role:NAME`; an identity may not look like a role
+/// (no token could ever carry it, and a reader would take it for one).
+fn subject_problem(what: &str, name: &str) -> Option<String> {
+    if !is_subject(name) {
+        return Some(format!(
+            "{what} {name:?} must be non-empty without spaces or control characters"
+        ));
+    }
+    if is_role_name(name) {
+        return (name.len() == ROLE_PREFIX.len())
+            .then(|| format!("{what} {name:?}: a role needs a name after `{ROLE_PREFIX}`"));
+    }
+    looks_like_role(name).then(|| {
+        format!(
+            "{what} {name:?} is an identity shaped like a role: roles are written `{ROLE_PREFIX}NAME`, and no token may name an identity like this"
+        )
+    })
 }
 
 /// Parses and validates a policy text; every problem is reported with its line.
@@ -71,11 +91,8 @@ pub(crate) fn parse_policy(name: &str, text: &str) -> Result<ParsedPolicy, Vec<P
                 let f = &fields[1..];
                 let before = problems.len();
                 let mut err = |m: String| problems.push(Problem::new(name, line, m));
-                if !is_subject(&f[0]) {
-                    err(format!(
-                        "subject {:?} must be non-empty without spaces or control characters",
-                        f[0]
-                    ));
+                if let Some(m) = subject_problem("subject", &f[0]) {
+                    err(m);
                 }
                 if !is_pattern_ident(&f[1]) {
                     err(format!("project {:?} must be `*` or a project id (A-Z a-z 0-9 _ -, `*` as wildcard)", f[1]));
@@ -130,11 +147,15 @@ pub(crate) fn parse_policy(name: &str, text: &str) -> Result<ParsedPolicy, Vec<P
                     continue;
                 }
                 let f = &fields[1..];
-                if !is_subject(&f[0]) || !is_subject(&f[1]) {
-                    err(
-                        "member and role must be non-empty without spaces or control characters"
-                            .into(),
-                    );
+                if let Some(m) = subject_problem("member", &f[0]) {
+                    err(m);
+                    continue;
+                }
+                if !is_role_name(&f[1]) || subject_problem("role", &f[1]).is_some() {
+                    err(format!(
+                        "{:?} is not a role: the second field of a `g` line is a role, written `{ROLE_PREFIX}NAME`",
+                        f[1]
+                    ));
                     continue;
                 }
                 if f[2] != "*" && ProjectId::parse(&f[2]).is_err() {

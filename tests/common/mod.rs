@@ -35,6 +35,7 @@ pub fn repo_path(p: &str) -> PathBuf {
 /// Mints an HS256 token for `sub` valid for `ttl`.
 pub fn token_for(sub: &str, ttl: Duration) -> String {
     Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes())
+        .expect("a valid key")
         .mint(sub, ttl, None, None)
         .expect("minting with a valid key")
 }
