@@ -134,11 +134,25 @@ pub enum Seg {
     Glob(Box<str>),
 }
 
-/// A pattern over secret paths.
+/// A pattern over secret paths. Cloning shares one allocation: a stream's
+/// registrations and the router's groups hold the same pattern, not copies.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PathPattern {
-    text: Arc<str>,
+pub struct PathPattern(Arc<PatternInner>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct PatternInner {
+    text: Box<str>,
     segs: Box<[Seg]>,
+}
+
+impl PathPattern {
+    fn from_segs(segs: Vec<Seg>) -> Self {
+        let text = render(&segs).into_boxed_str();
+        Self(Arc::new(PatternInner {
+            text,
+            segs: segs.into(),
+        }))
+    }
 }
 
 impl PathPattern {
@@ -156,11 +170,7 @@ impl PathPattern {
         }
         // Collapse `**/**`: same meaning, and it keeps matching linear.
         segs.dedup_by(|a, b| *a == Seg::AnyDeep && *b == Seg::AnyDeep);
-        let text = render(&segs);
-        Ok(Self {
-            text: Arc::from(text),
-            segs: segs.into(),
-        })
+        Ok(Self::from_segs(segs))
     }
 
     /// Parses a subscription's `secretPath`: a path without wildcards means that
@@ -168,37 +178,36 @@ impl PathPattern {
     /// wildcards is taken as written.
     pub fn parse_subscription(s: &str) -> Result<Self, PathError> {
         let p = Self::parse_exact(s)?;
-        if p.segs.iter().all(|s| matches!(s, Seg::Lit(_))) {
-            let mut segs = p.segs.into_vec();
+        if p.segs().iter().all(|s| matches!(s, Seg::Lit(_))) {
+            let mut segs = p.segs().to_vec();
             if segs.len() >= MAX_SEGMENTS {
                 return Err(PathError::TooManySegments);
             }
             segs.push(Seg::AnyDeep);
-            let text = render(&segs);
-            return Ok(Self {
-                text: Arc::from(text),
-                segs: segs.into(),
-            });
+            return Ok(Self::from_segs(segs));
         }
         Ok(p)
     }
 
     /// Everything: `/**`.
     pub fn everything() -> Self {
-        Self {
-            text: Arc::from("/**"),
-            segs: vec![Seg::AnyDeep].into(),
-        }
+        Self::from_segs(vec![Seg::AnyDeep])
     }
 
     /// The normalized pattern text.
     pub fn as_str(&self) -> &str {
-        &self.text
+        &self.0.text
     }
 
     /// The segments.
     pub fn segs(&self) -> &[Seg] {
-        &self.segs
+        &self.0.segs
+    }
+
+    /// Bytes this pattern holds (its text and its segments), for bounds on
+    /// what one stream may keep.
+    pub fn footprint(&self) -> usize {
+        self.0.text.len() * 2 + self.0.segs.len() * std::mem::size_of::<Seg>()
     }
 
     /// Whether the concrete `path` is matched by this pattern.
@@ -208,7 +217,7 @@ impl PathPattern {
 
     /// [`matches`](Self::matches) on a path split once for many patterns.
     pub fn matches_split(&self, path: &PathSegments<'_>) -> bool {
-        seq_match(&self.segs, path.as_slice(), |p, t| match p {
+        seq_match(self.segs(), path.as_slice(), |p, t| match p {
             Seg::Lit(l) => &**l == *t,
             Seg::Any => true,
             Seg::Glob(g) => glob_match(g, t),
@@ -219,7 +228,7 @@ impl PathPattern {
     /// Whether every path `other` matches is also matched by `self` (sound: a
     /// `true` is always right; some exotic true cases answer `false`).
     pub fn covers(&self, other: &PathPattern) -> bool {
-        seq_match(&self.segs, &other.segs, |p, t| match (p, t) {
+        seq_match(self.segs(), other.segs(), |p, t| match (p, t) {
             (_, Seg::AnyDeep) => false,
             (Seg::AnyDeep, _) => false,
             (Seg::Any, _) => true,
@@ -233,7 +242,7 @@ impl PathPattern {
 
     /// Whether some concrete path is matched by both patterns.
     pub fn overlaps(&self, other: &PathPattern) -> bool {
-        let (a, b) = (&self.segs[..], &other.segs[..]);
+        let (a, b) = (self.segs(), other.segs());
         // reach[i][j]: a[..i] and b[..j] can match the same segment sequence.
         let mut reach = vec![vec![false; b.len() + 1]; a.len() + 1];
         reach[0][0] = true;
@@ -265,13 +274,13 @@ impl PathPattern {
 
 impl fmt::Display for PathPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for PathPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.text, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -306,7 +315,10 @@ impl<'a> PathSegments<'a> {
 }
 
 /// Greedy wildcard matching over sequences, with `Seg::AnyDeep` as the
-/// many-token wildcard of `pat`. O(len(pat) * len(text)) worst case.
+/// many-token wildcard of `pat`. At most len(pat) * len(text) calls of
+/// `single`, and both are at most [`MAX_SEGMENTS`] long; with the linear
+/// [`glob_match`] inside `single`, a match costs at most about
+/// `MAX_SEGMENTS * 2 * MAX_PATH_LEN` byte comparisons, whatever the input.
 fn seq_match<T>(pat: &[Seg], text: &[T], single: impl Fn(&Seg, &T) -> bool) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
@@ -329,26 +341,39 @@ fn seq_match<T>(pat: &[Seg], text: &[T], single: impl Fn(&Seg, &T) -> bool) -> b
 }
 
 /// Matches `text` against a glob where `*` is any run of characters.
+///
+/// Linear in `glob.len() + text.len()`, whatever the input: the glob is cut at
+/// its stars into literal pieces; the first must start the text, the last must
+/// end it, and each one between is found at its leftmost place after the one
+/// before (with only `*` wildcards, leftmost is always right). The search is
+/// `memchr::memmem`, which is linear in the worst case. Both sides can be
+/// chosen by a client (a registration's glob, an event's path), so the
+/// backtracking matcher this replaces, quadratic on `*aaaa…ab` against
+/// `aaaa…a`, was a lever for slowing every delivery.
 pub fn glob_match(glob: &str, text: &str) -> bool {
     let (g, t) = (glob.as_bytes(), text.as_bytes());
-    let (mut p, mut i) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while i < t.len() {
-        if p < g.len() && g[p] == b'*' {
-            star = Some((p, i));
-            p += 1;
-        } else if p < g.len() && g[p] == t[i] {
-            p += 1;
-            i += 1;
-        } else if let Some((sp, si)) = star {
-            p = sp + 1;
-            i = si + 1;
-            star = Some((sp, si + 1));
-        } else {
-            return false;
+    let Some(first_star) = memchr::memchr(b'*', g) else {
+        return g == t;
+    };
+    let last_star = memchr::memrchr(b'*', g).unwrap_or(first_star);
+    let (head, tail) = (&g[..first_star], &g[last_star + 1..]);
+    if head.len() + tail.len() > t.len() || !t.starts_with(head) || !t.ends_with(tail) {
+        return false;
+    }
+    // The pieces between the first and the last star, in the text between
+    // the head and the tail.
+    let mut rest = &t[head.len()..t.len() - tail.len()];
+    let middle = g.get(first_star + 1..last_star).unwrap_or_default();
+    for piece in middle.split(|b| *b == b'*') {
+        if piece.is_empty() {
+            continue;
+        }
+        match memchr::memmem::find(rest, piece) {
+            Some(at) => rest = &rest[at + piece.len()..],
+            None => return false,
         }
     }
-    g[p..].iter().all(|c| *c == b'*')
+    true
 }
 
 /// Whether every text matched by glob `inner` is matched by glob `outer`
@@ -479,6 +504,37 @@ mod tests {
         assert!(!exact("/apps").covers(&sub("/apps")));
         assert!(exact("/apps/*").covers(&exact("/apps/db-*")));
         assert!(!exact("/apps/db-*").covers(&exact("/apps/*")));
+    }
+
+    /// The quadratic reference: every split of the text tried.
+    fn glob_reference(g: &[u8], t: &[u8]) -> bool {
+        match g.split_first() {
+            None => t.is_empty(),
+            Some((b'*', rest)) => (0..=t.len()).any(|i| glob_reference(rest, &t[i..])),
+            Some((c, rest)) => t.first() == Some(c) && glob_reference(rest, &t[1..]),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn glob_match_agrees_with_the_reference(g in "[ab*]{0,8}", t in "[ab]{0,10}") {
+            proptest::prop_assert_eq!(glob_match(&g, &t), glob_reference(g.as_bytes(), t.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn glob_edges() {
+        assert!(glob_match("*", ""));
+        assert!(glob_match("**", "abc"));
+        assert!(!glob_match("a*a", "a"));
+        assert!(glob_match("a*a", "aa"));
+        assert!(glob_match("*ab*ab*", "xabab"));
+        assert!(!glob_match("*ab*ab*", "xab"));
+        assert!(glob_match("db-*", "db-"));
+        // The adversarial case: a client's `*aaaa…ab` against a long segment.
+        let g = format!("*{}b", "a".repeat(1000));
+        assert!(!glob_match(&g, &"a".repeat(1000)));
+        assert!(glob_match(&g, &format!("{}b", "a".repeat(1500))));
     }
 
     #[test]

@@ -102,17 +102,30 @@ impl ConnSet {
             self.position.insert(moved.id, i);
         }
     }
+}
 
-    fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
+/// The streams of one project that share one registration, matched once per
+/// event for all of them.
+struct Group {
+    interest: Interest,
+    conns: RwLock<ConnSet>,
 }
 
 /// The open streams of one project.
 #[derive(Default)]
 struct ProjectConns {
-    by_interest: HashMap<Interest, ConnSet>,
+    by_interest: HashMap<Interest, Arc<Group>>,
+    /// The groups, as dispatch reads them: replaced (not changed) when a group
+    /// comes or goes, so a dispatch takes it with one `Arc` clone and matches
+    /// every registration without holding any lock.
+    groups: Arc<[Arc<Group>]>,
     count: usize,
+}
+
+impl ProjectConns {
+    fn refresh_groups(&mut self) {
+        self.groups = self.by_interest.values().cloned().collect();
+    }
 }
 
 /// The open streams of this instance.
@@ -151,15 +164,37 @@ impl Router {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The registration an open stream of `project` already holds that equals
+    /// `interest`, so that a new stream shares it instead of keeping a copy;
+    /// `interest` itself when there is none.
+    pub fn shared_interest(&self, project: &ProjectId, interest: Interest) -> Interest {
+        let map = self.projects.read();
+        match map
+            .get(project)
+            .and_then(|pc| pc.by_interest.get(&interest))
+        {
+            Some(g) => g.interest.clone(),
+            None => interest,
+        }
+    }
+
     /// Adds a connection; it is removed when the returned guard is dropped.
     pub fn add(self: &Arc<Self>, conn: Arc<Conn>) -> Registration {
         let mut map = self.projects.write();
         let pc = map.entry(conn.project.clone()).or_default();
+        let mut new_group = false;
         for i in conn.interests.iter() {
-            pc.by_interest
-                .entry(i.clone())
-                .or_default()
-                .insert(conn.clone());
+            let group = pc.by_interest.entry(i.clone()).or_insert_with(|| {
+                new_group = true;
+                Arc::new(Group {
+                    interest: i.clone(),
+                    conns: RwLock::new(ConnSet::default()),
+                })
+            });
+            group.conns.write().insert(conn.clone());
+        }
+        if new_group {
+            pc.refresh_groups();
         }
         pc.count += 1;
         Registration {
@@ -173,13 +208,20 @@ impl Router {
         let Some(pc) = map.get_mut(&conn.project) else {
             return;
         };
+        let mut gone_group = false;
         for i in conn.interests.iter() {
-            if let Some(v) = pc.by_interest.get_mut(i) {
-                v.remove(conn.id);
-                if v.is_empty() {
+            if let Some(g) = pc.by_interest.get(i) {
+                let mut set = g.conns.write();
+                set.remove(conn.id);
+                if set.items.is_empty() {
+                    drop(set);
                     pc.by_interest.remove(i);
+                    gone_group = true;
                 }
             }
+        }
+        if gone_group {
+            pc.refresh_groups();
         }
         pc.count -= 1;
         if pc.count == 0 {
@@ -187,9 +229,13 @@ impl Router {
         }
     }
 
-    /// Whether `conn` wants this delivery and its identity may see it now.
+    /// Whether `conn` may be sent this delivery: the one predicate of every
+    /// delivery path (live, and replay on each bus). The event is of the
+    /// stream's project, a registration wants it, and the identity may see it
+    /// under the policy in force now.
     pub fn admits(&self, conn: &Conn, d: &Delivery) -> bool {
-        conn.wants(d.event_type, &d.env, &d.path)
+        d.project == conn.project
+            && conn.wants(d.event_type, &d.env, &d.path)
             && self
                 .authorizer
                 .may_receive(&conn.subject, &d.project, d.event_type, &d.env, &d.path)
@@ -200,24 +246,30 @@ impl Router {
         let mut stats = DispatchStats::default();
         // Read before deciding: a frame is never tagged newer than its decision.
         let generation = self.authorizer.generation();
-        let map = self.projects.read();
-        let Some(pc) = map.get(&d.project) else {
+        let Some(groups) = self
+            .projects
+            .read()
+            .get(&d.project)
+            .map(|pc| pc.groups.clone())
+        else {
             return stats;
         };
         let segs = d.path.split();
         // Consecutive connections of one identity share one decision.
-        let mut last: Option<(&Arc<str>, bool)> = None;
-        for (interest, set) in &pc.by_interest {
-            let conns = &set.items;
-            if !interest.matches_split(d.event_type, &d.env, &segs) {
+        let mut last: Option<(Arc<str>, bool)> = None;
+        for group in groups.iter() {
+            // Matched with no lock held: publishes and subscribes wait on
+            // nothing while registrations are compared with the event.
+            if !group.interest.matches_split(d.event_type, &d.env, &segs) {
                 continue;
             }
-            for conn in conns {
+            let set = group.conns.read();
+            for conn in &set.items {
                 if !conn.mark_dispatched(d.seq) {
                     continue; // another of its registrations matched already
                 }
-                let allowed = match last {
-                    Some((s, v)) if Arc::ptr_eq(s, &conn.subject) || **s == *conn.subject => v,
+                let allowed = match &last {
+                    Some((s, v)) if Arc::ptr_eq(s, &conn.subject) || **s == *conn.subject => *v,
                     _ => {
                         let v = self.authorizer.may_receive(
                             &conn.subject,
@@ -226,7 +278,7 @@ impl Router {
                             &d.env,
                             &d.path,
                         );
-                        last = Some((&conn.subject, v));
+                        last = Some((conn.subject.clone(), v));
                         v
                     }
                 };
@@ -258,11 +310,17 @@ impl Router {
     pub fn connections(&self) -> Vec<Arc<Conn>> {
         let map = self.projects.read();
         let mut seen = HashSet::new();
-        map.values()
-            .flat_map(|pc| pc.by_interest.values().flat_map(|s| s.items.iter()))
-            .filter(|c| seen.insert(c.id))
-            .cloned()
-            .collect()
+        let mut out = Vec::new();
+        for pc in map.values() {
+            for g in pc.by_interest.values() {
+                for c in g.conns.read().items.iter() {
+                    if seen.insert(c.id) {
+                        out.push(c.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Number of open connections.

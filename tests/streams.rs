@@ -274,6 +274,27 @@ async fn sixth_stream_of_an_identity_gets_429() {
 }
 
 #[tokio::test]
+async fn a_resume_replays_only_its_own_project() {
+    let h = HeraldBuilder::new()
+        .env("STREAM__REPLAY_BUFFER", "100")
+        .start();
+    let w = token_for("writer", HOUR);
+    let first = h
+        .publish(&w, &event("secret:created", "p1", "prod", "/start"))
+        .await;
+    let from = first["events"][0]["sequence"].as_u64().unwrap();
+    for (project, path) in [("p2", "/x"), ("p1", "/mine"), ("p9", "/y"), ("p2", "/z")] {
+        h.publish(&w, &event("secret:created", project, "prod", path))
+            .await;
+    }
+    h.publish(&w, &event("secret:created", "p1", "prod", "/end"))
+        .await;
+    let mut s = subscribe_resuming(&h, &from.to_string(), &all_created("p1")).await;
+    assert_eq!(s.paths_until("/end").await, vec!["/mine".to_owned()]);
+    assert_eq!(h.metric("herald_replayed_events_total").await, 2.0);
+}
+
+#[tokio::test]
 async fn subscribe_rate_is_limited_per_identity() {
     let h = HeraldBuilder::new()
         .env("LIMITS__SUBSCRIBE_RATE", "0.01")

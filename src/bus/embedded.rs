@@ -2,9 +2,12 @@
 //! process, it numbers events, encodes each once, keeps the last N in a ring
 //! buffer for `Last-Event-ID` resume, and dispatches to the router.
 //!
-//! Publishing and attaching take the same lock, so a stream attached with a
-//! resume point sees every later event exactly once: replayed ones before the
-//! attach, live ones after it, none twice at the seam.
+//! Publishers take turns (events are numbered and dispatched in order); the
+//! ring has a lock of its own, held only to add an event or copy a resume's
+//! events, never while the router matches. A stream is registered with the
+//! router before its resume reads the ring, and every event enters the ring
+//! before it is dispatched, so a resuming stream sees every later event:
+//! replayed, live, or both (the stream writes an id once).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,14 +25,17 @@ use crate::stream::{Frame, SseStream};
 use super::{first_sequence, Published};
 
 struct Ring {
-    /// The sequence number the next event gets.
-    next_seq: u64,
+    /// The newest sequence number issued.
+    newest: u64,
     events: VecDeque<Arc<Delivery>>,
     capacity: usize,
 }
 
 /// The in-process bus.
 pub struct EmbeddedBus {
+    /// The sequence number the next event gets; held by a publisher for the
+    /// whole publish, so events are dispatched in the order of their ids.
+    next_seq: Mutex<u64>,
     ring: Mutex<Ring>,
     router: Arc<Router>,
     authorizer: Arc<Authorizer>,
@@ -48,8 +54,9 @@ impl EmbeddedBus {
     ) -> Self {
         let start = first_sequence();
         Self {
+            next_seq: Mutex::new(start),
             ring: Mutex::new(Ring {
-                next_seq: start,
+                newest: start - 1,
                 events: VecDeque::with_capacity(replay_capacity.min(65_536)),
                 capacity: replay_capacity,
             }),
@@ -62,20 +69,24 @@ impl EmbeddedBus {
 
     pub(super) fn publish(&self, events: Vec<Event>) -> Vec<Published> {
         let mut out = Vec::with_capacity(events.len());
-        let mut ring = self.ring.lock();
+        let mut next_seq = self.next_seq.lock();
         for ev in events {
-            let seq = ring.next_seq;
-            ring.next_seq += 1;
+            let seq = *next_seq;
+            *next_seq += 1;
             let id = ev.id.clone();
             let d = Arc::new(Delivery::encode(seq, ev));
             self.received.inc();
-            self.router.dispatch(&d);
-            if ring.capacity > 0 {
-                if ring.events.len() == ring.capacity {
-                    ring.events.pop_front();
+            {
+                let mut ring = self.ring.lock();
+                ring.newest = seq;
+                if ring.capacity > 0 {
+                    if ring.events.len() == ring.capacity {
+                        ring.events.pop_front();
+                    }
+                    ring.events.push_back(d.clone());
                 }
-                ring.events.push_back(d);
             }
+            self.router.dispatch(&d);
             out.push(Published {
                 id,
                 sequence: Some(seq),
@@ -85,10 +96,14 @@ impl EmbeddedBus {
     }
 
     pub(super) fn attach(&self, stream: &mut SseStream, resume_from: Option<u64>) {
-        let ring = self.ring.lock();
-        let newest = ring.next_seq - 1;
+        // Registered first: what enters the ring after the copy below is
+        // dispatched to this stream.
+        let reg = self.router.add(stream.conn().clone());
+        stream.hold(Box::new(reg));
         if let Some(last) = resume_from {
-            let oldest = ring.events.front().map(|d| d.seq).unwrap_or(ring.next_seq);
+            let ring = self.ring.lock();
+            let newest = ring.newest;
+            let oldest = ring.events.front().map_or(newest + 1, |d| d.seq);
             if last > newest {
                 stream.push_preamble(sse::control_frame(
                     Control::Gap,
@@ -122,7 +137,5 @@ impl EmbeddedBus {
                 self.metrics.replayed_events.inc_by(replayed);
             }
         }
-        let reg = self.router.add(stream.conn().clone());
-        stream.hold(Box::new(reg));
     }
 }

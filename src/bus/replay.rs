@@ -151,7 +151,7 @@ impl Replay {
                 .map_err(|e| unavailable(e.to_string()))?
                 .state
                 .clone();
-            let expired = after + 1 < state.first_sequence;
+            let expired = after.saturating_add(1) < state.first_sequence;
             let mut fetched = Fetched {
                 events: Vec::new(),
                 expired,
@@ -161,7 +161,7 @@ impl Replay {
             if after >= state.last_sequence || state.messages == 0 {
                 return Ok(fetched);
             }
-            let start = (after + 1).max(state.first_sequence);
+            let start = after.saturating_add(1).max(state.first_sequence);
             let filter = subject::project_subject(&self.prefix, Kind::Events, project);
             let consumer = stream
                 .create_consumer(consumer::pull::OrderedConfig {
