@@ -107,7 +107,10 @@ impl App {
             instance_id,
             cluster,
             policy_files,
-            conn_limiter: ConnectionLimiter::new(&config.limits),
+            conn_limiter: ConnectionLimiter::new(
+                &config.limits,
+                crate::rlimit::stream_cap(&config.limits, crate::rlimit::current()),
+            ),
             rate_limiter: RateLimiter::new(
                 config.limits.subscribe_rate,
                 config.limits.subscribe_burst,

@@ -356,7 +356,31 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
     load(&args.cfg, &overrides)
 }
 
+/// Raises the open-file limit and says what it allows.
+fn raise_open_files(cfg: &Config) {
+    let Some(n) = crate::rlimit::raise() else {
+        tracing::warn!("cannot read the open-file limit (RLIMIT_NOFILE)");
+        return;
+    };
+    let cap = crate::rlimit::stream_cap(&cfg.limits, Some(n));
+    tracing::info!(
+        soft = n.soft,
+        hard = n.hard,
+        streams = cap,
+        reserved = cfg.limits.reserved_fds,
+        "open-file limit"
+    );
+    if cap < cfg.limits.max_connections {
+        tracing::warn!(
+            max_connections = cfg.limits.max_connections,
+            streams = cap,
+            "limits.max_connections does not fit in the open-file limit after limits.reserved_fds; this instance takes at most {cap} streams (raise the hard limit, e.g. `ulimit -Hn` or systemd's LimitNOFILE)"
+        );
+    }
+}
+
 async fn serve(args: ServeArgs, mut cfg: Config) -> anyhow::Result<()> {
+    raise_open_files(&cfg);
     let mut dev_secret = None;
     if args.dev {
         cfg.server.listen = loopback(cfg.server.listen);

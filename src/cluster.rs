@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::ident::ProjectId;
+use crate::limits::Elsewhere;
 
 /// What one instance says about itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,15 +81,24 @@ impl Cluster {
             .collect()
     }
 
-    /// Streams `identity` has open on `project` on other live instances
-    /// (asked on every subscribe: counted in place, nothing copied).
-    pub fn streams_elsewhere(&self, identity: &str, project: &ProjectId) -> usize {
-        self.live_peers()
+    /// Streams `identity` has open on other live instances, on `project` and
+    /// on every project (asked on every subscribe: counted in place, nothing
+    /// copied).
+    pub fn streams_elsewhere(&self, identity: &str, project: &ProjectId) -> Elsewhere {
+        let mut out = Elsewhere::default();
+        for (s, pr, n) in self
+            .live_peers()
             .values()
             .flat_map(|p| p.presence.streams.iter())
-            .filter(|(s, pr, _)| s == identity && pr == project.as_str())
-            .map(|(_, _, n)| n)
-            .sum()
+        {
+            if s == identity {
+                out.total = out.total.saturating_add(*n);
+                if pr == project.as_str() {
+                    out.project = out.project.saturating_add(*n);
+                }
+            }
+        }
+        out
     }
 
     /// Asks for an announcement soon (local streams changed).

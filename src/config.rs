@@ -182,10 +182,20 @@ pub struct LimitsConfig {
     pub max_event_bytes: usize,
     /// Most registrations in one subscribe request.
     pub max_registrations: usize,
-    /// Most open streams of one identity on one project.
+    /// Most open streams of one identity on one project (cluster-wide on NATS).
     pub connections_per_identity_project: usize,
-    /// Most open streams on this instance.
+    /// Most open streams of one identity on all projects together
+    /// (cluster-wide on NATS).
+    pub connections_per_identity: usize,
+    /// Most open streams on this instance (lowered at start to what the
+    /// open-file limit leaves after `reserved_fds`).
     pub max_connections: usize,
+    /// File descriptors streams never take: kept for the publish API, the
+    /// admin listener, NATS and the policy files.
+    pub reserved_fds: usize,
+    /// Most bytes of `secretPath` patterns one subscribe may register, all
+    /// registrations together (each distinct pattern counted once).
+    pub max_registration_bytes: usize,
     /// Sustained subscribe requests per second per identity.
     pub subscribe_rate: f64,
     /// Subscribe requests one identity may make in a burst.
@@ -287,7 +297,10 @@ impl Default for LimitsConfig {
             max_event_bytes: 64 * 1024,
             max_registrations: 10,
             connections_per_identity_project: 5,
+            connections_per_identity: 100,
             max_connections: 50_000,
+            reserved_fds: 256,
+            max_registration_bytes: 4096,
             subscribe_rate: 5.0,
             subscribe_burst: 20.0,
             max_publish_batch: 100,
@@ -412,8 +425,23 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if l.connections_per_identity == 0 {
+            return Err(invalid(
+                "limits.connections_per_identity",
+                "must be at least 1",
+            ));
+        }
         if l.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if l.reserved_fds < 16 {
+            return Err(invalid("limits.reserved_fds", "must be at least 16"));
+        }
+        if l.max_registration_bytes < crate::path::MAX_PATH_LEN {
+            return Err(invalid(
+                "limits.max_registration_bytes",
+                format!("must be at least {}", crate::path::MAX_PATH_LEN),
+            ));
         }
         if !(l.subscribe_rate > 0.0 && l.subscribe_rate.is_finite()) {
             return Err(invalid(
@@ -426,6 +454,35 @@ impl Config {
         }
         if l.max_publish_batch == 0 {
             return Err(invalid("limits.max_publish_batch", "must be at least 1"));
+        }
+        // Every duration is added to clocks: bounded here, so no setting can
+        // overflow one.
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        for (key, d) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("stream.heartbeat", self.stream.heartbeat),
+            ("stream.retry", self.stream.retry),
+            ("stream.close_timeout", self.stream.close_timeout),
+            ("auth.leeway", self.auth.leeway),
+            ("policy.watch_interval", self.policy.watch_interval),
+            ("shutdown.grace", self.shutdown.grace),
+            ("shutdown.drain_window", self.shutdown.drain_window),
+            ("shutdown.deadline", self.shutdown.deadline),
+            ("nats.request_timeout", self.nats.request_timeout),
+            ("nats.presence_interval", self.nats.presence_interval),
+            ("replay.max_age", self.replay.max_age),
+            ("replay.duplicate_window", self.replay.duplicate_window),
+        ] {
+            if d > YEAR {
+                return Err(invalid(key, "must be at most a year"));
+            }
+        }
+        if self.auth.leeway > Duration::from_secs(600) {
+            return Err(invalid("auth.leeway", "must be at most 10m"));
         }
         if self.stream.queue_frames < 2 {
             return Err(invalid("stream.queue_frames", "must be at least 2"));

@@ -19,7 +19,8 @@
 //! - [`stream`], [`sse`]: one client's bounded queue and SSE framing.
 //! - [`cluster`]: instances that see each other over NATS (presence, drift,
 //!   cluster-wide limits).
-//! - [`limits`]: connection and rate limits.
+//! - [`limits`], [`rlimit`]: connection and rate limits, and the share of
+//!   the open-file limit streams may take.
 //! - [`http`]: listeners, the public API, the admin API, error mapping.
 //! - [`metrics`]: Prometheus series.
 //! - [`shutdown`]: the drain signal every task follows.
@@ -46,6 +47,7 @@ pub mod limits;
 pub mod metrics;
 pub mod path;
 pub mod policy;
+pub mod rlimit;
 pub mod router;
 pub mod shutdown;
 pub mod sse;

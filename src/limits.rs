@@ -1,9 +1,15 @@
-//! Admission limits: open streams per identity per project and per instance,
-//! and the subscribe rate per identity.
+//! Admission limits: open streams per identity per project, per identity
+//! across projects (both cluster-wide on NATS) and per instance, and the
+//! subscribe rate per identity.
 //!
 //! A slot is held by a [`ConnectionSlot`] that lives inside the stream and gives
 //! the slot back when the stream is dropped, however it ends. Every refusal
 //! names the limit, so the HTTP layer can answer 429 with it and count it.
+//!
+//! The per-instance cap is `limits.max_connections`, lowered at start to what
+//! the process's open-file limit leaves after `limits.reserved_fds` (see
+//! [`crate::rlimit`]): streams can never take the descriptors the publish API,
+//! the admin listener and NATS need.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +25,8 @@ use crate::ident::ProjectId;
 pub enum Limit {
     /// `limits.connections_per_identity_project`
     ConnectionsPerIdentity,
+    /// `limits.connections_per_identity` (across projects)
+    ConnectionsPerIdentityTotal,
     /// `limits.max_connections`
     InstanceConnections,
     /// `limits.subscribe_rate` / `limits.subscribe_burst`
@@ -30,6 +38,7 @@ impl Limit {
     pub fn label(self) -> &'static str {
         match self {
             Limit::ConnectionsPerIdentity => "connections_per_identity_project",
+            Limit::ConnectionsPerIdentityTotal => "connections_per_identity",
             Limit::InstanceConnections => "max_connections",
             Limit::SubscribeRate => "subscribe_rate",
         }
@@ -38,13 +47,25 @@ impl Limit {
 
 #[derive(Default)]
 struct Counts {
-    per_identity: HashMap<(Arc<str>, ProjectId), usize>,
+    per_identity_project: HashMap<(Arc<str>, ProjectId), usize>,
+    per_identity: HashMap<Arc<str>, usize>,
     total: usize,
+}
+
+/// Takes one from a count, forgetting it at zero.
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 /// Counts open streams.
 pub struct ConnectionLimiter {
     counts: Arc<Mutex<Counts>>,
+    per_identity_project: usize,
     per_identity: usize,
     total: usize,
 }
@@ -59,44 +80,72 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut c = self.counts.lock();
         c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_identity.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_identity.remove(&self.key);
-            }
-        }
+        release(&mut c.per_identity_project, &self.key);
+        release(&mut c.per_identity, &self.key.0);
     }
 }
 
+/// Streams an identity holds on other instances (from their announcements).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Elsewhere {
+    /// On the project asked for.
+    pub project: usize,
+    /// On every project.
+    pub total: usize,
+}
+
 impl ConnectionLimiter {
-    /// A limiter from `[limits]`.
-    pub fn new(cfg: &LimitsConfig) -> Self {
+    /// A limiter from `[limits]`, with at most `instance_cap` streams on this
+    /// instance (`limits.max_connections`, or less when the open-file limit
+    /// cannot hold that many).
+    pub fn new(cfg: &LimitsConfig, instance_cap: usize) -> Self {
         Self {
             counts: Arc::default(),
-            per_identity: cfg.connections_per_identity_project,
-            total: cfg.max_connections,
+            per_identity_project: cfg.connections_per_identity_project,
+            per_identity: cfg.connections_per_identity,
+            total: instance_cap,
+        }
+    }
+
+    /// The most streams this instance takes.
+    pub fn instance_cap(&self) -> usize {
+        self.total
+    }
+
+    /// The limit's configured value, for messages.
+    pub fn value(&self, limit: Limit) -> usize {
+        match limit {
+            Limit::ConnectionsPerIdentity => self.per_identity_project,
+            Limit::ConnectionsPerIdentityTotal => self.per_identity,
+            Limit::InstanceConnections => self.total,
+            Limit::SubscribeRate => 0,
         }
     }
 
     /// Takes a slot for `subject` on `project`, or names the limit that refuses it.
-    /// `elsewhere` is how many streams the identity has on the project on other
-    /// instances (the per-identity limit is cluster-wide).
+    /// `elsewhere` is what the identity holds on other instances (the
+    /// per-identity limits are cluster-wide).
     pub fn acquire(
         &self,
         subject: &Arc<str>,
         project: &ProjectId,
-        elsewhere: usize,
+        elsewhere: Elsewhere,
     ) -> Result<ConnectionSlot, Limit> {
         let mut c = self.counts.lock();
         if c.total >= self.total {
             return Err(Limit::InstanceConnections);
         }
         let key = (subject.clone(), project.clone());
-        let n = c.per_identity.entry(key.clone()).or_insert(0);
-        if *n + elsewhere >= self.per_identity {
+        let here_project = c.per_identity_project.get(&key).copied().unwrap_or(0);
+        if here_project.saturating_add(elsewhere.project) >= self.per_identity_project {
             return Err(Limit::ConnectionsPerIdentity);
         }
-        *n += 1;
+        let here_total = c.per_identity.get(subject).copied().unwrap_or(0);
+        if here_total.saturating_add(elsewhere.total) >= self.per_identity {
+            return Err(Limit::ConnectionsPerIdentityTotal);
+        }
+        *c.per_identity_project.entry(key.clone()).or_insert(0) += 1;
+        *c.per_identity.entry(subject.clone()).or_insert(0) += 1;
         c.total += 1;
         Ok(ConnectionSlot {
             counts: self.counts.clone(),
@@ -108,7 +157,7 @@ impl ConnectionLimiter {
     pub fn snapshot(&self) -> Vec<(Arc<str>, ProjectId, usize)> {
         self.counts
             .lock()
-            .per_identity
+            .per_identity_project
             .iter()
             .map(|((s, p), n)| (s.clone(), p.clone(), *n))
             .collect()
@@ -174,24 +223,74 @@ mod tests {
             max_connections: 3,
             ..LimitsConfig::default()
         };
-        let l = ConnectionLimiter::new(&cfg);
+        let l = ConnectionLimiter::new(&cfg, cfg.max_connections);
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         let p = ProjectId::parse("p").unwrap();
-        let s1 = l.acquire(&a, &p, 0).unwrap();
-        let _s2 = l.acquire(&a, &p, 0).unwrap();
+        let none = Elsewhere::default();
+        let s1 = l.acquire(&a, &p, none).unwrap();
+        let _s2 = l.acquire(&a, &p, none).unwrap();
         assert_eq!(
-            l.acquire(&a, &p, 0).err(),
+            l.acquire(&a, &p, none).err(),
             Some(Limit::ConnectionsPerIdentity)
         );
-        let _s3 = l.acquire(&b, &p, 0).unwrap();
-        assert_eq!(l.acquire(&b, &p, 0).err(), Some(Limit::InstanceConnections));
-        drop(s1);
+        let _s3 = l.acquire(&b, &p, none).unwrap();
         assert_eq!(
-            l.acquire(&a, &p, 1).err(),
+            l.acquire(&b, &p, none).err(),
+            Some(Limit::InstanceConnections)
+        );
+        drop(s1);
+        let one_there = Elsewhere {
+            project: 1,
+            total: 1,
+        };
+        assert_eq!(
+            l.acquire(&a, &p, one_there).err(),
             Some(Limit::ConnectionsPerIdentity),
             "counts elsewhere count"
         );
-        assert!(l.acquire(&a, &p, 0).is_ok());
+        assert!(l.acquire(&a, &p, none).is_ok());
+    }
+
+    #[test]
+    fn one_identity_cannot_take_every_slot_across_projects() {
+        let cfg = LimitsConfig {
+            connections_per_identity_project: 5,
+            connections_per_identity: 8,
+            max_connections: 40,
+            ..LimitsConfig::default()
+        };
+        let l = ConnectionLimiter::new(&cfg, cfg.max_connections);
+        let a: Arc<str> = Arc::from("a");
+        let mut held = Vec::new();
+        let mut refused = None;
+        'projects: for p in 0..9 {
+            let project = ProjectId::parse(&format!("made-up-{p}")).unwrap();
+            for _ in 0..5 {
+                match l.acquire(&a, &project, Elsewhere::default()) {
+                    Ok(s) => held.push(s),
+                    Err(e) => {
+                        refused = Some(e);
+                        break 'projects;
+                    }
+                }
+            }
+        }
+        assert_eq!(held.len(), 8);
+        assert_eq!(refused, Some(Limit::ConnectionsPerIdentityTotal));
+        // Others still get in, and the bound counts other instances too.
+        let b: Arc<str> = Arc::from("b");
+        let p = ProjectId::parse("p").unwrap();
+        assert!(l.acquire(&b, &p, Elsewhere::default()).is_ok());
+        let full_elsewhere = Elsewhere {
+            project: 0,
+            total: 8,
+        };
+        assert_eq!(
+            l.acquire(&b, &p, full_elsewhere).err(),
+            Some(Limit::ConnectionsPerIdentityTotal)
+        );
+        drop(held);
+        assert!(l.acquire(&a, &p, Elsewhere::default()).is_ok());
     }
 
     #[test]

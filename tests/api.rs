@@ -551,6 +551,36 @@ async fn malformed_subscribe_requests_get_400_naming_the_field() {
 }
 
 #[tokio::test]
+async fn registrations_hold_a_bounded_amount_of_patterns() {
+    let h = HeraldBuilder::new()
+        .env("LIMITS__MAX_REGISTRATION_BYTES", "2048")
+        .start();
+    let long = |c: char| format!("/{}", c.to_string().repeat(900));
+    let reg = |p: String| json!({"event": "secret:created", "conditions": {"secretPath": p}});
+    // The same pattern for every type counts once.
+    let same: Vec<Value> = (0..4).map(|_| reg(long('a'))).collect();
+    let r = h
+        .subscribe_raw(
+            Some(&token_for("reader", HOUR)),
+            &json!({"projectId": "p1", "register": same}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    drop(r);
+    let distinct = vec![reg(long('a')), reg(long('b')), reg(long('c'))];
+    let r = h
+        .subscribe_raw(
+            Some(&token_for("reader", HOUR)),
+            &json!({"projectId": "p1", "register": distinct}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_registrations");
+    assert_eq!(v["error"]["details"]["limit"], 2048);
+}
+
+#[tokio::test]
 async fn malformed_publishes_are_refused_and_nothing_is_published() {
     let h = Herald::start();
     let mut s = h

@@ -274,6 +274,95 @@ async fn sixth_stream_of_an_identity_gets_429() {
 }
 
 #[tokio::test]
+async fn one_identity_cannot_take_every_slot_across_projects() {
+    // 5 streams on each of 9 made-up projects would have taken all 40 slots.
+    let h = HeraldBuilder::new()
+        .env("LIMITS__MAX_CONNECTIONS", "40")
+        .env("LIMITS__CONNECTIONS_PER_IDENTITY", "12")
+        .env("LIMITS__SUBSCRIBE_BURST", "100")
+        .start();
+    let t = token_for("reader", HOUR);
+    let mut open = Vec::new();
+    let mut refused = None;
+    'projects: for p in 0..9 {
+        for _ in 0..5 {
+            let r = h
+                .subscribe_raw(Some(&t), &all_created(&format!("made-up-{p}")))
+                .await;
+            if r.status() != 200 {
+                refused = Some((r.status(), r.json::<Value>().await.unwrap()));
+                break 'projects;
+            }
+            open.push(SseClient::open(r).await);
+        }
+    }
+    assert_eq!(open.len(), 12);
+    let (status, v) = refused.expect("the 13th stream is refused");
+    assert_eq!(status, 429);
+    assert_eq!(v["error"]["details"]["limit"], "connections_per_identity");
+    assert_eq!(
+        h.metric("herald_limit_rejections_total{limit=\"connections_per_identity\"}")
+            .await,
+        1.0
+    );
+    // Everyone else is still served.
+    let _other = h
+        .subscribe(&token_for("dev-subscriber", HOUR), &all_created("p1"))
+        .await;
+}
+
+#[tokio::test]
+async fn streams_cannot_take_the_descriptors_the_api_needs() {
+    // A low open-file limit: streams get what is left after the reserve, and
+    // the publish API and the admin listener are still served when they have
+    // taken it all.
+    let h = HeraldBuilder::new()
+        .open_files(160)
+        .env("LIMITS__RESERVED_FDS", "64")
+        .env("LIMITS__CONNECTIONS_PER_IDENTITY_PROJECT", "1000")
+        .env("LIMITS__CONNECTIONS_PER_IDENTITY", "1000")
+        .env("LIMITS__SUBSCRIBE_BURST", "1000")
+        .start();
+    assert!(
+        h.log().contains("streams=96"),
+        "the stream cap is the limit minus the reserve:\n{}",
+        h.log()
+    );
+    let t = token_for("reader", HOUR);
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..110 {
+        let r = reqwest::Client::new()
+            .post(h.url(SUBSCRIBE))
+            .bearer_auth(&t)
+            .json(&all_created("p1"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            open.push(SseClient::open(r).await);
+        } else {
+            assert_eq!(r.status(), 429);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["details"]["limit"], "max_connections");
+            refused += 1;
+        }
+    }
+    assert_eq!(open.len(), 96);
+    assert_eq!(refused, 14);
+    let (status, _) = h.admin_json("/healthz").await;
+    assert_eq!(status, 200);
+    let published = h
+        .publish(
+            &token_for("writer", HOUR),
+            &event("secret:created", "p1", "prod", "/a"),
+        )
+        .await;
+    assert_eq!(published["ids"].as_array().unwrap().len(), 1);
+    assert_eq!(open[95].next_event().await.json()["secretpath"], "/a");
+}
+
+#[tokio::test]
 async fn a_resume_replays_only_its_own_project() {
     let h = HeraldBuilder::new()
         .env("STREAM__REPLAY_BUFFER", "100")

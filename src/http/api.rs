@@ -330,13 +330,28 @@ fn build_subscribe(app: &App, body: SubscribeBody) -> Result<SubscribeRequest, A
         )
         .with_details(json!({"field": "register", "limit": max})));
     }
-    let mut interests = Vec::with_capacity(body.register.len());
+    let mut interests: Vec<Interest> = Vec::with_capacity(body.register.len());
+    let mut pattern_bytes = 0usize;
+    let budget = app.config.limits.max_registration_bytes;
     for (i, r) in body.register.into_iter().enumerate() {
         let it = build_interest(i, r)?;
         // Identical registrations are one: a client can never get an event twice.
-        if !interests.contains(&it) {
-            interests.push(it);
+        if interests.contains(&it) {
+            continue;
         }
+        if !interests.iter().any(|o| o.path == it.path) {
+            pattern_bytes += it.path.as_str().len();
+        }
+        if pattern_bytes > budget {
+            return Err(ApiError::bad_field(
+                "invalid_registrations",
+                format!("register[{i}].conditions.secretPath"),
+                format!("the registrations' secretPath patterns may hold at most {budget} bytes together"),
+            )
+            .with_details(json!({"field": "register", "limit": budget})));
+        }
+        // A registration an open stream already holds is shared, not copied.
+        interests.push(app.router.shared_interest(&project, it));
     }
     Ok(SubscribeRequest { project, interests })
 }
@@ -500,7 +515,7 @@ async fn subscribe(
         .cluster
         .as_ref()
         .map(|c| c.streams_elsewhere(&identity.subject, &sub.project))
-        .unwrap_or(0);
+        .unwrap_or_default();
     let slot = app
         .conn_limiter
         .acquire(&identity.subject, &sub.project, elsewhere)
@@ -514,8 +529,13 @@ async fn subscribe(
                 crate::limits::Limit::ConnectionsPerIdentity => format!(
                     "{} already has {} open streams on project {} (across all instances)",
                     identity.subject,
-                    app.config.limits.connections_per_identity_project,
+                    app.conn_limiter.value(l),
                     sub.project
+                ),
+                crate::limits::Limit::ConnectionsPerIdentityTotal => format!(
+                    "{} already has {} open streams on all projects together (across all instances)",
+                    identity.subject,
+                    app.conn_limiter.value(l),
                 ),
                 _ => "this instance has reached its connection limit".to_owned(),
             };

@@ -149,6 +149,23 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// How long the accept loop waits after a failed accept: 10 ms, doubling to
+/// a second, back to 10 ms after a success.
+#[derive(Default)]
+struct AcceptBackoff(u32);
+
+impl AcceptBackoff {
+    fn next(&mut self) -> Duration {
+        let wait = Duration::from_millis(10u64 << self.0.min(7)).min(Duration::from_secs(1));
+        self.0 = self.0.saturating_add(1);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
 /// Accepts and serves connections until `shutdown` reaches `Phase::Stopped`,
 /// then waits up to `deadline` for open connections to finish.
 pub async fn serve<H: Handler>(
@@ -174,18 +191,27 @@ pub async fn serve<H: Handler>(
     let builder = Arc::new(builder);
     let stopped = shutdown.reached(Phase::Stopped);
     tokio::pin!(stopped);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             _ = &mut stopped => break,
             r = listener.accept() => r,
         };
         let (tcp, peer) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                backoff.reset();
+                x
+            }
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                // Out of file descriptors and the like: the pending connection
+                // stays in the backlog, so waiting (longer each time, up to a
+                // second) instead of spinning lets closing streams free some.
+                let wait = backoff.next();
+                tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "accept failed");
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
             }
         };
         let _ = tcp.set_nodelay(true);

@@ -54,6 +54,7 @@ pub struct HeraldBuilder {
     config: String,
     args: Vec<String>,
     ports: Option<(u16, u16)>,
+    open_files: Option<u64>,
 }
 
 impl Default for HeraldBuilder {
@@ -72,6 +73,7 @@ impl HeraldBuilder {
             config: format!("[auth]\nhs_secret = \"{SECRET}\"\n"),
             args: Vec::new(),
             ports: None,
+            open_files: None,
         }
     }
 
@@ -96,6 +98,12 @@ impl HeraldBuilder {
     /// Listens on these ports instead of ephemeral ones (for restarts behind a load balancer).
     pub fn ports(mut self, public: u16, admin: u16) -> Self {
         self.ports = Some((public, admin));
+        self
+    }
+
+    /// Runs herald with this open-file limit (soft and hard).
+    pub fn open_files(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
         self
     }
 
@@ -148,6 +156,22 @@ impl HeraldBuilder {
         cmd.env("HERALD_LOG", "herald=debug,info");
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn herald");
         let stdout = child.stdout.take().expect("piped stdout");
