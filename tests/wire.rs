@@ -266,3 +266,138 @@ async fn stream_request_bodies_are_bounded_in_size_and_time() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["code"], "unauthorized", "{v}");
 }
+
+/// The status codes of the responses on a connection, in order, read until
+/// `want` of them arrived or the server closed it.
+async fn statuses(s: &mut TcpStream, want: usize) -> Vec<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let mut closed = false;
+    loop {
+        // Parse what arrived: status line, head, a body of Content-Length.
+        let mut out = Vec::new();
+        let mut at = 0;
+        while let Some(end) = bytes[at..].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&bytes[at..at + end]).to_ascii_lowercase();
+            let code = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .expect("a status line");
+            out.push(code);
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            at += end + 4 + len;
+            if at > bytes.len() || head.contains("text/event-stream") {
+                break;
+            }
+        }
+        if out.len() >= want || closed {
+            return out;
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => panic!("no answer; got {:?}", String::from_utf8_lossy(&bytes)),
+            Ok(Ok(0)) | Ok(Err(_)) => closed = true,
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The answer to `request` read by the direct stream reader (the first
+/// request on a connection) and by hyper (the same bytes after another
+/// request on a kept-alive connection): 0 where none came.
+async fn both_verdicts(h: &Herald, request: &[u8]) -> (u16, u16) {
+    let mut direct = TcpStream::connect(h.public).await.unwrap();
+    direct.write_all(request).await.unwrap();
+    let d = statuses(&mut direct, 1).await.first().copied().unwrap_or(0);
+    let mut hyper = TcpStream::connect(h.public).await.unwrap();
+    let mut bytes = b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n".to_vec();
+    bytes.extend_from_slice(request);
+    hyper.write_all(&bytes).await.unwrap();
+    let got = statuses(&mut hyper, 2).await;
+    assert_eq!(got.first(), Some(&404), "the first request reached hyper");
+    (d, got.get(1).copied().unwrap_or(0))
+}
+
+#[tokio::test]
+async fn the_direct_reader_is_as_strict_as_hyper() {
+    let h = HeraldBuilder::new()
+        .env("LIMITS__CONNECTIONS_PER_IDENTITY_PROJECT", "1000")
+        .env("LIMITS__CONNECTIONS_PER_IDENTITY", "1000")
+        .env("LIMITS__SUBSCRIBE_BURST", "1000")
+        .start();
+    let t = token_for("reader", HOUR);
+    let body = all_created("p1").to_string();
+    let n = body.len();
+    let head = |extra: &str| {
+        format!(
+            "POST {SUBSCRIBE} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\n{extra}\r\n{body}"
+        )
+    };
+    let chunked = format!("{n:x}\r\n{body}\r\n0\r\n\r\n");
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("valid", head(&format!("content-length: {n}\r\n")), 200),
+        ("two equal lengths", head(&format!("content-length: {n}\r\ncontent-length: {n}\r\n")), 200),
+        ("0 then a length", head(&format!("content-length: 0\r\ncontent-length: {n}\r\n")), 400),
+        ("a length then 0", head(&format!("content-length: {n}\r\ncontent-length: 0\r\n")), 400),
+        ("a signed length", head(&format!("content-length: +{n}\r\n")), 400),
+        ("a negative length", head("content-length: -1\r\n"), 400),
+        ("a hex length", head("content-length: 0x10\r\n"), 400),
+        ("a list of lengths", head(&format!("content-length: {n}, {n}\r\n")), 400),
+        ("a length with a space inside", head(&format!("content-length: {} {}\r\n", n / 10, n % 10)), 400),
+        ("an overflowing length", head("content-length: 99999999999999999999999\r\n"), 400),
+        ("padding around the length", head(&format!("content-length:   {n}   \r\n")), 200),
+        ("space before the colon", head(&format!("content-length : {n}\r\n")), 400),
+        ("obs-fold", head(&format!("content-length: {n}\r\nx-a: b\r\n c\r\n")), 400),
+        ("NUL in a value", head(&format!("content-length: {n}\r\nx-a: a\0b\r\n")), 400),
+        ("a bad header name", head(&format!("content-length: {n}\r\nx(a): b\r\n")), 400),
+        (
+            "chunked with a length",
+            format!(
+                "POST {SUBSCRIBE} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\ncontent-length: {n}\r\ntransfer-encoding: chunked\r\n\r\n{chunked}"
+            ),
+            200,
+        ),
+        (
+            "chunked on HTTP/1.0",
+            format!(
+                "POST {SUBSCRIBE} HTTP/1.0\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{chunked}"
+            ),
+            400,
+        ),
+        (
+            "no Host on HTTP/1.1",
+            format!(
+                "POST {SUBSCRIBE} HTTP/1.1\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\ncontent-length: {n}\r\n\r\n{body}"
+            ),
+            400,
+        ),
+        ("two Hosts", head(&format!("host: y\r\ncontent-length: {n}\r\n")), 400),
+        (
+            "no Host on HTTP/1.0",
+            format!(
+                "POST {SUBSCRIBE} HTTP/1.0\r\nauthorization: Bearer {t}\r\ncontent-type: application/json\r\ncontent-length: {n}\r\n\r\n{body}"
+            ),
+            200,
+        ),
+        (
+            "bare LF line ends",
+            head(&format!("content-length: {n}\r\n")).replace("\r\n", "\n"),
+            200,
+        ),
+        (
+            "two spaces in the request line",
+            head(&format!("content-length: {n}\r\n")).replacen("POST ", "POST  ", 1),
+            400,
+        ),
+    ];
+    for (what, request, want) in cases {
+        let (direct, hyper) = both_verdicts(&h, request.as_bytes()).await;
+        assert_eq!(direct, hyper, "{what}: direct {direct}, hyper {hyper}");
+        assert_eq!(direct, want, "{what}");
+    }
+}

@@ -23,6 +23,9 @@ impl Handler for Admin {
         _peer: SocketAddr,
     ) -> Response<HttpBody> {
         let app = &self.0;
+        if let Err(e) = super::check_host(&req) {
+            return e.into_response();
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return ApiError::method_not_allowed("GET, HEAD").into_response();
         }

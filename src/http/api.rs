@@ -53,6 +53,12 @@ impl Handler for Api {
         let http1 = req.version() < http::Version::HTTP_2;
         let has_body = req.headers().contains_key(CONTENT_LENGTH)
             || req.headers().contains_key(http::header::TRANSFER_ENCODING);
+        if let Err(e) = super::check_host(&req) {
+            let mut resp = e.into_response();
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
         let result = match (path.as_str(), &method) {
             (SUBSCRIBE_PATH | PUBLISH_PATH, &Method::OPTIONS) => Ok(preflight(app, &path)),
             (SUBSCRIBE_PATH, &Method::GET | &Method::POST) => subscribe(app, req).await,

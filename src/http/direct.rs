@@ -185,7 +185,10 @@ fn parse_head(buf: &[u8], is_stream: &impl Fn(&Method, &str) -> bool) -> Parsed 
         } else {
             Version::HTTP_11
         });
-    let mut declared = 0u64;
+    // Anything here that is not plainly right goes to hyper, which then gives
+    // its own verdict: this reader is never laxer than hyper (RFC 9112 6.3,
+    // RFC 9110 8.6), and a differential test holds it to that.
+    let mut declared: Option<u64> = None;
     for h in parsed.headers.iter() {
         let name = h.name;
         // Bodies this module does not read, and upgrades, go to hyper.
@@ -196,11 +199,9 @@ fn parse_head(buf: &[u8], is_stream: &impl Fn(&Method, &str) -> bool) -> Parsed 
             return Parsed::Other;
         }
         if name.eq_ignore_ascii_case("content-length") {
-            match std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            {
-                Some(n) if declared == 0 || declared == n => declared = n,
+            // One length, of digits only: no sign, no list, no second line.
+            match (declared, content_length(h.value)) {
+                (None, Some(n)) => declared = Some(n),
                 _ => return Parsed::Other,
             }
         }
@@ -213,9 +214,18 @@ fn parse_head(buf: &[u8], is_stream: &impl Fn(&Method, &str) -> bool) -> Parsed 
         builder = builder.header(n, v);
     }
     match builder.body(RequestBody::Buffered(None)) {
-        Ok(req) => Parsed::Stream(req, head_len, declared),
+        Ok(req) => Parsed::Stream(req, head_len, declared.unwrap_or(0)),
         Err(_) => Parsed::Other,
     }
+}
+
+/// A `Content-Length` value: one to nineteen ASCII digits (httparse has
+/// already trimmed the optional whitespace around it), as hyper reads it.
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// How a response body is delimited.

@@ -120,6 +120,28 @@ impl Body for RequestBody {
     }
 }
 
+/// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `Host`
+/// (HTTP/2 names the authority in its own way; HTTP/1.0 may omit it).
+/// Checked for every request on both HTTP/1 paths, so neither is laxer.
+pub fn check_host<B>(req: &Request<B>) -> Result<(), error::ApiError> {
+    if req.version() != http::Version::HTTP_11 {
+        return Ok(());
+    }
+    match req.headers().get_all(http::header::HOST).iter().count() {
+        1 => Ok(()),
+        0 => Err(error::ApiError::bad_field(
+            "invalid_request",
+            "host",
+            "an HTTP/1.1 request needs a Host header",
+        )),
+        _ => Err(error::ApiError::bad_field(
+            "invalid_request",
+            "host",
+            "an HTTP/1.1 request has one Host header",
+        )),
+    }
+}
+
 /// Connection-level settings of a listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
