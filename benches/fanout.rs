@@ -74,7 +74,7 @@ fn start_herald(queue_frames: usize, nats_urls: &[String]) -> Herald {
         policy.push_str(&format!("g, bench-{i}, role:bench, *\n"));
     }
     let extra = format!(
-        "[limits]\nconnections_per_identity_project = 1000000\nmax_connections = 1000000\nsubscribe_rate = 1000000.0\nsubscribe_burst = 1000000.0\n\
+        "[limits]\nconnections_per_identity_project = 1000000\nconnections_per_identity = 1000000\nmax_connections = 1000000\nsubscribe_rate = 1000000.0\nsubscribe_burst = 1000000.0\n\
          [stream]\nqueue_frames = {queue_frames}\n"
     );
     Herald::start(&policy, &extra, |cmd| {
