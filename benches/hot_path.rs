@@ -7,18 +7,19 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http_body::Body;
 
-use herald::event::EventType;
-use herald::ident::{EnvSlug, ProjectId};
+use herald::delivery::Delivery;
+use herald::event::{Event, EventKey, EventType};
+use herald::ident::{EnvSlug, Principal, ProjectId};
 use herald::interest::Interest;
 use herald::metrics::Metrics;
 use herald::path::{PathPattern, SecretPath};
 use herald::policy::{Action, Authorizer, PolicySet, PolicySource};
-use herald::router::{Delivery, Router};
+use herald::router::Router;
 use herald::stream::{new_stream, SseStream, StreamSettings, Subscriber};
 use herald::{sse, subject};
 
@@ -31,14 +32,25 @@ fn ids() -> (ProjectId, EnvSlug, EventType, SecretPath) {
     )
 }
 
+fn key() -> EventKey {
+    let (project, env, event_type, path) = ids();
+    EventKey {
+        project,
+        event_type,
+        env,
+        path,
+    }
+}
+
 const EVENT_JSON: &str = r#"{"specversion":"1.0","id":"0d6f1c7e-8a43-4d7b-9b0e-2f4c1a9e7d11","source":"/secrets-manager","type":"secret:updated","projectid":"6b1c2f0e-3d7a-4c1e-9f2a-0a1b2c3d4e5f","environment":"prod","secretpath":"/apps/db/primary","time":"2026-11-25T09:00:00Z","data":{"secretKeys":["DB_PASSWORD","DB_USER"]}}"#;
 
 fn subjects(c: &mut Criterion) {
-    let (p, e, t, path) = ids();
+    let k = key();
+    let path = k.path.clone();
     c.bench_function("subject/encode_event_subject", |b| {
-        b.iter(|| subject::event_subject("herald", black_box(&p), &e, t, black_box(&path)))
+        b.iter(|| subject::event_subject("herald", black_box(&k)))
     });
-    let s = subject::event_subject("herald", &p, &e, t, &path);
+    let s = subject::event_subject("herald", &k);
     c.bench_function("subject/decode_event_subject", |b| {
         b.iter(|| subject::decode_event_subject("herald", black_box(&s)))
     });
@@ -78,31 +90,22 @@ fn big_policy(n: usize) -> PolicySource {
 
 fn decisions(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (p, e, t, path) = ids();
-    let sub: Arc<str> = Arc::from("dev-subscriber");
+    let k = key();
+    let sub = Principal::parse("dev-subscriber").unwrap();
     for (name, src) in [
         ("shipped", shipped_policy()),
         ("10k_lines", big_policy(10_000)),
     ] {
         let set = rt.block_on(PolicySet::compile(&src, 1)).unwrap();
         c.bench_function(&format!("policy/{name}/raw_casbin_enforce"), |b| {
-            b.iter(|| {
-                set.decide(
-                    black_box(&sub),
-                    &p,
-                    t,
-                    Action::Subscribe,
-                    &e,
-                    black_box(&path),
-                )
-            })
+            b.iter(|| set.decide(black_box(&sub), black_box(&k), Action::Subscribe))
         });
         let auth = rt
             .block_on(Authorizer::new(&src, 100_000, Arc::new(Metrics::new())))
             .unwrap();
-        assert!(auth.may_receive(&sub, &p, t, &e, &path));
+        assert!(auth.may_receive(&sub, &k));
         c.bench_function(&format!("policy/{name}/cached_decision"), |b| {
-            b.iter(|| auth.may_receive(black_box(&sub), &p, t, &e, black_box(&path)))
+            b.iter(|| auth.may_receive(black_box(&sub), black_box(&k)))
         });
     }
 }
@@ -133,7 +136,9 @@ fn router(c: &mut Criterion) {
         expires_in: Duration::from_secs(3600),
         close_timeout: Duration::from_secs(10),
     };
-    // 10,000 connections over 1,000 distinct interests, 100 identities.
+    // 10,000 connections over 1,000 distinct interests, 2 identities.
+    let subscriber = Principal::parse("dev-subscriber").unwrap();
+    let admin = Principal::parse("dev-admin").unwrap();
     let mut streams = Vec::new();
     for i in 0..10_000u64 {
         let interest = Interest {
@@ -141,15 +146,15 @@ fn router(c: &mut Criterion) {
             env: Some(e.clone()),
             path: PathPattern::parse_subscription(&format!("/apps/svc-{}", i % 1000)).unwrap(),
         };
-        let subject: Arc<str> = Arc::from(if i % 2 == 0 {
-            "dev-subscriber"
+        let identity = if i % 2 == 0 {
+            subscriber.clone()
         } else {
-            "dev-admin"
-        });
+            admin.clone()
+        };
         let (conn, mut stream) = new_stream(
             Subscriber {
                 id: router.next_conn_id(),
-                subject,
+                identity,
                 project: p.clone(),
                 interests: vec![interest],
             },
@@ -167,22 +172,21 @@ fn router(c: &mut Criterion) {
     for s in &mut streams {
         drain(s, &mut cx); // the retry: preamble
     }
-    let target = SecretPath::parse("/apps/svc-7/db").unwrap();
-    let frame = sse::event_frame(1, t.name(), EVENT_JSON);
+    let event = Event::from_json(
+        serde_json::from_str::<serde_json::Value>(EVENT_JSON)
+            .map(|mut v| {
+                v["secretpath"] = "/apps/svc-7/db".into();
+                v
+            })
+            .unwrap(),
+        65536,
+    )
+    .unwrap();
     let mut seq = 1;
     c.bench_function("router/dispatch_10k_conns_1k_interests_10_match", |b| {
         b.iter(|| {
             seq += 1;
-            let d = Arc::new(Delivery {
-                seq,
-                project: p.clone(),
-                event_type: t,
-                env: e.clone(),
-                path: target.clone(),
-                frame: frame.clone(),
-                chunk: frame.clone(),
-                accepted_at: Instant::now(),
-            });
+            let d = Arc::new(Delivery::encode(seq, event.clone()));
             let stats = router.dispatch(&d);
             debug_assert_eq!(stats.queued, 10);
             for i in (7..10_000).step_by(1000) {

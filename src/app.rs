@@ -164,7 +164,7 @@ impl App {
                 .interests
                 .iter()
                 .enumerate()
-                .find(|(_, it)| !set.may_subscribe(&conn.subject, &conn.project, it));
+                .find(|(_, it)| !set.may_subscribe(&conn.identity, &conn.project, it));
             if let Some((i, it)) = denied {
                 if conn.close(CloseReason::PermissionRevoked(format!(
                     "register[{i}]: {it}"

@@ -9,7 +9,6 @@
 //! role name (DESIGN.md section 12).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -48,14 +47,14 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
-pub struct Identity {
+pub struct Caller {
     /// The identity policies name (the token's mapped claim, `sub` by default).
-    pub subject: Arc<str>,
+    pub identity: Principal,
     /// When the token expires (`exp`), as a UNIX timestamp in seconds.
     pub expires_at: u64,
 }
 
-impl Identity {
+impl Caller {
     /// Time left until the token expires (zero if already expired).
     pub fn remaining(&self) -> Duration {
         Duration::from_secs(self.expires_at.saturating_sub(unix_now()))
@@ -368,7 +367,7 @@ impl Verifier {
     /// every claim is then checked by herald, with RFC 7519's types
     /// ([`ClaimRules::check`]). Nothing in the header chooses a key but its
     /// `alg` family: `kid`, `jku`, `x5u` and an embedded `jwk` are never used.
-    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed);
         }
@@ -402,8 +401,8 @@ impl Verifier {
             }
         })?;
         let checked = self.rules.check(&data.claims, unix_now())?;
-        Ok(Identity {
-            subject: checked.subject.as_arc().clone(),
+        Ok(Caller {
+            identity: checked.subject,
             expires_at: checked.expires_at,
         })
     }
@@ -513,7 +512,7 @@ mod tests {
             .mint("alice", Duration::from_secs(60), None, None)
             .unwrap();
         let id = verifier().verify(&t).unwrap();
-        assert_eq!(&*id.subject, "alice");
+        assert_eq!(id.identity.as_str(), "alice");
         assert!(id.remaining() > Duration::from_secs(50));
     }
 

@@ -15,8 +15,8 @@ use rand::RngCore;
 use crate::app::{self, App};
 use crate::auth::{hs_secret, parse_algorithm, Signer, Verifier};
 use crate::config::Config;
-use crate::event::EventType;
-use crate::ident::{EnvSlug, ProjectId};
+use crate::event::{EventKey, EventType};
+use crate::ident::{EnvSlug, Principal, ProjectId};
 use crate::path::SecretPath;
 use crate::policy::{Action, PolicySet, PolicySource};
 
@@ -301,7 +301,17 @@ async fn run(command: Command) -> anyhow::Result<i32> {
                 "publish" => Action::Publish,
                 _ => return bad("--action", "must be subscribe or publish".into()),
             };
-            let ex = set.explain(&sub, &project, ty, act, &env, &path);
+            let identity = match Principal::parse(&sub) {
+                Ok(i) => i,
+                Err(e) => return bad("--sub", format!("not an identity: it {e}")),
+            };
+            let key = EventKey {
+                project,
+                event_type: ty,
+                env,
+                path,
+            };
+            let ex = set.explain(&identity, &key, act);
             print!("{ex}");
             Ok(if ex.allowed { 0 } else { 1 })
         }

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::ident::ProjectId;
+use crate::ident::{Principal, ProjectId};
 use crate::limits::Elsewhere;
 
 /// What one instance says about itself.
@@ -84,14 +84,14 @@ impl Cluster {
     /// Streams `identity` has open on other live instances, on `project` and
     /// on every project (asked on every subscribe: counted in place, nothing
     /// copied).
-    pub fn streams_elsewhere(&self, identity: &str, project: &ProjectId) -> Elsewhere {
+    pub fn streams_elsewhere(&self, identity: &Principal, project: &ProjectId) -> Elsewhere {
         let mut out = Elsewhere::default();
         for (s, pr, n) in self
             .live_peers()
             .values()
             .flat_map(|p| p.presence.streams.iter())
         {
-            if s == identity {
+            if s == identity.as_str() {
                 out.total = out.total.saturating_add(*n);
                 if pr == project.as_str() {
                     out.project = out.project.saturating_add(*n);

@@ -110,21 +110,43 @@ impl EventError {
     }
 }
 
+/// Where an event happened: what routing, subscriptions and policies look at.
+/// Built once per event (from the envelope, or from a NATS subject) and
+/// borrowed by every check after that.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EventKey {
+    /// The `projectid` extension.
+    pub project: ProjectId,
+    /// The event type.
+    pub event_type: EventType,
+    /// The `environment` extension.
+    pub env: EnvSlug,
+    /// The `secretpath` extension.
+    pub path: SecretPath,
+}
+
+impl fmt::Display for EventKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} in project {}, environment {}, path {}",
+            self.event_type, self.project, self.env, self.path
+        )
+    }
+}
+
 /// A validated CloudEvent.
 #[derive(Clone, Debug)]
 pub struct Event {
     /// The `id` attribute.
     pub id: String,
-    /// The event type.
-    pub event_type: EventType,
-    /// The `projectid` extension.
-    pub project: ProjectId,
-    /// The `environment` extension.
-    pub env: EnvSlug,
-    /// The `secretpath` extension.
-    pub path: SecretPath,
+    /// Where it happened.
+    pub key: EventKey,
     /// The canonical JSON (one line), as sent to clients.
     pub json: String,
+    /// `data.secretKeys`, when it is a list of strings (the names of the
+    /// secrets the event is about; dialects that itemize by key read it).
+    pub secret_keys: Box<[Box<str>]>,
 }
 
 /// Attributes herald knows; every other top-level key is an extension attribute.
@@ -286,6 +308,17 @@ impl Event {
         for (k, v) in raw.extensions {
             out.insert(k, v);
         }
+        let secret_keys = data
+            .as_ref()
+            .and_then(|d| d.get("secretKeys"))
+            .and_then(Value::as_array)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(Value::as_str)
+                    .map(Box::from)
+                    .collect::<Box<[Box<str>]>>()
+            })
+            .unwrap_or_default();
         if let Some(d) = data {
             out.insert("data".into(), d);
         }
@@ -303,11 +336,14 @@ impl Event {
         }
         Ok(Event {
             id,
-            event_type,
-            project,
-            env,
-            path,
+            key: EventKey {
+                project,
+                event_type,
+                env,
+                path,
+            },
             json,
+            secret_keys,
         })
     }
 }
@@ -355,6 +391,7 @@ mod tests {
         assert!(v["time"].is_string());
         assert_eq!(v["data"]["secretKeys"][0], "DB_PASSWORD");
         assert!(!e.json.contains('\n'));
+        assert_eq!(&*e.secret_keys, &[Box::from("DB_PASSWORD")]);
     }
 
     #[test]
@@ -362,7 +399,7 @@ mod tests {
         let mut v = base();
         v["type"] = json!("secret:delete");
         let e = Event::from_json(v, 65536).unwrap();
-        assert_eq!(e.event_type.name(), "secret:deleted");
+        assert_eq!(e.key.event_type.name(), "secret:deleted");
         assert!(e.json.contains("\"type\":\"secret:deleted\""));
     }
 

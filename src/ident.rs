@@ -136,8 +136,23 @@ pub enum PrincipalError {
 /// section 12). Never empty, at most [`MAX_PRINCIPAL_LEN`] bytes, no control
 /// characters, spaces or commas (a policy line could not name it), and never
 /// a role name or anything shaped like one.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Eq, PartialOrd, Ord)]
 pub struct Principal(Arc<str>);
+
+impl std::hash::Hash for Principal {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As the text, which is what equality compares.
+        (*self.0).hash(state);
+    }
+}
+
+impl PartialEq for Principal {
+    /// Streams of one caller share one allocation: compared on every
+    /// delivery, most equal principals are the same pointer.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+    }
+}
 
 impl Principal {
     /// Checks `s` and wraps it.

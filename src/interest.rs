@@ -7,9 +7,9 @@
 
 use std::fmt;
 
-use crate::event::EventType;
+use crate::event::{EventKey, EventType};
 use crate::ident::EnvSlug;
-use crate::path::{PathPattern, PathSegments, SecretPath};
+use crate::path::{PathPattern, PathSegments};
 
 /// One registration.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -23,17 +23,18 @@ pub struct Interest {
 }
 
 impl Interest {
-    /// Whether an event of this type, environment and path is wanted.
+    /// Whether an event is wanted.
     #[inline]
-    pub fn matches(&self, ty: EventType, env: &EnvSlug, path: &SecretPath) -> bool {
-        self.matches_split(ty, env, &path.split())
+    pub fn matches(&self, key: &EventKey) -> bool {
+        self.matches_split(key, &key.path.split())
     }
 
-    /// [`matches`](Self::matches) with the path split once per event.
+    /// [`matches`](Self::matches) with the event's path split once for many
+    /// registrations.
     #[inline]
-    pub fn matches_split(&self, ty: EventType, env: &EnvSlug, path: &PathSegments<'_>) -> bool {
-        self.event_type == ty
-            && self.env.as_ref().is_none_or(|e| e == env)
+    pub fn matches_split(&self, key: &EventKey, path: &PathSegments<'_>) -> bool {
+        self.event_type == key.event_type
+            && self.env.as_ref().is_none_or(|e| *e == key.env)
             && self.path.matches_split(path)
     }
 }

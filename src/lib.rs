@@ -39,6 +39,7 @@ pub mod bus;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod event;
 pub mod http;
 pub mod ident;

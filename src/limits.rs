@@ -18,7 +18,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use crate::config::LimitsConfig;
-use crate::ident::ProjectId;
+use crate::ident::{Principal, ProjectId};
 
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +47,8 @@ impl Limit {
 
 #[derive(Default)]
 struct Counts {
-    per_identity_project: HashMap<(Arc<str>, ProjectId), usize>,
-    per_identity: HashMap<Arc<str>, usize>,
+    per_identity_project: HashMap<(Principal, ProjectId), usize>,
+    per_identity: HashMap<Principal, usize>,
     total: usize,
 }
 
@@ -73,7 +73,7 @@ pub struct ConnectionLimiter {
 /// One held stream slot; released on drop.
 pub struct ConnectionSlot {
     counts: Arc<Mutex<Counts>>,
-    key: (Arc<str>, ProjectId),
+    key: (Principal, ProjectId),
 }
 
 impl Drop for ConnectionSlot {
@@ -122,12 +122,12 @@ impl ConnectionLimiter {
         }
     }
 
-    /// Takes a slot for `subject` on `project`, or names the limit that refuses it.
+    /// Takes a slot for `identity` on `project`, or names the limit that refuses it.
     /// `elsewhere` is what the identity holds on other instances (the
     /// per-identity limits are cluster-wide).
     pub fn acquire(
         &self,
-        subject: &Arc<str>,
+        identity: &Principal,
         project: &ProjectId,
         elsewhere: Elsewhere,
     ) -> Result<ConnectionSlot, Limit> {
@@ -135,17 +135,17 @@ impl ConnectionLimiter {
         if c.total >= self.total {
             return Err(Limit::InstanceConnections);
         }
-        let key = (subject.clone(), project.clone());
+        let key = (identity.clone(), project.clone());
         let here_project = c.per_identity_project.get(&key).copied().unwrap_or(0);
         if here_project.saturating_add(elsewhere.project) >= self.per_identity_project {
             return Err(Limit::ConnectionsPerIdentity);
         }
-        let here_total = c.per_identity.get(subject).copied().unwrap_or(0);
+        let here_total = c.per_identity.get(identity).copied().unwrap_or(0);
         if here_total.saturating_add(elsewhere.total) >= self.per_identity {
             return Err(Limit::ConnectionsPerIdentityTotal);
         }
         *c.per_identity_project.entry(key.clone()).or_insert(0) += 1;
-        *c.per_identity.entry(subject.clone()).or_insert(0) += 1;
+        *c.per_identity.entry(identity.clone()).or_insert(0) += 1;
         c.total += 1;
         Ok(ConnectionSlot {
             counts: self.counts.clone(),
@@ -154,7 +154,7 @@ impl ConnectionLimiter {
     }
 
     /// Open streams per (identity, project) on this instance.
-    pub fn snapshot(&self) -> Vec<(Arc<str>, ProjectId, usize)> {
+    pub fn snapshot(&self) -> Vec<(Principal, ProjectId, usize)> {
         self.counts
             .lock()
             .per_identity_project
@@ -171,7 +171,7 @@ struct Bucket {
 
 /// A token bucket per identity for subscribe requests.
 pub struct RateLimiter {
-    buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+    buckets: Mutex<HashMap<Principal, Bucket>>,
     rate: f64,
     burst: f64,
 }
@@ -189,15 +189,15 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token for `subject`; `false` when it has none left.
-    pub fn try_take(&self, subject: &Arc<str>) -> bool {
+    /// Takes one token for `identity`; `false` when it has none left.
+    pub fn try_take(&self, identity: &Principal) -> bool {
         let now = Instant::now();
         let mut map = self.buckets.lock();
         if map.len() > PRUNE_AT {
             let (rate, burst) = (self.rate, self.burst);
             map.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
         }
-        let b = map.entry(subject.clone()).or_insert(Bucket {
+        let b = map.entry(identity.clone()).or_insert(Bucket {
             tokens: self.burst,
             at: now,
         });
@@ -224,7 +224,10 @@ mod tests {
             ..LimitsConfig::default()
         };
         let l = ConnectionLimiter::new(&cfg, cfg.max_connections);
-        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let (a, b) = (
+            Principal::parse("a").unwrap(),
+            Principal::parse("b").unwrap(),
+        );
         let p = ProjectId::parse("p").unwrap();
         let none = Elsewhere::default();
         let s1 = l.acquire(&a, &p, none).unwrap();
@@ -260,7 +263,7 @@ mod tests {
             ..LimitsConfig::default()
         };
         let l = ConnectionLimiter::new(&cfg, cfg.max_connections);
-        let a: Arc<str> = Arc::from("a");
+        let a = Principal::parse("a").unwrap();
         let mut held = Vec::new();
         let mut refused = None;
         'projects: for p in 0..9 {
@@ -278,7 +281,7 @@ mod tests {
         assert_eq!(held.len(), 8);
         assert_eq!(refused, Some(Limit::ConnectionsPerIdentityTotal));
         // Others still get in, and the bound counts other instances too.
-        let b: Arc<str> = Arc::from("b");
+        let b = Principal::parse("b").unwrap();
         let p = ProjectId::parse("p").unwrap();
         assert!(l.acquire(&b, &p, Elsewhere::default()).is_ok());
         let full_elsewhere = Elsewhere {
@@ -296,9 +299,9 @@ mod tests {
     #[test]
     fn bucket_allows_burst_then_refuses() {
         let r = RateLimiter::new(0.001, 3.0);
-        let a: Arc<str> = Arc::from("a");
+        let a = Principal::parse("a").unwrap();
         assert!(r.try_take(&a) && r.try_take(&a) && r.try_take(&a));
         assert!(!r.try_take(&a));
-        assert!(r.try_take(&Arc::from("b")));
+        assert!(r.try_take(&Principal::parse("b").unwrap()));
     }
 }

@@ -13,60 +13,15 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
-use bytes::Bytes;
 use parking_lot::RwLock;
 
-use crate::event::EventType;
-use crate::ident::{EnvSlug, ProjectId};
+use crate::delivery::Delivery;
+use crate::ident::{Principal, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
-use crate::path::SecretPath;
 use crate::policy::Authorizer;
 use crate::stream::{Conn, Frame, Push};
-
-/// An accepted event, encoded once, ready to fan out.
-#[derive(Debug)]
-pub struct Delivery {
-    /// Sequence number, the SSE `id`.
-    pub seq: u64,
-    /// Project.
-    pub project: ProjectId,
-    /// Type.
-    pub event_type: EventType,
-    /// Environment.
-    pub env: EnvSlug,
-    /// Folder path.
-    pub path: SecretPath,
-    /// The encoded SSE frame, shared by every receiver.
-    pub frame: Bytes,
-    /// The same frame as an HTTP/1.1 chunk (`frame` is a view of it).
-    pub chunk: Bytes,
-    /// When herald accepted it.
-    pub accepted_at: Instant,
-}
-
-impl Delivery {
-    /// Encodes `ev` as the SSE frame with id `seq`, once for every receiver.
-    pub fn encode(seq: u64, ev: crate::event::Event) -> Delivery {
-        let (chunk, frame) = crate::sse::chunk(&crate::sse::event_frame(
-            seq,
-            ev.event_type.name(),
-            &ev.json,
-        ));
-        Delivery {
-            seq,
-            frame,
-            chunk,
-            project: ev.project,
-            event_type: ev.event_type,
-            env: ev.env,
-            path: ev.path,
-            accepted_at: Instant::now(),
-        }
-    }
-}
 
 /// Counts of one dispatch.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -234,11 +189,9 @@ impl Router {
     /// stream's project, a registration wants it, and the identity may see it
     /// under the policy in force now.
     pub fn admits(&self, conn: &Conn, d: &Delivery) -> bool {
-        d.project == conn.project
-            && conn.wants(d.event_type, &d.env, &d.path)
-            && self
-                .authorizer
-                .may_receive(&conn.subject, &d.project, d.event_type, &d.env, &d.path)
+        d.key.project == conn.project
+            && conn.wants(&d.key)
+            && self.authorizer.may_receive(&conn.identity, &d.key)
     }
 
     /// Fans one delivery out to every connection that wants it and may see it.
@@ -249,18 +202,18 @@ impl Router {
         let Some(groups) = self
             .projects
             .read()
-            .get(&d.project)
+            .get(&d.key.project)
             .map(|pc| pc.groups.clone())
         else {
             return stats;
         };
-        let segs = d.path.split();
+        let segs = d.key.path.split();
         // Consecutive connections of one identity share one decision.
-        let mut last: Option<(Arc<str>, bool)> = None;
+        let mut last: Option<(Principal, bool)> = None;
         for group in groups.iter() {
             // Matched with no lock held: publishes and subscribes wait on
             // nothing while registrations are compared with the event.
-            if !group.interest.matches_split(d.event_type, &d.env, &segs) {
+            if !group.interest.matches_split(&d.key, &segs) {
                 continue;
             }
             let set = group.conns.read();
@@ -269,16 +222,10 @@ impl Router {
                     continue; // another of its registrations matched already
                 }
                 let allowed = match &last {
-                    Some((s, v)) if Arc::ptr_eq(s, &conn.subject) || **s == *conn.subject => *v,
+                    Some((who, v)) if *who == conn.identity => *v,
                     _ => {
-                        let v = self.authorizer.may_receive(
-                            &conn.subject,
-                            &d.project,
-                            d.event_type,
-                            &d.env,
-                            &d.path,
-                        );
-                        last = Some((conn.subject.clone(), v));
+                        let v = self.authorizer.may_receive(&conn.identity, &d.key);
+                        last = Some((conn.identity.clone(), v));
                         v
                     }
                 };
@@ -337,6 +284,8 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::tests::delivery as event;
+    use crate::event::EventType;
     use crate::path::PathPattern;
     use crate::policy::PolicySource;
     use crate::stream::{new_stream, SseStream, StreamSettings, Subscriber};
@@ -369,7 +318,7 @@ mod tests {
         };
         let who = Subscriber {
             id: r.next_conn_id(),
-            subject: Arc::from("a"),
+            identity: Principal::parse("a").unwrap(),
             project: ProjectId::parse("p1").unwrap(),
             interests: vec![Interest {
                 event_type: EventType::parse("secret:created").unwrap(),
@@ -383,16 +332,7 @@ mod tests {
     }
 
     fn delivery(seq: u64, path: &str) -> Arc<Delivery> {
-        Arc::new(Delivery {
-            seq,
-            project: ProjectId::parse("p1").unwrap(),
-            event_type: EventType::parse("secret:created").unwrap(),
-            env: EnvSlug::parse("prod").unwrap(),
-            path: SecretPath::parse(path).unwrap(),
-            frame: Bytes::from_static(b"x\n\n"),
-            chunk: Bytes::from_static(b"3\r\nx\n\n\r\n"),
-            accepted_at: Instant::now(),
-        })
+        event(seq, "p1", path)
     }
 
     #[tokio::test]

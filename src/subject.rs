@@ -10,7 +10,7 @@
 //! below" one subscription (`apps.>` matches `apps.~` and `apps.db.~` only).
 //! This module owns the mapping both ways and nothing else.
 
-use crate::event::EventType;
+use crate::event::{EventKey, EventType};
 use crate::ident::{EnvSlug, ProjectId};
 use crate::path::{PathPattern, SecretPath, Seg};
 
@@ -95,13 +95,13 @@ fn hex_val(b: u8) -> Option<u8> {
 }
 
 /// The subject an event is published on.
-pub fn event_subject(
-    prefix: &str,
-    project: &ProjectId,
-    env: &EnvSlug,
-    ty: EventType,
-    path: &SecretPath,
-) -> String {
+pub fn event_subject(prefix: &str, key: &EventKey) -> String {
+    let EventKey {
+        project,
+        env,
+        event_type: ty,
+        path,
+    } = key;
     let mut s = String::with_capacity(64 + path.as_str().len() * 2);
     s.push_str(prefix);
     s.push_str(".ev.");
@@ -119,26 +119,14 @@ pub fn event_subject(
     s
 }
 
-/// The parts of a decoded event subject.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubjectParts {
-    /// Project id token.
-    pub project: ProjectId,
-    /// Environment token.
-    pub env: EnvSlug,
-    /// Event type token.
-    pub event_type: EventType,
-    /// The folder path.
-    pub path: SecretPath,
-}
-
 /// Decodes an event subject; `None` for anything that is not one.
-pub fn decode_event_subject(prefix: &str, subject: &str) -> Option<SubjectParts> {
+pub fn decode_event_subject(prefix: &str, subject: &str) -> Option<EventKey> {
     decode_subject(prefix, Kind::Events, subject)
 }
 
-/// Decodes a subject of `kind` (an event subject or its republished copy).
-pub fn decode_subject(prefix: &str, kind: Kind, subject: &str) -> Option<SubjectParts> {
+/// Decodes a subject of `kind` (an event subject or its republished copy)
+/// into the event's key; `None` for anything an encoder could not have made.
+pub fn decode_subject(prefix: &str, kind: Kind, subject: &str) -> Option<EventKey> {
     let rest = subject
         .strip_prefix(prefix)?
         .strip_prefix('.')?
@@ -167,7 +155,7 @@ pub fn decode_subject(prefix: &str, kind: Kind, subject: &str) -> Option<Subject
         return None;
     }
     let path = SecretPath::parse(&path).ok()?;
-    Some(SubjectParts {
+    Some(EventKey {
         project,
         env,
         event_type,
@@ -258,23 +246,25 @@ mod tests {
     fn ty() -> EventType {
         EventType::parse("secret:created").unwrap()
     }
+    fn key(project: ProjectId, env: EnvSlug, path: SecretPath) -> EventKey {
+        EventKey {
+            project,
+            env,
+            event_type: ty(),
+            path,
+        }
+    }
 
     #[test]
     fn root_has_no_segment_tokens() {
-        let s = event_subject(
-            "herald",
-            &pid("p1"),
-            &env("prod"),
-            ty(),
-            &SecretPath::root(),
-        );
+        let s = event_subject("herald", &key(pid("p1"), env("prod"), SecretPath::root()));
         assert_eq!(s, "herald.ev.p1.prod.secret:created.~");
     }
 
     #[test]
     fn hostile_segments_are_escaped() {
         let path = SecretPath::parse("/a.b/*/>/ x/%/~").unwrap();
-        let s = event_subject("herald", &pid("p1"), &env("prod"), ty(), &path);
+        let s = event_subject("herald", &key(pid("p1"), env("prod"), path.clone()));
         assert_eq!(
             s,
             "herald.ev.p1.prod.secret:created.a%2Eb.%2A.%3E.%20x.%25.%7E.~"
@@ -291,10 +281,7 @@ mod tests {
         let sub = |p: &str| {
             event_subject(
                 "herald",
-                &pid("p1"),
-                &env("prod"),
-                ty(),
-                &SecretPath::parse(p).unwrap(),
+                &key(pid("p1"), env("prod"), SecretPath::parse(p).unwrap()),
             )
         };
         assert!(subject_matches(&f, &sub("/apps")));
@@ -330,7 +317,7 @@ mod tests {
             "my.ev.rp.p1.>"
         );
         assert_eq!(kind_filter("my.ev", Kind::Events), "my.ev.ev.>");
-        let s = event_subject("my.ev", &p, &env("prod"), ty(), &SecretPath::root());
+        let s = event_subject("my.ev", &key(p.clone(), env("prod"), SecretPath::root()));
         assert!(decode_subject("my.ev", Kind::Events, &s).is_some());
         let rp = s.replacen("my.ev.ev.", "my.ev.rp.", 1);
         assert!(decode_subject("my.ev", Kind::Republished, &rp).is_some());
@@ -369,7 +356,7 @@ mod tests {
             let segs: Vec<String> = segs.into_iter().filter(|s| s != "." && s != ".." && !s.contains('*')).collect();
             let text = format!("/{}", segs.join("/"));
             let path = SecretPath::parse(&text).unwrap();
-            let s = event_subject("herald", &pid("p-1"), &env("prod"), ty(), &path);
+            let s = event_subject("herald", &key(pid("p-1"), env("prod"), path.clone()));
             let back = decode_event_subject("herald", &s).unwrap();
             prop_assert_eq!(back.path, path.clone());
             // The folder interest of any prefix of the path covers it; a sibling's does not.
@@ -378,7 +365,7 @@ mod tests {
             prop_assert!(subject_matches(&f, &s));
             let sibling = format!("{}x", text.trim_end_matches('/'));
             if let Ok(sib) = SecretPath::parse(&sibling) {
-                let ss = event_subject("herald", &pid("p-1"), &env("prod"), ty(), &sib);
+                let ss = event_subject("herald", &key(pid("p-1"), env("prod"), sib.clone()));
                 prop_assert!(!subject_matches(&f, &ss) || text == "/");
             }
         }

@@ -786,7 +786,7 @@ async fn admin_endpoints_and_metrics_exposition() {
         .await;
     let (_, v) = h.admin_json("/admin/connections").await;
     assert_eq!(v["count"], 1);
-    assert_eq!(v["connections"][0]["subject"], "reader");
+    assert_eq!(v["connections"][0]["identity"], "reader");
     assert_eq!(
         v["connections"][0]["registrations"][0]["secretPath"],
         "/apps/**"

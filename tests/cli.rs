@@ -103,7 +103,7 @@ fn token_mint_prints_a_token_the_verifier_accepts() {
     })
     .unwrap();
     let id = v.verify(token.trim()).unwrap();
-    assert_eq!(&*id.subject, "alice");
+    assert_eq!(id.identity.as_str(), "alice");
     assert!(
         id.remaining() <= Duration::from_secs(600) && id.remaining() > Duration::from_secs(590)
     );

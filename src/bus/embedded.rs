@@ -15,10 +15,11 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde_json::json;
 
+use crate::delivery::Delivery;
 use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
-use crate::router::{Delivery, Router};
+use crate::router::Router;
 use crate::sse::{self, Control};
 use crate::stream::{Frame, SseStream};
 

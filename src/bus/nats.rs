@@ -34,10 +34,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{NatsConfig, ReplayConfig};
+use crate::delivery::Delivery;
 use crate::event::Event;
 use crate::ident::ProjectId;
 use crate::metrics::Metrics;
-use crate::router::{Delivery, Router};
+use crate::router::Router;
 use crate::sse::{self, Control};
 use crate::stream::{CloseReason, Frame, SseStream};
 use crate::subject::{self, Kind};
@@ -218,13 +219,7 @@ impl NatsBus {
         if let Some(replay) = &self.replay {
             let mut out = Vec::with_capacity(events.len());
             for ev in events {
-                let subj = subject::event_subject(
-                    &self.prefix,
-                    &ev.project,
-                    &ev.env,
-                    ev.event_type,
-                    &ev.path,
-                );
+                let subj = subject::event_subject(&self.prefix, &ev.key);
                 let seq = replay.publish(subj, &ev.id, Bytes::from(ev.json)).await?;
                 out.push(Published {
                     id: ev.id,
@@ -235,8 +230,7 @@ impl NatsBus {
         }
         let mut out = Vec::with_capacity(events.len());
         for ev in events {
-            let subj =
-                subject::event_subject(&self.prefix, &ev.project, &ev.env, ev.event_type, &ev.path);
+            let subj = subject::event_subject(&self.prefix, &ev.key);
             self.client
                 .publish(subj, Bytes::from(ev.json))
                 .await
@@ -433,7 +427,7 @@ impl NatsBus {
     /// Checks one message: the subject decodes, the envelope validates and
     /// agrees with the subject. Anything else is counted and dropped.
     fn check(&self, kind: Kind, subj: &str, payload: &[u8]) -> Option<Event> {
-        let Some(parts) = subject::decode_subject(&self.prefix, kind, subj) else {
+        let Some(key) = subject::decode_subject(&self.prefix, kind, subj) else {
             self.reject("bad_subject");
             return None;
         };
@@ -451,11 +445,7 @@ impl NatsBus {
                 return None;
             }
         };
-        if ev.project != parts.project
-            || ev.env != parts.env
-            || ev.event_type != parts.event_type
-            || ev.path != parts.path
-        {
+        if ev.key != key {
             tracing::debug!(
                 subject = subj,
                 "event envelope disagrees with its subject; dropped"

@@ -61,7 +61,7 @@ impl Handler for Admin {
                     .map(|c| {
                         json!({
                             "id": c.id,
-                            "subject": &*c.subject,
+                            "identity": c.identity.as_str(),
                             "project": c.project.as_str(),
                             "registrations": c.interests.iter().map(|i| json!({
                                 "event": i.event_type.name(),

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::error::{json_response, ApiError};
 use super::{Handler, HttpBody, RequestBody};
 use crate::app::App;
-use crate::auth::{AuthError, Identity};
+use crate::auth::{AuthError, Caller};
 use crate::event::{Event, EventType};
 use crate::ident::{EnvSlug, ProjectId};
 use crate::interest::Interest;
@@ -179,7 +179,7 @@ fn authenticate(
     headers: &HeaderMap,
     query: &[(String, String)],
     sources: TokenSources,
-) -> Result<Identity, ApiError> {
+) -> Result<Caller, ApiError> {
     let result = match extract_token(headers, query, sources) {
         None => Err(AuthError::Missing),
         Some(t) => app.verifier.verify(t),
@@ -466,9 +466,9 @@ async fn subscribe(
     } else {
         TokenSources::HeaderOnly
     };
-    let identity =
+    let caller =
         authenticate(app, req.headers(), &query, sources).inspect_err(|_| count("unauthorized"))?;
-    if !app.rate_limiter.try_take(&identity.subject) {
+    if !app.rate_limiter.try_take(&caller.identity) {
         count("limited");
         app.metrics
             .limit_rejections
@@ -495,7 +495,7 @@ async fn subscribe(
 
     let policy = app.authorizer.current();
     for (i, it) in sub.interests.iter().enumerate() {
-        if !policy.may_subscribe(&identity.subject, &sub.project, it) {
+        if !policy.may_subscribe(&caller.identity, &sub.project, it) {
             count("forbidden");
             app.metrics
                 .permission_denied
@@ -506,7 +506,7 @@ async fn subscribe(
                 "forbidden",
                 format!(
                     "{} may not subscribe to {it} in project {}",
-                    identity.subject, sub.project
+                    caller.identity, sub.project
                 ),
             )
             .with_details(json!({
@@ -520,11 +520,11 @@ async fn subscribe(
     let elsewhere = app
         .cluster
         .as_ref()
-        .map(|c| c.streams_elsewhere(&identity.subject, &sub.project))
+        .map(|c| c.streams_elsewhere(&caller.identity, &sub.project))
         .unwrap_or_default();
     let slot = app
         .conn_limiter
-        .acquire(&identity.subject, &sub.project, elsewhere)
+        .acquire(&caller.identity, &sub.project, elsewhere)
         .map_err(|l| {
             count("limited");
             app.metrics
@@ -534,13 +534,13 @@ async fn subscribe(
             let msg = match l {
                 crate::limits::Limit::ConnectionsPerIdentity => format!(
                     "{} already has {} open streams on project {} (across all instances)",
-                    identity.subject,
+                    caller.identity,
                     app.conn_limiter.value(l),
                     sub.project
                 ),
                 crate::limits::Limit::ConnectionsPerIdentityTotal => format!(
                     "{} already has {} open streams on all projects together (across all instances)",
-                    identity.subject,
+                    caller.identity,
                     app.conn_limiter.value(l),
                 ),
                 _ => "this instance has reached its connection limit".to_owned(),
@@ -552,14 +552,14 @@ async fn subscribe(
         queue_frames: app.config.stream.queue_frames,
         heartbeat: app.config.stream.heartbeat,
         retry: app.config.stream.retry,
-        expires_in: identity.remaining(),
+        expires_in: caller.remaining(),
         close_timeout: app.config.stream.close_timeout,
     };
     let id = app.router.next_conn_id();
     let (_conn, mut stream) = new_stream(
         Subscriber {
             id,
-            subject: identity.subject.clone(),
+            identity: caller.identity.clone(),
             project: sub.project,
             interests: sub.interests,
         },
@@ -580,7 +580,7 @@ async fn subscribe(
         return Ok(reconnect_now(app, "bus_unavailable"));
     }
     count("accepted");
-    tracing::debug!(conn = id, subject = %identity.subject, "stream opened");
+    tracing::debug!(conn = id, identity = %caller.identity, "stream opened");
     Ok(sse_response(HttpBody::Stream(Box::new(stream))))
 }
 
@@ -588,7 +588,7 @@ async fn publish(
     app: &Arc<App>,
     req: Request<RequestBody>,
 ) -> Result<Response<HttpBody>, ApiError> {
-    let identity = authenticate(app, req.headers(), &[], TokenSources::HeaderOnly)?;
+    let caller = authenticate(app, req.headers(), &[], TokenSources::HeaderOnly)?;
     let body = read_json(app, req).await?;
     let (items, batch) = match body {
         Value::Array(a) => (a, true),
@@ -627,14 +627,10 @@ async fn publish(
         events.push(ev);
     }
     for (i, ev) in events.iter().enumerate() {
-        if !app.authorizer.may(
-            &identity.subject,
-            &ev.project,
-            ev.event_type,
-            Action::Publish,
-            &ev.env,
-            &ev.path,
-        ) {
+        if !app
+            .authorizer
+            .may(&caller.identity, &ev.key, Action::Publish)
+        {
             app.metrics
                 .permission_denied
                 .with_label_values(&["publish"])
@@ -642,10 +638,7 @@ async fn publish(
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!(
-                    "{} may not publish {} in project {}, environment {}, path {}",
-                    identity.subject, ev.event_type, ev.project, ev.env, ev.path
-                ),
+                format!("{} may not publish {}", caller.identity, ev.key),
             )
             .with_details(json!({"index": i})));
         }

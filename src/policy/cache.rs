@@ -6,14 +6,12 @@
 //! the slot), and an owned key is made only when a decision is stored.
 
 use std::hash::BuildHasher;
-use std::sync::Arc;
 
 use hashbrown::HashTable;
 use parking_lot::Mutex;
 
-use crate::event::EventType;
-use crate::ident::{EnvSlug, ProjectId};
-use crate::path::SecretPath;
+use crate::event::EventKey;
+use crate::ident::Principal;
 
 use super::Action;
 
@@ -21,24 +19,18 @@ use super::Action;
 #[derive(Clone, Copy)]
 pub(crate) struct Question<'a> {
     pub(crate) generation: u64,
-    pub(crate) sub: &'a Arc<str>,
-    pub(crate) project: &'a ProjectId,
-    pub(crate) ty: EventType,
+    pub(crate) identity: &'a Principal,
+    pub(crate) key: &'a EventKey,
     pub(crate) action: Action,
-    pub(crate) env: &'a EnvSlug,
-    pub(crate) path: &'a SecretPath,
 }
 
 /// A stored question.
 struct Entry {
     hash: u64,
     generation: u64,
-    sub: Arc<str>,
-    project: ProjectId,
-    ty: EventType,
+    identity: Principal,
+    key: EventKey,
     action: Action,
-    env: EnvSlug,
-    path: SecretPath,
     allowed: bool,
 }
 
@@ -46,12 +38,10 @@ impl Entry {
     fn answers(&self, hash: u64, q: &Question<'_>) -> bool {
         self.hash == hash
             && self.generation == q.generation
-            && self.ty == q.ty
             && self.action == q.action
-            && *self.sub == **q.sub
-            && self.project == *q.project
-            && self.env == *q.env
-            && self.path == *q.path
+            && self.key.event_type == q.key.event_type
+            && self.identity == *q.identity
+            && self.key == *q.key
     }
 }
 
@@ -77,12 +67,12 @@ impl DecisionCache {
     fn hash(&self, q: &Question<'_>) -> u64 {
         self.hasher.hash_one((
             q.generation,
-            &**q.sub,
-            q.project.as_str(),
-            q.ty,
+            q.identity.as_str(),
+            q.key.project.as_str(),
+            q.key.event_type,
             q.action,
-            q.env.as_str(),
-            q.path.as_str(),
+            q.key.env.as_str(),
+            q.key.path.as_str(),
         ))
     }
 
@@ -114,12 +104,9 @@ impl DecisionCache {
         let entry = Entry {
             hash,
             generation: q.generation,
-            sub: q.sub.clone(),
-            project: q.project.clone(),
-            ty: q.ty,
+            identity: q.identity.clone(),
+            key: q.key.clone(),
             action: q.action,
-            env: q.env.clone(),
-            path: q.path.clone(),
             allowed,
         };
         s.insert_unique(hash, entry, |e| e.hash);
@@ -135,29 +122,41 @@ impl DecisionCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventType;
+    use crate::ident::{EnvSlug, ProjectId};
+    use crate::path::SecretPath;
+
+    fn key(path: &str) -> EventKey {
+        EventKey {
+            project: ProjectId::parse("p1").unwrap(),
+            event_type: EventType::parse("secret:created").unwrap(),
+            env: EnvSlug::parse("prod").unwrap(),
+            path: SecretPath::parse(path).unwrap(),
+        }
+    }
 
     #[test]
     fn answers_only_the_same_question() {
         let c = DecisionCache::new(64);
-        let sub: Arc<str> = Arc::from("alice");
-        let other: Arc<str> = Arc::from("bob");
-        let project = ProjectId::parse("p1").unwrap();
-        let env = EnvSlug::parse("prod").unwrap();
-        let path = SecretPath::parse("/a").unwrap();
-        let ty = EventType::parse("secret:created").unwrap();
+        let alice = Principal::parse("alice").unwrap();
+        let other = Principal::parse("bob").unwrap();
+        let k = key("/a");
         let q = Question {
             generation: 1,
-            sub: &sub,
-            project: &project,
-            ty,
+            identity: &alice,
+            key: &k,
             action: Action::Subscribe,
-            env: &env,
-            path: &path,
         };
         assert_eq!(c.get(&q), None);
         c.put(&q, true);
         assert_eq!(c.get(&q), Some(true));
-        assert_eq!(c.get(&Question { sub: &other, ..q }), None);
+        assert_eq!(
+            c.get(&Question {
+                identity: &other,
+                ..q
+            }),
+            None
+        );
         assert_eq!(c.get(&Question { generation: 2, ..q }), None);
         assert_eq!(
             c.get(&Question {
@@ -169,11 +168,9 @@ mod tests {
         c.put(&q, false);
         assert_eq!(c.get(&q), Some(false));
         // Bounded: many distinct questions never grow it past its capacity.
-        let paths: Vec<SecretPath> = (0..10_000)
-            .map(|i| SecretPath::parse(&format!("/p{i}")).unwrap())
-            .collect();
-        for p in &paths {
-            c.put(&Question { path: p, ..q }, true);
+        let keys: Vec<EventKey> = (0..10_000).map(|i| key(&format!("/p{i}"))).collect();
+        for k in &keys {
+            c.put(&Question { key: k, ..q }, true);
         }
         let stored: usize = c.shards.iter().map(|s| s.lock().len()).sum();
         assert!(stored <= 16 * SHARDS, "{stored} entries");

@@ -7,9 +7,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 
-use crate::event::EventType;
-use crate::ident::{EnvSlug, ProjectId};
-use crate::path::{glob_match, PathPattern, SecretPath};
+use crate::event::EventKey;
+use crate::ident::Principal;
+use crate::path::{glob_match, PathPattern};
 
 use super::{casbin_identity, casbin_name, Action, PolicySet};
 
@@ -80,15 +80,9 @@ impl std::fmt::Display for Explanation {
 
 impl PolicySet {
     /// Explains the decision for one concrete request.
-    pub fn explain(
-        &self,
-        sub: &str,
-        project: &ProjectId,
-        ty: EventType,
-        act: Action,
-        env: &EnvSlug,
-        path: &SecretPath,
-    ) -> Explanation {
+    pub fn explain(&self, identity: &Principal, key: &EventKey, act: Action) -> Explanation {
+        let sub = identity.as_str();
+        let (project, ty, env, path) = (&key.project, key.event_type, &key.env, &key.path);
         // casbin's matcher: g(sub, p.sub, project) || g(sub, p.sub, "*"): a chain of
         // links all in the project's domain, or all in the `*` domain.
         let chains_project = self.reachable(sub, project.as_str());
@@ -124,18 +118,14 @@ impl PolicySet {
             }
         }
         let allowed = denies.is_empty() && !allows.is_empty();
-        let casbin = self.decide(sub, project, ty, act, env, path);
+        let casbin = self.decide(identity, key, act);
         Explanation {
             allowed,
             casbin_agrees: casbin == allowed,
             denies,
             allows,
             file: self.policy_name.clone(),
-            request: format!(
-                "{sub} {} {} in project {project}, environment {env}, path {path}",
-                act.as_str(),
-                ty.name()
-            ),
+            request: format!("{sub} {} {key}", act.as_str()),
         }
     }
 

@@ -28,11 +28,10 @@ use casbin::MemoryAdapter;
 use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi};
 use parking_lot::{Mutex, RwLock};
 
-use crate::event::EventType;
-use crate::ident::{EnvSlug, ProjectId};
+use crate::event::EventKey;
+use crate::ident::{EnvSlug, Principal, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
-use crate::path::SecretPath;
 
 use cache::{DecisionCache, Question};
 use functions::{ANY_ENV, PATTERN_MARK};
@@ -271,8 +270,13 @@ impl PolicySet {
         }
     }
 
-    /// Whether `sub` may subscribe to `interest` in `project`.
-    pub fn may_subscribe(&self, sub: &str, project: &ProjectId, interest: &Interest) -> bool {
+    /// Whether `identity` may subscribe to `interest` in `project`.
+    pub fn may_subscribe(
+        &self,
+        identity: &Principal,
+        project: &ProjectId,
+        interest: &Interest,
+    ) -> bool {
         let env = interest
             .env
             .as_ref()
@@ -280,7 +284,7 @@ impl PolicySet {
             .unwrap_or(ANY_ENV);
         let path = format!("{PATTERN_MARK}{}", interest.path);
         self.enforce(
-            sub,
+            identity.as_str(),
             project.as_str(),
             interest.event_type.name(),
             Action::Subscribe,
@@ -290,22 +294,14 @@ impl PolicySet {
     }
 
     /// Decides one concrete request.
-    pub fn decide(
-        &self,
-        sub: &str,
-        project: &ProjectId,
-        ty: EventType,
-        act: Action,
-        env: &EnvSlug,
-        path: &SecretPath,
-    ) -> bool {
+    pub fn decide(&self, identity: &Principal, key: &EventKey, act: Action) -> bool {
         self.enforce(
-            sub,
-            project.as_str(),
-            ty.name(),
+            identity.as_str(),
+            key.project.as_str(),
+            key.event_type.name(),
             act,
-            env.as_str(),
-            path.as_str(),
+            key.env.as_str(),
+            key.path.as_str(),
         )
     }
 }
@@ -471,44 +467,26 @@ impl Authorizer {
         *self.last_error.lock() = Some(problems);
     }
 
-    /// Whether `sub` may receive this concrete event (cached).
-    pub fn may_receive(
-        &self,
-        sub: &Arc<str>,
-        project: &ProjectId,
-        ty: EventType,
-        env: &EnvSlug,
-        path: &SecretPath,
-    ) -> bool {
-        self.may(sub, project, ty, Action::Subscribe, env, path)
+    /// Whether `identity` may receive this concrete event (cached).
+    pub fn may_receive(&self, identity: &Principal, key: &EventKey) -> bool {
+        self.may(identity, key, Action::Subscribe)
     }
 
     /// Decides one concrete request, from the cache when it can.
-    pub fn may(
-        &self,
-        sub: &Arc<str>,
-        project: &ProjectId,
-        ty: EventType,
-        action: Action,
-        env: &EnvSlug,
-        path: &SecretPath,
-    ) -> bool {
+    pub fn may(&self, identity: &Principal, key: &EventKey, action: Action) -> bool {
         let set = self.current();
         let q = Question {
             generation: set.generation,
-            sub,
-            project,
-            ty,
+            identity,
+            key,
             action,
-            env,
-            path,
         };
         if let Some(v) = self.cache.get(&q) {
             self.cache_hits.inc();
             return v;
         }
         self.cache_misses.inc();
-        let v = set.decide(sub, project, ty, action, env, path);
+        let v = set.decide(identity, key, action);
         self.cache.put(&q, v);
         v
     }
@@ -539,7 +517,8 @@ impl Authorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::path::PathPattern;
+    use crate::event::EventType;
+    use crate::path::{PathPattern, SecretPath};
 
     fn src(policy: &str) -> PolicySource {
         PolicySource {
@@ -563,15 +542,23 @@ mod tests {
         ProjectId::parse(s).unwrap()
     }
 
+    /// A delivery-time decision for any name as the identity, even one no
+    /// principal could carry (what reaches casbin is tested, not the parser).
     fn decide(set: &PolicySet, sub: &str, proj: &str, env: &str, path: &str) -> bool {
-        set.decide(
-            sub,
-            &p(proj),
-            EventType::parse("secret:created").unwrap(),
-            Action::Subscribe,
-            &EnvSlug::parse(env).unwrap(),
-            &SecretPath::parse(path).unwrap(),
-        )
+        set.enforce(sub, proj, "secret:created", Action::Subscribe, env, path)
+    }
+
+    fn id(s: &str) -> Principal {
+        Principal::parse(s).unwrap()
+    }
+
+    fn key(proj: &str, env: &str, path: &str) -> EventKey {
+        EventKey {
+            project: p(proj),
+            event_type: EventType::parse("secret:created").unwrap(),
+            env: EnvSlug::parse(env).unwrap(),
+            path: SecretPath::parse(path).unwrap(),
+        }
     }
 
     #[tokio::test]
@@ -591,16 +578,20 @@ mod tests {
         assert!(decide(&set, "dev-subscriber", "p1", "prod", "/internals"));
         assert!(!decide(&set, "nobody", "p1", "prod", "/apps"));
         assert!(set.may_subscribe(
-            "dev-subscriber",
+            &id("dev-subscriber"),
             &p("p1"),
             &interest("secret:created", None, "/")
         ));
         assert!(!set.may_subscribe(
-            "dev-subscriber",
+            &id("dev-subscriber"),
             &p("p1"),
             &interest("secret:created", None, "/internal/x")
         ));
-        assert!(!set.may_subscribe("nobody", &p("p1"), &interest("secret:created", None, "/")));
+        assert!(!set.may_subscribe(
+            &id("nobody"),
+            &p("p1"),
+            &interest("secret:created", None, "/")
+        ));
     }
 
     #[tokio::test]
@@ -621,14 +612,18 @@ mod tests {
         assert!(decide(&set, "bob", "p9", "staging", "/x"));
         assert!(!decide(&set, "bob", "p9", "prod", "/x"));
         // A registration narrower or wider than the grant: allowed when it overlaps.
-        assert!(set.may_subscribe("alice", &p("p1"), &interest("secret:created", None, "/")));
+        assert!(set.may_subscribe(
+            &id("alice"),
+            &p("p1"),
+            &interest("secret:created", None, "/")
+        ));
         assert!(!set.may_subscribe(
-            "alice",
+            &id("alice"),
             &p("p1"),
             &interest("secret:created", Some("dev"), "/")
         ));
         assert!(!set.may_subscribe(
-            "alice",
+            &id("alice"),
             &p("p1"),
             &interest("secret:created", None, "/other")
         ));
@@ -658,20 +653,14 @@ mod tests {
         }
         assert!(decide(&set, "alice", "p1", "prod", "/x"));
         assert!(!decide(&set, "alice", "p2", "prod", "/x"));
-        assert!(!set.may_subscribe(
+        assert!(!set.enforce(
             "role:reader",
-            &p("p2"),
-            &interest("secret:created", None, "/")
-        ));
-        let ex = set.explain(
-            "role:admin",
-            &p("p1"),
-            EventType::parse("secret:created").unwrap(),
+            "p2",
+            "secret:created",
             Action::Subscribe,
-            &EnvSlug::parse("prod").unwrap(),
-            &SecretPath::parse("/x").unwrap(),
-        );
-        assert!(!ex.allowed && ex.casbin_agrees, "{ex}");
+            ANY_ENV,
+            &format!("{PATTERN_MARK}/**")
+        ));
     }
 
     #[tokio::test]
@@ -735,19 +724,14 @@ mod tests {
         let a = Authorizer::new(&src("p, alice, *, *, subscribe, *, /**, allow\n"), 1000, m)
             .await
             .unwrap();
-        let sub: Arc<str> = Arc::from("alice");
-        let args = (
-            p("p1"),
-            EventType::parse("secret:created").unwrap(),
-            EnvSlug::parse("prod").unwrap(),
-            SecretPath::parse("/a").unwrap(),
-        );
-        assert!(a.may_receive(&sub, &args.0, args.1, &args.2, &args.3));
-        assert!(a.may_receive(&sub, &args.0, args.1, &args.2, &args.3));
+        let alice = id("alice");
+        let k = key("p1", "prod", "/a");
+        assert!(a.may_receive(&alice, &k));
+        assert!(a.may_receive(&alice, &k));
         a.reload(&src("p, bob, *, *, subscribe, *, /**, allow\n"))
             .await
             .unwrap();
-        assert!(!a.may_receive(&sub, &args.0, args.1, &args.2, &args.3));
+        assert!(!a.may_receive(&alice, &k));
         assert!(a.reload(&src("p, broken\n")).await.is_err());
         assert_eq!(a.current().generation, 2);
         assert!(a.status().last_error.is_some());
