@@ -100,8 +100,14 @@ struct Nchan {
 
 impl Drop for Nchan {
     fn drop(&mut self) {
+        // SIGKILL on the master alone would leave its worker running (and
+        // holding a core) into the next run.
+        let workers = children(self.master.id());
         let _ = self.master.kill();
         let _ = self.master.wait();
+        for w in workers {
+            let _ = Command::new("kill").args(["-9", &w.to_string()]).status();
+        }
     }
 }
 

@@ -4,13 +4,11 @@
 //!
 //! Run: `cargo bench --bench hot_path`
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use http_body::Body;
 
 use herald::delivery::Delivery;
 use herald::event::{Event, EventKey, EventType};
@@ -19,9 +17,10 @@ use herald::interest::Interest;
 use herald::metrics::Metrics;
 use herald::path::{PathPattern, SecretPath};
 use herald::policy::{Action, Authorizer, PolicySet, PolicySource};
+use herald::protocol::Dialect;
 use herald::router::Router;
-use herald::stream::{new_stream, SseStream, StreamSettings, Subscriber};
-use herald::{sse, subject};
+use herald::stream::{new_stream, Item, SseStream, StreamSettings, Subscriber};
+use herald::subject;
 
 fn ids() -> (ProjectId, EnvSlug, EventType, SecretPath) {
     (
@@ -58,14 +57,9 @@ fn subjects(c: &mut Criterion) {
     c.bench_function("path/match_deep_glob", |b| {
         b.iter(|| black_box(&pat).matches(black_box(&path)))
     });
+    let event = Event::from_json(serde_json::from_str(EVENT_JSON).unwrap(), 65536).unwrap();
     c.bench_function("sse/event_frame", |b| {
-        b.iter(|| {
-            sse::event_frame(
-                black_box(1_795_597_873_575_111),
-                "secret:updated",
-                black_box(EVENT_JSON),
-            )
-        })
+        b.iter(|| Dialect::Native.encode_event(black_box(1_795_597_873_575_111), black_box(&event)))
     });
 }
 
@@ -110,10 +104,14 @@ fn decisions(c: &mut Criterion) {
     }
 }
 
-/// Writes out every ready frame of a stream, like hyper would.
+/// Writes out every ready item of a stream, like hyper would (taking each
+/// event's bytes in the stream's dialect).
 fn drain(s: &mut SseStream, cx: &mut Context<'_>) -> usize {
     let mut n = 0;
-    while let Poll::Ready(Some(Ok(_))) = Pin::new(&mut *s).poll_frame(cx) {
+    while let Poll::Ready(Some(item)) = s.poll_item(cx) {
+        if let Item::Event(d) = item {
+            black_box(d.encoded(s.dialect()).frame());
+        }
         n += 1;
     }
     n
@@ -130,6 +128,7 @@ fn router(c: &mut Criterion) {
     let router = Arc::new(Router::new(auth.clone(), metrics.clone()));
     let (p, e, t, _) = ids();
     let settings = StreamSettings {
+        dialect: Dialect::Native,
         queue_frames: 1024,
         heartbeat: Duration::from_secs(3600),
         retry: Duration::from_secs(3),
@@ -186,7 +185,7 @@ fn router(c: &mut Criterion) {
     c.bench_function("router/dispatch_10k_conns_1k_interests_10_match", |b| {
         b.iter(|| {
             seq += 1;
-            let d = Arc::new(Delivery::encode(seq, event.clone()));
+            let d = Arc::new(Delivery::new(seq, event.clone()));
             let stats = router.dispatch(&d);
             debug_assert_eq!(stats.queued, 10);
             for i in (7..10_000).step_by(1000) {

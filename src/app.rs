@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rand::seq::SliceRandom;
-use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -28,9 +27,9 @@ use crate::limits::{ConnectionLimiter, RateLimiter};
 use crate::metrics::Metrics;
 use crate::policy::watch::FileWatch;
 use crate::policy::{Authorizer, PolicySource};
+use crate::protocol::{jittered_retry_ms, Close, ReconnectReason};
 use crate::router::Router;
 use crate::shutdown::{Phase, Shutdown};
-use crate::stream::CloseReason;
 
 /// Everything a request handler needs.
 pub struct App {
@@ -79,12 +78,8 @@ impl App {
         let router = Arc::new(Router::new(authorizer.clone(), metrics.clone()));
         let instance_id = uuid::Uuid::new_v4().simple().to_string();
         let (bus, cluster) = if config.nats.urls.is_empty() {
-            let bus = EmbeddedBus::new(
-                router.clone(),
-                authorizer.clone(),
-                metrics.clone(),
-                config.stream.replay_buffer,
-            );
+            let bus =
+                EmbeddedBus::new(router.clone(), metrics.clone(), config.stream.replay_buffer);
             (Bus::Embedded(bus), None)
         } else {
             let bus = NatsBus::connect(
@@ -94,6 +89,7 @@ impl App {
                 router.clone(),
                 metrics.clone(),
                 config.limits.max_event_bytes,
+                config.stream.retry,
             )
             .await?;
             let cluster = Arc::new(Cluster::new(
@@ -166,9 +162,7 @@ impl App {
                 .enumerate()
                 .find(|(_, it)| !set.may_subscribe(&conn.identity, &conn.project, it));
             if let Some((i, it)) = denied {
-                if conn.close(CloseReason::PermissionRevoked(format!(
-                    "register[{i}]: {it}"
-                ))) {
+                if conn.close(Close::PermissionRevoked(format!("register[{i}]: {it}"))) {
                     revoked += 1;
                 }
             }
@@ -192,13 +186,6 @@ impl App {
                 .map(|(s, p, n)| (s.to_string(), p.to_string(), n))
                 .collect(),
         }
-    }
-
-    /// A jittered `retry:` for streams told to reconnect: spread between half
-    /// and one and a half times `stream.retry`, so clients do not come back at once.
-    pub fn drain_retry_ms(&self) -> u64 {
-        let base = self.config.stream.retry.as_millis().max(2) as u64;
-        rand::thread_rng().gen_range(base / 2..=base + base / 2)
     }
 }
 
@@ -281,6 +268,7 @@ impl Running {
     pub async fn drain(self) {
         let app = self.app.clone();
         let cfg = app.config.shutdown.clone();
+        let cfg_retry = app.config.stream.retry;
         let all = async {
             app.shutdown.advance(Phase::Draining);
             tracing::info!(streams = app.router.len(), "draining");
@@ -293,8 +281,9 @@ impl Running {
             let start = tokio::time::Instant::now();
             for (i, c) in conns.iter().enumerate() {
                 tokio::time::sleep_until(start + cfg.drain_window * i as u32 / n).await;
-                c.close(CloseReason::Reconnect {
-                    retry_ms: app.drain_retry_ms(),
+                c.close(Close::Reconnect {
+                    reason: ReconnectReason::Draining,
+                    retry_ms: jittered_retry_ms(cfg_retry),
                 });
             }
             while !app.router.is_empty() {

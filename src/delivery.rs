@@ -1,46 +1,51 @@
-//! An accepted event on its way to clients: numbered, and encoded once for
-//! every stream that receives it.
+//! An accepted event on its way to clients: numbered, and encoded at most
+//! once per dialect for every stream that receives it.
 //!
 //! A [`Delivery`] is made by a bus (when it numbers an event, or reads one
 //! back for a resume) and shared by the router, every stream's queue and the
-//! writers. It never changes once made.
+//! writers. It never changes once made, but for its encodings, each made by
+//! the first stream of its dialect that writes it.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
-use bytes::Bytes;
-
 use crate::event::{Event, EventKey};
+use crate::protocol::{Dialect, Encoded};
 
-/// An accepted event, encoded once, ready to fan out.
+/// An accepted event, ready to fan out.
 #[derive(Debug)]
 pub struct Delivery {
     /// Sequence number, the SSE `id`.
     pub seq: u64,
-    /// Where it happened.
-    pub key: EventKey,
-    /// The encoded SSE frame, shared by every receiver.
-    pub frame: Bytes,
-    /// The same frame as an HTTP/1.1 chunk (`frame` is a view of it).
-    pub chunk: Bytes,
+    /// The event.
+    pub event: Event,
     /// When herald accepted it.
     pub accepted_at: Instant,
+    encoded: [OnceLock<Encoded>; Dialect::COUNT],
 }
 
 impl Delivery {
-    /// Encodes `ev` as the SSE frame with id `seq`, once for every receiver.
-    pub fn encode(seq: u64, ev: Event) -> Delivery {
-        let (chunk, frame) = crate::sse::chunk(&crate::sse::event_frame(
-            seq,
-            ev.key.event_type.name(),
-            &ev.json,
-        ));
+    /// Event `ev`, numbered `seq`.
+    pub fn new(seq: u64, ev: Event) -> Delivery {
         Delivery {
             seq,
-            frame,
-            chunk,
-            key: ev.key,
+            event: ev,
             accepted_at: Instant::now(),
+            encoded: std::array::from_fn(|_| OnceLock::new()),
         }
+    }
+
+    /// Where it happened.
+    #[inline]
+    pub fn key(&self) -> &EventKey {
+        &self.event.key
+    }
+
+    /// The event in `dialect`, encoded the first time it is asked for.
+    #[inline]
+    pub fn encoded(&self, dialect: Dialect) -> &Encoded {
+        self.encoded[dialect.index()]
+            .get_or_init(|| Encoded::new(dialect.encode_event(self.seq, &self.event)))
     }
 }
 
@@ -57,6 +62,17 @@ pub(crate) mod tests {
             "projectid": project, "environment": "prod", "secretpath": path,
         });
         let ev = Event::from_json(json, 65536).expect("a valid test event");
-        Arc::new(Delivery::encode(seq, ev))
+        Arc::new(Delivery::new(seq, ev))
+    }
+
+    #[test]
+    fn an_event_is_encoded_once_per_dialect() {
+        let d = delivery(7, "p1", "/a");
+        let first = d.encoded(Dialect::Native).frame().clone();
+        assert!(std::str::from_utf8(&first)
+            .unwrap()
+            .starts_with("id: 7\nevent: secret:created\ndata: {"));
+        // The same bytes, not a second encoding.
+        assert_eq!(first.as_ptr(), d.encoded(Dialect::Native).frame().as_ptr());
     }
 }

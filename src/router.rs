@@ -21,7 +21,7 @@ use crate::ident::{Principal, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
-use crate::stream::{Conn, Frame, Push};
+use crate::stream::{Push, Queued, StreamHandle};
 
 /// Counts of one dispatch.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -38,12 +38,12 @@ pub struct DispatchStats {
 /// O(1) removal (a swap with the last one) when a stream closes.
 #[derive(Default)]
 struct ConnSet {
-    items: Vec<Arc<Conn>>,
+    items: Vec<Arc<StreamHandle>>,
     position: HashMap<u64, usize>,
 }
 
 impl ConnSet {
-    fn insert(&mut self, conn: Arc<Conn>) {
+    fn insert(&mut self, conn: Arc<StreamHandle>) {
         self.position.insert(conn.id, self.items.len());
         self.items.push(conn);
     }
@@ -94,7 +94,7 @@ pub struct Router {
 /// Removes a connection from the router when dropped (held by its stream).
 pub struct Registration {
     router: Arc<Router>,
-    conn: Arc<Conn>,
+    conn: Arc<StreamHandle>,
 }
 
 impl Drop for Registration {
@@ -134,7 +134,7 @@ impl Router {
     }
 
     /// Adds a connection; it is removed when the returned guard is dropped.
-    pub fn add(self: &Arc<Self>, conn: Arc<Conn>) -> Registration {
+    pub fn add(self: &Arc<Self>, conn: Arc<StreamHandle>) -> Registration {
         let mut map = self.projects.write();
         let pc = map.entry(conn.project.clone()).or_default();
         let mut new_group = false;
@@ -158,7 +158,7 @@ impl Router {
         }
     }
 
-    fn remove(&self, conn: &Arc<Conn>) {
+    fn remove(&self, conn: &Arc<StreamHandle>) {
         let mut map = self.projects.write();
         let Some(pc) = map.get_mut(&conn.project) else {
             return;
@@ -184,14 +184,19 @@ impl Router {
         }
     }
 
+    /// The policy generation in force (tagged on queued events).
+    pub fn policy_generation(&self) -> u64 {
+        self.authorizer.generation()
+    }
+
     /// Whether `conn` may be sent this delivery: the one predicate of every
     /// delivery path (live, and replay on each bus). The event is of the
     /// stream's project, a registration wants it, and the identity may see it
     /// under the policy in force now.
-    pub fn admits(&self, conn: &Conn, d: &Delivery) -> bool {
-        d.key.project == conn.project
-            && conn.wants(&d.key)
-            && self.authorizer.may_receive(&conn.identity, &d.key)
+    pub fn admits(&self, conn: &StreamHandle, d: &Delivery) -> bool {
+        d.key().project == conn.project
+            && conn.wants(d.key())
+            && self.authorizer.may_receive(&conn.identity, d.key())
     }
 
     /// Fans one delivery out to every connection that wants it and may see it.
@@ -202,18 +207,18 @@ impl Router {
         let Some(groups) = self
             .projects
             .read()
-            .get(&d.key.project)
+            .get(&d.key().project)
             .map(|pc| pc.groups.clone())
         else {
             return stats;
         };
-        let segs = d.key.path.split();
+        let segs = d.key().path.split();
         // Consecutive connections of one identity share one decision.
         let mut last: Option<(Principal, bool)> = None;
         for group in groups.iter() {
             // Matched with no lock held: publishes and subscribes wait on
             // nothing while registrations are compared with the event.
-            if !group.interest.matches_split(&d.key, &segs) {
+            if !group.interest.matches_split(d.key(), &segs) {
                 continue;
             }
             let set = group.conns.read();
@@ -224,7 +229,7 @@ impl Router {
                 let allowed = match &last {
                     Some((who, v)) if *who == conn.identity => *v,
                     _ => {
-                        let v = self.authorizer.may_receive(&conn.identity, &d.key);
+                        let v = self.authorizer.may_receive(&conn.identity, d.key());
                         last = Some((conn.identity.clone(), v));
                         v
                     }
@@ -233,7 +238,7 @@ impl Router {
                     stats.denied += 1;
                     continue;
                 }
-                let frame = Frame {
+                let frame = Queued {
                     delivery: d.clone(),
                     generation,
                 };
@@ -254,7 +259,7 @@ impl Router {
     }
 
     /// Every open connection (admin view, drain, policy re-check).
-    pub fn connections(&self) -> Vec<Arc<Conn>> {
+    pub fn connections(&self) -> Vec<Arc<StreamHandle>> {
         let map = self.projects.read();
         let mut seen = HashSet::new();
         let mut out = Vec::new();
@@ -308,8 +313,9 @@ mod tests {
         auth: &Arc<Authorizer>,
         m: &Arc<Metrics>,
         path: &str,
-    ) -> (Arc<Conn>, SseStream) {
+    ) -> (Arc<StreamHandle>, SseStream) {
         let settings = StreamSettings {
+            dialect: crate::protocol::Dialect::Native,
             queue_frames: 8,
             heartbeat: Duration::from_secs(3600),
             retry: Duration::from_secs(1),

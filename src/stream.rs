@@ -1,21 +1,22 @@
-//! One client's SSE stream: its bounded queue and the response body that drains it.
+//! One client's event stream: its bounded queue and the state machine that
+//! drains it, independent of how the bytes reach the socket.
 //!
-//! A [`Conn`] is the router-facing half: the identity, the project, the
-//! registrations, and the sending side of a bounded queue. [`SseStream`] is the
-//! HTTP-facing half, an `http_body::Body` that writes the preamble (`retry:`,
-//! replayed events), then queued frames, heartbeats, and finally one control
-//! event when the stream is closed (`slow_consumer`, `permission_revoked`,
-//! `token_expired`, `reconnect`).
+//! A [`StreamHandle`] is the router-facing half: the identity, the project,
+//! the registrations, and the sending side of a bounded queue. [`SseStream`]
+//! is the writer-facing half: it yields [`Item`]s in a fixed order (the
+//! opening, the resume's control events and replayed events, then a gap or
+//! close notice when one is signalled, queued events, heartbeats) until one
+//! closing control event, in the stream's [`Dialect`]. The writers (hyper's
+//! body, or `http::direct`) turn items into bytes on the wire.
 //!
-//! The queue is bounded in frames; overflow is decided here: the connection is
-//! closed with `slow_consumer` and its backlog dropped, so memory stays bounded
-//! and a client that resumes with `Last-Event-ID` loses nothing retained.
-//! Pushing never blocks; it takes one uncontended lock and allocates only
-//! when the queue grows past the largest backlog it has had, so an idle
-//! stream's queue holds no memory at all.
+//! The queue is bounded in events; overflow is decided here: the stream is
+//! closed with `slow_consumer` and its backlog dropped, so memory stays
+//! bounded and a client that resumes with `Last-Event-ID` loses nothing
+//! retained. Pushing never blocks; it takes one uncontended lock and
+//! allocates only when the queue grows past the largest backlog it has had,
+//! so an idle stream's queue holds no memory at all.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +26,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use http_body::{Body, Frame as BodyFrame};
 use parking_lot::Mutex;
 use tokio::time::{Instant, Sleep};
 
@@ -35,94 +35,34 @@ use crate::ident::{Principal, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
-use crate::sse::{self, Control};
+use crate::protocol::{Close, Control, Dialect, GapReason};
 
-/// An event on its way to one connection: the shared delivery (encoded bytes
-/// and what the permission check needs) and the policy generation it was
-/// allowed under.
+/// An event on its way to one stream: the shared delivery and the policy
+/// generation it was allowed under.
 #[derive(Clone, Debug)]
-pub struct Frame {
+pub struct Queued {
     /// The delivery, shared by every receiver.
     pub delivery: Arc<Delivery>,
     /// The policy generation that allowed it. If another generation is in force
-    /// when the frame is written, it is checked again first.
+    /// when it is written, it is checked again first.
     pub generation: u64,
 }
 
-/// Why a stream is being closed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client did not keep up; its queue overflowed.
-    SlowConsumer,
-    /// The policy no longer allows one of its registrations.
-    PermissionRevoked(String),
-    /// Its token expired.
-    TokenExpired,
-    /// The instance is draining; come back after `retry_ms`.
-    Reconnect {
-        /// The `retry:` hint, jittered per connection.
-        retry_ms: u64,
-    },
-}
-
-impl CloseReason {
-    /// Metric label.
-    pub fn label(&self) -> &'static str {
-        match self {
-            CloseReason::SlowConsumer => "slow_consumer",
-            CloseReason::PermissionRevoked(_) => "permission_revoked",
-            CloseReason::TokenExpired => "token_expired",
-            CloseReason::Reconnect { .. } => "reconnect",
-        }
-    }
-
-    fn frame(&self) -> Bytes {
-        use serde_json::json;
-        match self {
-            CloseReason::SlowConsumer => sse::control_frame(
-                Control::Error,
-                &json!({"code": "slow_consumer", "message": "the client did not keep up; reconnect with Last-Event-ID"}),
-                None,
-            ),
-            CloseReason::PermissionRevoked(reg) => sse::control_frame(
-                Control::Error,
-                &json!({"code": "permission_revoked", "message": format!("the policy no longer allows {reg}"), "registration": reg}),
-                None,
-            ),
-            CloseReason::TokenExpired => sse::control_frame(
-                Control::Error,
-                &json!({"code": "token_expired", "message": "the token has expired; reconnect with a fresh token"}),
-                None,
-            ),
-            CloseReason::Reconnect { retry_ms } => sse::control_frame(
-                Control::Reconnect,
-                &json!({"reason": "draining", "message": "this instance is shutting down; reconnect with Last-Event-ID"}),
-                Some(*retry_ms),
-            ),
-        }
-    }
-
-    /// Whether frames already queued are still written before the control event.
-    fn flushes_queue(&self) -> bool {
-        matches!(self, CloseReason::Reconnect { .. })
-    }
-}
-
-/// What happened to a pushed frame.
+/// What happened to a pushed event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Push {
     /// Queued.
     Queued,
-    /// The queue was full: the connection is now closing as a slow consumer.
+    /// The queue was full: the stream is now closing as a slow consumer.
     Overflow,
-    /// The connection is already closing or gone.
+    /// The stream is already closing or gone.
     Closed,
 }
 
 /// Drops a whole client connection (set per TCP connection by the listener).
 ///
-/// A stream whose client stopped reading cannot write its closing event: hyper
-/// is blocked on the socket and never asks the body for more. After
+/// A stream whose client stopped reading cannot write its closing event: its
+/// writer is blocked on the socket and never asks for more. After
 /// `stream.close_timeout` such a connection is dropped through this handle.
 /// It aborts the connection's task, so it costs nothing while unused (nothing
 /// is polled on the connection's hot path).
@@ -152,7 +92,7 @@ impl ConnectionAbort {
 }
 
 /// The router-facing half of a stream.
-pub struct Conn {
+pub struct StreamHandle {
     /// Instance-unique id.
     pub id: u64,
     /// Who the stream is for.
@@ -163,11 +103,13 @@ pub struct Conn {
     pub interests: Box<[Interest]>,
     /// When the stream was opened.
     pub opened_at: SystemTime,
+    /// The dialect it speaks.
+    pub dialect: Dialect,
     queue: Mutex<Queue>,
     capacity: usize,
-    close: Mutex<Option<CloseReason>>,
+    close: Mutex<Option<Close>>,
     closing: AtomicBool,
-    gap: Mutex<Option<Bytes>>,
+    gap: Mutex<Option<GapReason>>,
     /// Set when `close` or `gap` changed, so the stream looks at them (and
     /// takes their locks) only then.
     signalled: AtomicBool,
@@ -179,22 +121,22 @@ pub struct Conn {
     metrics: Arc<Metrics>,
 }
 
-impl Conn {
+impl StreamHandle {
     /// Whether any registration wants this event.
     #[inline]
     pub fn wants(&self, key: &EventKey) -> bool {
         self.interests.iter().any(|i| i.matches(key))
     }
 
-    /// Marks event `seq` as dispatched to this connection; `false` if it already
+    /// Marks event `seq` as dispatched to this stream; `false` if it already
     /// was (another of its registrations matched), so it is queued only once.
     #[inline]
     pub fn mark_dispatched(&self, seq: u64) -> bool {
         self.last_dispatched.swap(seq, Ordering::Relaxed) != seq
     }
 
-    /// Queues a frame without blocking; a full queue closes the connection.
-    pub fn push(&self, frame: Frame) -> Push {
+    /// Queues an event without blocking; a full queue closes the stream.
+    pub fn push(&self, event: Queued) -> Push {
         if self.is_closing() {
             return Push::Closed;
         }
@@ -202,16 +144,16 @@ impl Conn {
         if q.ended {
             return Push::Closed;
         }
-        if q.frames.len() >= self.capacity {
+        if q.events.len() >= self.capacity {
             drop(q);
             self.metrics
                 .events_dropped
                 .with_label_values(&["slow_consumer"])
                 .inc();
-            self.close(CloseReason::SlowConsumer);
+            self.close(Close::SlowConsumer);
             return Push::Overflow;
         }
-        q.frames.push_back(frame);
+        q.events.push_back(event);
         drop(q);
         self.waker.wake();
         Push::Queued
@@ -219,7 +161,7 @@ impl Conn {
 
     /// Asks the stream to end with `reason`. The first reason wins; returns
     /// whether this call set it.
-    pub fn close(&self, reason: CloseReason) -> bool {
+    pub fn close(&self, reason: Close) -> bool {
         let mut c = self.close.lock();
         if c.is_some() {
             return false;
@@ -257,13 +199,8 @@ impl Conn {
     /// Tells the client that events may have been missed (an outage of the
     /// bus, a dropped NATS message): it gets a `gap` event, the stream goes on.
     /// Several notices before the client reads collapse into one.
-    pub fn notify_gap(&self, reason: &'static str) {
-        let frame = sse::control_frame(
-            Control::Gap,
-            &serde_json::json!({"reason": reason, "message": "events may have been missed; resync"}),
-            None,
-        );
-        *self.gap.lock() = Some(frame);
+    pub fn notify_gap(&self, reason: GapReason) {
+        *self.gap.lock() = Some(reason);
         self.signalled.store(true, Ordering::Release);
         self.waker.wake();
     }
@@ -274,22 +211,24 @@ impl Conn {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// Frames waiting in the queue.
+    /// Events waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.queue.lock().frames.len()
+        self.queue.lock().events.len()
     }
 }
 
-/// A stream's queue: frames in dispatch order, and whether the stream ended
+/// A stream's queue: events in dispatch order, and whether the stream ended
 /// (nothing more is accepted). Empty, it holds no memory.
 struct Queue {
-    frames: VecDeque<Frame>,
+    events: VecDeque<Queued>,
     ended: bool,
 }
 
 /// Settings for a new stream.
 pub struct StreamSettings {
-    /// Queue capacity, in frames.
+    /// The dialect it speaks.
+    pub dialect: Dialect,
+    /// Queue capacity, in events.
     pub queue_frames: usize,
     /// Heartbeat interval.
     pub heartbeat: Duration,
@@ -315,13 +254,33 @@ fn deadline_after(now: Instant, after: Duration) -> Instant {
 /// Deliveries buffered in a stream's local metrics before they are flushed.
 const METRIC_FLUSH_EVERY: u32 = 64;
 
-/// The HTTP-facing half of a stream: a response body.
+/// What a stream has to write next. The writer turns it into bytes: an
+/// event in the stream's dialect (`Delivery::encoded`), the control or
+/// opening bytes as given, or the dialect's heartbeat.
+#[derive(Debug)]
+pub enum Item {
+    /// An event.
+    Event(Arc<Delivery>),
+    /// Bytes the protocol made for this stream (its opening, a control event).
+    Frame(Bytes),
+    /// The dialect's heartbeat.
+    Heartbeat,
+}
+
+/// The writer-facing half of a stream.
 pub struct SseStream {
-    conn: Arc<Conn>,
+    handle: Arc<StreamHandle>,
+    dialect: Dialect,
+    /// What is written before anything else: the opening and the control
+    /// events of a resume.
     preamble: VecDeque<Bytes>,
-    replay: VecDeque<Frame>,
-    replay_tail: Option<Bytes>,
-    last_seq: u64,
+    replay: VecDeque<Queued>,
+    replay_tail: Option<Control>,
+    /// Queued events up to this id were written by the resume (or were the
+    /// client's already): skipped, so the seam has no duplicate.
+    seam: u64,
+    /// The id of the last event written (what a `gap` names).
+    last_written: u64,
     /// One timer for both the next heartbeat and the token's expiry.
     timer: Pin<Box<Sleep>>,
     /// The task the timer will wake, once polled since its last reset.
@@ -330,8 +289,6 @@ pub struct SseStream {
     next_heartbeat: Instant,
     expires_at: Instant,
     done: bool,
-    /// Frames are written as HTTP/1.1 chunks (see `write_chunks`).
-    chunked: bool,
     metrics: Arc<Metrics>,
     authorizer: Arc<Authorizer>,
     /// Per-stream metric buffers: the shared atomics are touched once per
@@ -345,7 +302,7 @@ pub struct SseStream {
 
 /// Who a new stream is for and what it asks.
 pub struct Subscriber {
-    /// Instance-unique connection id.
+    /// Instance-unique stream id.
     pub id: u64,
     /// Who the stream is for.
     pub identity: Principal,
@@ -362,21 +319,22 @@ pub fn new_stream(
     abort: Option<Arc<ConnectionAbort>>,
     authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
-) -> (Arc<Conn>, SseStream) {
+) -> (Arc<StreamHandle>, SseStream) {
     let Subscriber {
         id,
         identity,
         project,
         interests,
     } = who;
-    let conn = Arc::new(Conn {
+    let handle = Arc::new(StreamHandle {
         id,
         identity,
         project,
         interests: interests.into_boxed_slice(),
         opened_at: SystemTime::now(),
+        dialect: settings.dialect,
         queue: Mutex::new(Queue {
-            frames: VecDeque::new(),
+            events: VecDeque::new(),
             ended: false,
         }),
         capacity: settings.queue_frames,
@@ -394,22 +352,25 @@ pub fn new_stream(
     let now = Instant::now();
     let next_heartbeat = deadline_after(now, settings.heartbeat);
     let expires_at = deadline_after(now, settings.expires_in);
-    let mut preamble = VecDeque::new();
-    preamble.push_back(sse::retry_frame(settings.retry.as_millis() as u64));
     metrics.connections.inc();
     let stream = SseStream {
-        conn: conn.clone(),
-        preamble,
+        handle: handle.clone(),
+        dialect: settings.dialect,
+        preamble: settings
+            .dialect
+            .opening(settings.retry)
+            .into_iter()
+            .collect(),
         replay: VecDeque::new(),
         replay_tail: None,
-        last_seq: 0,
+        seam: 0,
+        last_written: 0,
         timer: Box::pin(tokio::time::sleep_until(next_heartbeat.min(expires_at))),
         timer_armed_for: None,
         heartbeat_every: settings.heartbeat,
         next_heartbeat,
         expires_at,
         done: false,
-        chunked: false,
         delivered: metrics.events_delivered.local(),
         latency: metrics.delivery_latency.local(),
         unflushed: 0,
@@ -417,29 +378,34 @@ pub fn new_stream(
         authorizer,
         _guards: Vec::new(),
     };
-    (conn, stream)
+    (handle, stream)
 }
 
 impl SseStream {
-    /// Appends a control frame to write before anything else (`gap`).
-    pub fn push_preamble(&mut self, frame: Bytes) {
-        self.preamble.push_back(frame);
+    /// Writes `control` before anything else, naming `last_event_id` (a
+    /// resume's `gap`: the id the client resumed from).
+    pub fn open_with(&mut self, control: &Control, last_event_id: u64) {
+        let bytes = self.dialect.encode_control(control, last_event_id);
+        self.preamble.push_back(bytes);
     }
 
-    /// Appends a `gap` after the replayed events (a replay that stopped short).
-    pub fn push_replay_gap(&mut self, frame: Bytes) {
-        self.replay_tail = Some(frame);
+    /// Writes `control` after the replayed events (a replay that stopped
+    /// short), naming the last of them.
+    pub fn after_replay(&mut self, control: Control) {
+        self.replay_tail = Some(control);
     }
 
     /// Appends a replayed event, written after the preamble and before live ones.
-    pub fn push_replay(&mut self, frame: Frame) {
-        self.replay.push_back(frame);
+    pub fn push_replay(&mut self, event: Queued) {
+        self.replay.push_back(event);
     }
 
-    /// Marks `seq` as already written: queued frames up to it are skipped, so
-    /// the seam between replay and live delivery has no duplicate.
-    pub fn set_last_seq(&mut self, seq: u64) {
-        self.last_seq = self.last_seq.max(seq);
+    /// The resume point: queued events up to `seq` are skipped (the client
+    /// has them, or the replay writes them), so the seam between replay and
+    /// live delivery has no duplicate.
+    pub fn set_seam(&mut self, seq: u64) {
+        self.seam = self.seam.max(seq);
+        self.last_written = self.last_written.max(seq);
     }
 
     /// Keeps `guard` alive as long as the stream.
@@ -447,17 +413,32 @@ impl SseStream {
         self._guards.push(guard);
     }
 
-    fn next_queued(&mut self) -> Option<Frame> {
-        self.conn.queue.lock().frames.pop_front()
+    /// The router-facing half.
+    pub fn handle(&self) -> &Arc<StreamHandle> {
+        &self.handle
     }
 
-    /// The next queued frame; with none, registers for the next push (under
+    /// The dialect the stream speaks.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Whether the stream has written its closing event.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn next_queued(&mut self) -> Option<Queued> {
+        self.handle.queue.lock().events.pop_front()
+    }
+
+    /// The next queued event; with none, registers for the next push (under
     /// the queue's lock, so a push cannot slip in between).
-    fn next_queued_or_register(&mut self, cx: &mut Context<'_>) -> Option<Frame> {
-        let mut q = self.conn.queue.lock();
-        let f = q.frames.pop_front();
+    fn next_queued_or_register(&mut self, cx: &mut Context<'_>) -> Option<Queued> {
+        let mut q = self.handle.queue.lock();
+        let f = q.events.pop_front();
         if f.is_none() {
-            self.conn.waker.register(cx.waker());
+            self.handle.waker.register(cx.waker());
         }
         f
     }
@@ -465,57 +446,40 @@ impl SseStream {
     /// Nothing to write: the waker is registered for pushes (see
     /// `next_queued_or_register`); a notice that was signalled before it was
     /// registered is looked at again right away.
-    fn sleep(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
-        if self.conn.signalled.load(Ordering::Acquire) {
+    fn sleep(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        if self.handle.signalled.load(Ordering::Acquire) {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
     }
 
-    /// The router-facing half.
-    pub fn conn(&self) -> &Arc<Conn> {
-        &self.conn
-    }
-
-    fn finish(
-        &mut self,
-        reason: &CloseReason,
-    ) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
+    fn finish(&mut self, reason: Close) -> Poll<Option<Item>> {
         self.flush_metrics();
         self.done = true;
-        self.conn.finished.store(true, Ordering::Release);
-        self.conn.queue.lock().ended = true;
-        Poll::Ready(Some(Ok(BodyFrame::data(self.wire(reason.frame())))))
+        self.handle.finished.store(true, Ordering::Release);
+        self.handle.queue.lock().ended = true;
+        let bytes = self
+            .dialect
+            .encode_control(&Control::Close(reason), self.last_written);
+        Poll::Ready(Some(Item::Frame(bytes)))
     }
 
-    /// Makes the stream write HTTP/1.1 chunks rather than bare frames (its
-    /// writer then adds only the last chunk).
-    pub fn write_chunks(&mut self) {
-        self.chunked = true;
-    }
-
-    /// A frame in the form this stream writes.
-    fn wire(&self, frame: Bytes) -> Bytes {
-        if self.chunked {
-            crate::sse::chunk(&frame).0
-        } else {
-            frame
-        }
-    }
-
-    fn deliver(&mut self, frame: Frame) -> Option<Bytes> {
-        let d = &frame.delivery;
-        if d.seq <= self.last_seq {
+    /// A live event to write, if it is to be written: not at or before the
+    /// seam (the resume wrote it, or the client had it).
+    fn deliver_live(&mut self, event: Queued) -> Option<Item> {
+        if event.delivery.seq <= self.seam {
             return None;
         }
-        self.last_seq = d.seq;
-        // The policy changed since this frame was allowed: ask again, so nothing
-        // the policy in force denies is ever written.
-        if frame.generation != self.authorizer.generation()
-            && !self.authorizer.may_receive(&self.conn.identity, &d.key)
+        self.deliver(event)
+    }
+
+    /// The event to write, if the policy in force still allows it.
+    fn deliver(&mut self, event: Queued) -> Option<Item> {
+        let d = &event.delivery;
+        // The policy changed since this event was allowed: ask again, so
+        // nothing the policy in force denies is ever written.
+        if event.generation != self.authorizer.generation()
+            && !self.authorizer.may_receive(&self.handle.identity, d.key())
         {
             self.metrics
                 .permission_denied
@@ -523,17 +487,14 @@ impl SseStream {
                 .inc();
             return None;
         }
+        self.last_written = d.seq;
         self.delivered.inc();
         self.latency.observe(d.accepted_at.elapsed().as_secs_f64());
         self.unflushed += 1;
         if self.unflushed >= METRIC_FLUSH_EVERY {
             self.flush_metrics();
         }
-        Some(if self.chunked {
-            d.chunk.clone()
-        } else {
-            d.frame.clone()
-        })
+        Some(Item::Event(event.delivery))
     }
 
     fn flush_metrics(&mut self) {
@@ -541,125 +502,136 @@ impl SseStream {
         self.latency.flush();
         self.unflushed = 0;
     }
-}
 
-impl Body for SseStream {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
+    /// The resume's part: preamble, replayed events, the replay's tail.
+    fn poll_resume(&mut self) -> Option<Item> {
+        if let Some(b) = self.preamble.pop_front() {
+            return Some(Item::Frame(b));
         }
-        if let Some(b) = this.preamble.pop_front() {
-            return Poll::Ready(Some(Ok(BodyFrame::data(this.wire(b)))));
-        }
-        while let Some(f) = this.replay.pop_front() {
-            if let Some(b) = this.deliver(f) {
-                return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+        while let Some(f) = self.replay.pop_front() {
+            if let Some(item) = self.deliver(f) {
+                return Some(item);
             }
         }
-        if let Some(b) = this.replay_tail.take() {
-            return Poll::Ready(Some(Ok(BodyFrame::data(this.wire(b)))));
+        if let Some(c) = self.replay_tail.take() {
+            return Some(Item::Frame(
+                self.dialect.encode_control(&c, self.last_written),
+            ));
         }
         // Written out: an idle stream keeps no buffers.
-        if this.preamble.capacity() > 0 || this.replay.capacity() > 0 {
-            this.preamble = VecDeque::new();
-            this.replay = VecDeque::new();
+        if self.preamble.capacity() > 0 || self.replay.capacity() > 0 {
+            self.preamble = VecDeque::new();
+            self.replay = VecDeque::new();
         }
-        loop {
-            // Close and gap notices: only looked at when signalled.
-            if this.conn.signalled.swap(false, Ordering::AcqRel) {
-                let closing = this.conn.close.lock().clone();
-                if let Some(reason) = closing {
-                    this.conn.signalled.store(true, Ordering::Release); // terminal
-                    if reason.flushes_queue() {
-                        while let Some(f) = this.next_queued() {
-                            if let Some(b) = this.deliver(f) {
-                                return Poll::Ready(Some(Ok(BodyFrame::data(b))));
-                            }
-                        }
+        None
+    }
+
+    /// A signalled close or gap: looked at only when signalled.
+    fn poll_signals(&mut self) -> Option<Poll<Option<Item>>> {
+        if !self.handle.signalled.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let closing = self.handle.close.lock().clone();
+        if let Some(reason) = closing {
+            self.handle.signalled.store(true, Ordering::Release); // terminal
+            if reason.flushes_queue() {
+                while let Some(f) = self.next_queued() {
+                    if let Some(item) = self.deliver_live(f) {
+                        return Some(Poll::Ready(Some(item)));
                     }
-                    return this.finish(&reason);
-                }
-                if let Some(gap) = this.conn.gap.lock().take() {
-                    return Poll::Ready(Some(Ok(BodyFrame::data(this.wire(gap)))));
                 }
             }
-            match this.next_queued_or_register(cx) {
+            return Some(self.finish(reason));
+        }
+        let gap = self.handle.gap.lock().take();
+        gap.map(|reason| {
+            let bytes = self
+                .dialect
+                .encode_control(&Control::Gap(reason), self.last_written);
+            Poll::Ready(Some(Item::Frame(bytes)))
+        })
+    }
+
+    /// The timer: a heartbeat when it is due, the end when the token expired.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        // The timer is polled only when it may have fired, or has never been
+        // polled by this task: once polled it wakes the task by itself.
+        let armed = self
+            .timer_armed_for
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if armed && !self.timer.is_elapsed() {
+            return self.sleep(cx);
+        }
+        self.timer_armed_for = None;
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if now < self.expires_at {
+                let heartbeat = now >= self.next_heartbeat;
+                if heartbeat {
+                    self.next_heartbeat = deadline_after(now, self.heartbeat_every);
+                }
+                let next = self.next_heartbeat.min(self.expires_at);
+                self.timer.as_mut().reset(next);
+                if heartbeat {
+                    self.flush_metrics();
+                    return Poll::Ready(Some(Item::Heartbeat));
+                }
+                continue;
+            }
+            self.handle.close(Close::TokenExpired);
+            // Another reason may have won the race; end with whichever did.
+            let reason = self
+                .handle
+                .close
+                .lock()
+                .clone()
+                .unwrap_or(Close::TokenExpired);
+            return self.finish(reason);
+        }
+        self.timer_armed_for = Some(cx.waker().clone());
+        self.sleep(cx)
+    }
+
+    /// The next thing to write; `Ready(None)` after the closing event.
+    /// Priority: the resume's part, then signals (close, gap), then queued
+    /// events, then the timer.
+    pub fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(item) = self.poll_resume() {
+            return Poll::Ready(Some(item));
+        }
+        loop {
+            if let Some(ready) = self.poll_signals() {
+                return ready;
+            }
+            match self.next_queued_or_register(cx) {
                 Some(f) => {
-                    if let Some(b) = this.deliver(f) {
-                        return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+                    if let Some(item) = self.deliver_live(f) {
+                        return Poll::Ready(Some(item));
                     }
                 }
                 None => break,
             }
         }
-        // The timer is polled only when it may have fired, or has never been
-        // polled by this task: once polled it wakes the task by itself.
-        let armed = this
-            .timer_armed_for
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()));
-        if armed && !this.timer.is_elapsed() {
-            return this.sleep(cx);
-        }
-        this.timer_armed_for = None;
-        while this.timer.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            if now < this.expires_at {
-                let heartbeat = now >= this.next_heartbeat;
-                if heartbeat {
-                    this.next_heartbeat = deadline_after(now, this.heartbeat_every);
-                }
-                let next = this.next_heartbeat.min(this.expires_at);
-                this.timer.as_mut().reset(next);
-                if heartbeat {
-                    this.flush_metrics();
-                    let beat = if this.chunked {
-                        sse::HEARTBEAT_CHUNK
-                    } else {
-                        sse::HEARTBEAT
-                    };
-                    return Poll::Ready(Some(Ok(BodyFrame::data(Bytes::from_static(beat)))));
-                }
-                continue;
-            }
-            this.conn.close(CloseReason::TokenExpired);
-            // Another reason may have won the race; end with whichever did.
-            let reason = this
-                .conn
-                .close
-                .lock()
-                .clone()
-                .unwrap_or(CloseReason::TokenExpired);
-            return this.finish(&reason);
-        }
-        this.timer_armed_for = Some(cx.waker().clone());
-        this.sleep(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
+        self.poll_timer(cx)
     }
 }
 
 impl Drop for SseStream {
     fn drop(&mut self) {
         self.flush_metrics();
-        self.conn.finished.store(true, Ordering::Release);
+        self.handle.finished.store(true, Ordering::Release);
         self.metrics.connections.dec();
-        // Frames still queued are lost with the stream: count them.
+        // Events still queued are lost with the stream: count them.
         let backlog = {
-            let mut q = self.conn.queue.lock();
+            let mut q = self.handle.queue.lock();
             q.ended = true;
-            std::mem::take(&mut q.frames).len() as u64
+            std::mem::take(&mut q.events).len() as u64
         };
-        let closing = self.conn.close.lock().clone();
+        let closing = self.handle.close.lock().clone();
         let label = match closing {
             Some(r) => r.label(),
             None => {
@@ -683,14 +655,13 @@ impl Drop for SseStream {
 mod tests {
     use super::*;
     use crate::event::EventType;
-    use crate::ident::ProjectId;
     use crate::path::PathPattern;
     use crate::policy::PolicySource;
 
     struct Fixture {
         auth: Arc<Authorizer>,
         metrics: Arc<Metrics>,
-        conn: Arc<Conn>,
+        handle: Arc<StreamHandle>,
         stream: SseStream,
     }
 
@@ -709,6 +680,7 @@ mod tests {
                 .unwrap(),
         );
         let settings = StreamSettings {
+            dialect: Dialect::Native,
             queue_frames,
             heartbeat: Duration::from_secs(3600),
             retry: Duration::from_secs(1),
@@ -726,20 +698,30 @@ mod tests {
             project: ProjectId::parse("p1").unwrap(),
             interests: vec![interest],
         };
-        let (conn, stream) = new_stream(who, &settings, None, auth.clone(), metrics.clone());
+        let (handle, stream) = new_stream(who, &settings, None, auth.clone(), metrics.clone());
         Fixture {
             auth,
             metrics,
-            conn,
+            handle,
             stream,
         }
     }
 
-    fn frame(seq: u64, path: &str, generation: u64) -> Frame {
-        Frame {
+    fn queued(seq: u64, path: &str, generation: u64) -> Queued {
+        Queued {
             delivery: crate::delivery::tests::delivery(seq, "p1", path),
             generation,
         }
+    }
+
+    /// The next item as bytes (a hyper-like writer), `None` at the end.
+    async fn next_data(s: &mut SseStream) -> Option<Bytes> {
+        let item = std::future::poll_fn(|cx| s.poll_item(cx)).await?;
+        Some(match item {
+            Item::Event(d) => d.encoded(s.dialect()).frame().clone(),
+            Item::Frame(b) => b,
+            Item::Heartbeat => Bytes::from_static(s.dialect().heartbeat()),
+        })
     }
 
     /// The `id:` of a written event frame.
@@ -752,18 +734,13 @@ mod tests {
             .ok()
     }
 
-    async fn next_data(s: &mut SseStream) -> Option<Bytes> {
-        let f = std::future::poll_fn(|cx| Pin::new(&mut *s).poll_frame(cx)).await?;
-        f.ok().and_then(|f| f.into_data().ok())
-    }
-
     #[tokio::test]
-    async fn frames_queued_before_a_policy_swap_are_checked_again() {
+    async fn events_queued_before_a_policy_swap_are_checked_again() {
         let mut f = fixture("p, alice, *, *, subscribe, *, /**, allow\n", "alice", 8).await;
         // Both allowed under generation 1 and queued.
-        assert_eq!(f.conn.push(frame(1, "/public", 1)), Push::Queued);
-        assert_eq!(f.conn.push(frame(2, "/secret", 1)), Push::Queued);
-        // The policy now denies /secret before the frames are written.
+        assert_eq!(f.handle.push(queued(1, "/public", 1)), Push::Queued);
+        assert_eq!(f.handle.push(queued(2, "/secret", 1)), Push::Queued);
+        // The policy now denies /secret before the events are written.
         f.auth
             .reload(&source("p, alice, *, *, subscribe, *, /**, allow\np, alice, *, *, subscribe, *, /secret/**, deny\n"))
             .await
@@ -773,7 +750,7 @@ mod tests {
             Bytes::from("retry: 1000\n\n")
         );
         assert_eq!(id_of(&next_data(&mut f.stream).await.unwrap()), Some(1));
-        assert_eq!(f.conn.push(frame(3, "/public/x", 2)), Push::Queued);
+        assert_eq!(f.handle.push(queued(3, "/public/x", 2)), Push::Queued);
         assert_eq!(
             id_of(&next_data(&mut f.stream).await.unwrap()),
             Some(3),
@@ -784,10 +761,10 @@ mod tests {
     #[tokio::test]
     async fn overflow_closes_with_slow_consumer() {
         let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 2).await;
-        assert_eq!(f.conn.push(frame(1, "/", 1)), Push::Queued);
-        assert_eq!(f.conn.push(frame(2, "/", 1)), Push::Queued);
-        assert_eq!(f.conn.push(frame(3, "/", 1)), Push::Overflow);
-        assert_eq!(f.conn.push(frame(4, "/", 1)), Push::Closed);
+        assert_eq!(f.handle.push(queued(1, "/", 1)), Push::Queued);
+        assert_eq!(f.handle.push(queued(2, "/", 1)), Push::Queued);
+        assert_eq!(f.handle.push(queued(3, "/", 1)), Push::Overflow);
+        assert_eq!(f.handle.push(queued(4, "/", 1)), Push::Closed);
         let _retry = next_data(&mut f.stream).await;
         let last = next_data(&mut f.stream).await.unwrap();
         assert!(std::str::from_utf8(&last)
@@ -808,13 +785,36 @@ mod tests {
     async fn a_gap_notice_is_written_once_and_the_stream_goes_on() {
         let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 8).await;
         let _retry = next_data(&mut f.stream).await;
-        f.conn.notify_gap("bus_reconnected");
-        f.conn.notify_gap("bus_reconnected");
+        assert_eq!(f.handle.push(queued(5, "/", 1)), Push::Queued);
+        assert_eq!(id_of(&next_data(&mut f.stream).await.unwrap()), Some(5));
+        f.handle.notify_gap(GapReason::BusReconnected);
+        f.handle.notify_gap(GapReason::BusReconnected);
         let gap = next_data(&mut f.stream).await.unwrap();
-        assert!(std::str::from_utf8(&gap)
-            .unwrap()
-            .starts_with("event: gap\n"));
-        assert_eq!(f.conn.push(frame(1, "/", 1)), Push::Queued);
-        assert_eq!(id_of(&next_data(&mut f.stream).await.unwrap()), Some(1));
+        let text = std::str::from_utf8(&gap).unwrap();
+        assert!(text.starts_with("event: gap\n"), "{text}");
+        assert!(
+            text.contains("\"lastEventId\":\"5\""),
+            "it names the last id written: {text}"
+        );
+        assert_eq!(f.handle.push(queued(6, "/", 1)), Push::Queued);
+        assert_eq!(id_of(&next_data(&mut f.stream).await.unwrap()), Some(6));
+    }
+
+    #[tokio::test]
+    async fn the_seam_skips_what_the_resume_wrote_and_nothing_after() {
+        let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 8).await;
+        f.stream.push_replay(queued(10, "/", 1));
+        f.stream.set_seam(10);
+        // Live copies of what the replay holds, then newer ones, in any order
+        // the bus produced them: only the seam decides what is skipped.
+        for seq in [9, 10, 12, 11] {
+            f.handle.push(queued(seq, "/", 1));
+        }
+        let _retry = next_data(&mut f.stream).await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(id_of(&next_data(&mut f.stream).await.unwrap()).unwrap());
+        }
+        assert_eq!(ids, vec![10, 12, 11]);
     }
 }

@@ -239,3 +239,62 @@ async fn after_a_nats_outage_clients_resume_without_loss() {
         "streams were told to reconnect and resume"
     );
 }
+
+/// The control event a resume from `last_id` starts with, its id numbers
+/// replaced by `N` (each bus numbers events its own way).
+async fn resume_gap(h: &Herald, last_id: u64) -> (Option<String>, String) {
+    let mut s = resume(h, &last_id.to_string()).await;
+    let ev = s.next_event().await;
+    (ev.event.clone(), ev.data.replace(&last_id.to_string(), "N"))
+}
+
+#[tokio::test]
+async fn resume_control_events_are_the_same_on_both_buses() {
+    // The embedded ring and JetStream, each retaining the last 3 events.
+    let embedded = HeraldBuilder::new()
+        .env("STREAM__REPLAY_BUFFER", "3")
+        .start();
+    let nats = NatsServer::start_jetstream();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HERALD_EVENTS".into(),
+        subjects: vec!["herald.ev.>".into()],
+        max_messages: 3,
+        republish: Some(async_nats::jetstream::stream::Republish {
+            source: "herald.ev.>".into(),
+            destination: "herald.rp.>".into(),
+            headers_only: false,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let on_nats = replaying(&nats, &[]).await;
+    let w = token_for("writer", HOUR);
+    let mut firsts = Vec::new();
+    for h in [&embedded, &on_nats] {
+        let mut seqs = Vec::new();
+        for i in 0..5 {
+            let v = h
+                .publish(&w, &event("secret:created", "p1", "prod", &format!("/{i}")))
+                .await;
+            seqs.push(v["events"][0]["sequence"].as_u64().unwrap());
+        }
+        firsts.push(seqs);
+    }
+    let mut seen = Vec::new();
+    for (h, seqs) in [&embedded, &on_nats].into_iter().zip(&firsts) {
+        let expired = resume_gap(h, seqs[0]).await;
+        let unknown = resume_gap(h, seqs[4] + 1000).await;
+        seen.push((expired, unknown));
+    }
+    assert_eq!(seen[0], seen[1], "the same bytes on both buses");
+    let (expired, unknown) = &seen[0];
+    assert_eq!(expired.0.as_deref(), Some("gap"));
+    let v: Value = serde_json::from_str(&expired.1).unwrap();
+    assert_eq!(v["reason"], "expired");
+    assert_eq!(v["lastEventId"], "N", "the gap names the id resumed from");
+    let v: Value = serde_json::from_str(&unknown.1).unwrap();
+    assert_eq!(v["reason"], "unknown_id");
+    assert_eq!(v["lastEventId"], "N");
+}

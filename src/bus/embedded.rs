@@ -1,5 +1,5 @@
 //! The embedded bus (the default, used when no NATS is configured): in
-//! process, it numbers events, encodes each once, keeps the last N in a ring
+//! process, it numbers events, keeps the last N in a ring
 //! buffer for `Last-Event-ID` resume, and dispatches to the router.
 //!
 //! Publishers take turns (events are numbered and dispatched in order); the
@@ -13,17 +13,15 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use serde_json::json;
 
 use crate::delivery::Delivery;
 use crate::event::Event;
+use crate::ident::ProjectId;
 use crate::metrics::Metrics;
-use crate::policy::Authorizer;
 use crate::router::Router;
-use crate::sse::{self, Control};
-use crate::stream::{Frame, SseStream};
+use crate::stream::SseStream;
 
-use super::{first_sequence, Published};
+use super::{first_sequence, Position, Published, Retained};
 
 struct Ring {
     /// The newest sequence number issued.
@@ -39,7 +37,6 @@ pub struct EmbeddedBus {
     next_seq: Mutex<u64>,
     ring: Mutex<Ring>,
     router: Arc<Router>,
-    authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
     /// `herald_events_received_total{source="api"}`, resolved once.
     received: prometheus::IntCounter,
@@ -47,12 +44,7 @@ pub struct EmbeddedBus {
 
 impl EmbeddedBus {
     /// A bus keeping the last `replay_capacity` events.
-    pub fn new(
-        router: Arc<Router>,
-        authorizer: Arc<Authorizer>,
-        metrics: Arc<Metrics>,
-        replay_capacity: usize,
-    ) -> Self {
+    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>, replay_capacity: usize) -> Self {
         let start = first_sequence();
         Self {
             next_seq: Mutex::new(start),
@@ -62,7 +54,6 @@ impl EmbeddedBus {
                 capacity: replay_capacity,
             }),
             router,
-            authorizer,
             received: metrics.events_received.with_label_values(&["api"]),
             metrics,
         }
@@ -75,7 +66,7 @@ impl EmbeddedBus {
             let seq = *next_seq;
             *next_seq += 1;
             let id = ev.id.clone();
-            let d = Arc::new(Delivery::encode(seq, ev));
+            let d = Arc::new(Delivery::new(seq, ev));
             self.received.inc();
             {
                 let mut ring = self.ring.lock();
@@ -96,47 +87,47 @@ impl EmbeddedBus {
         out
     }
 
+    /// The retained events of `project` after `after`.
+    fn retained(&self, project: &ProjectId, after: u64) -> Retained {
+        let ring = self.ring.lock();
+        let newest = ring.newest;
+        let oldest = ring.events.front().map_or(newest + 1, |d| d.seq);
+        if after > newest {
+            return Retained {
+                position: Position::Unknown,
+                events: Vec::new(),
+                truncated: false,
+                through: newest,
+            };
+        }
+        // after <= newest < u64::MAX: no overflow.
+        let skip = (after + 1).saturating_sub(oldest) as usize;
+        Retained {
+            position: if after + 1 < oldest {
+                Position::Expired
+            } else {
+                Position::Known
+            },
+            events: ring
+                .events
+                .iter()
+                .skip(skip)
+                .filter(|d| d.key().project == *project)
+                .cloned()
+                .collect(),
+            truncated: false,
+            through: newest,
+        }
+    }
+
     pub(super) fn attach(&self, stream: &mut SseStream, resume_from: Option<u64>) {
         // Registered first: what enters the ring after the copy below is
         // dispatched to this stream.
-        let reg = self.router.add(stream.conn().clone());
+        let reg = self.router.add(stream.handle().clone());
         stream.hold(Box::new(reg));
-        if let Some(last) = resume_from {
-            let ring = self.ring.lock();
-            let newest = ring.newest;
-            let oldest = ring.events.front().map_or(newest + 1, |d| d.seq);
-            if last > newest {
-                stream.push_preamble(sse::control_frame(
-                    Control::Gap,
-                    &json!({"reason": "unknown_id", "lastEventId": last.to_string(),
-                            "message": "this id was not issued by this instance; resync"}),
-                    None,
-                ));
-            } else {
-                if last + 1 < oldest {
-                    stream.push_preamble(sse::control_frame(
-                        Control::Gap,
-                        &json!({"reason": "expired", "lastEventId": last.to_string(),
-                                "message": "events after this id are no longer retained; resync"}),
-                        None,
-                    ));
-                }
-                // Nothing at or before the resume point is written again.
-                stream.set_last_seq(last);
-                let skip = (last + 1).saturating_sub(oldest) as usize;
-                let mut replayed = 0u64;
-                let generation = self.authorizer.generation();
-                for d in ring.events.iter().skip(skip) {
-                    if self.router.admits(stream.conn(), d) {
-                        stream.push_replay(Frame {
-                            delivery: d.clone(),
-                            generation,
-                        });
-                        replayed += 1;
-                    }
-                }
-                self.metrics.replayed_events.inc_by(replayed);
-            }
+        if let Some(after) = resume_from {
+            let retained = self.retained(&stream.handle().project, after);
+            super::resume(stream, after, retained, &self.router, &self.metrics);
         }
     }
 }

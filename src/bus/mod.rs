@@ -19,8 +19,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use embedded::EmbeddedBus;
 pub use nats::NatsBus;
 
+use crate::delivery::Delivery;
 use crate::event::Event;
-use crate::stream::SseStream;
+use crate::metrics::Metrics;
+use crate::protocol::{Control, GapReason};
+use crate::router::Router;
+use crate::stream::{Queued, SseStream};
 
 /// The result of publishing one event.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -78,6 +82,72 @@ impl Bus {
             Bus::Embedded(_) => true,
             Bus::Nats(b) => b.is_ready(),
         }
+    }
+}
+
+/// Where a resume id stands in what a bus retains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    /// Everything after it is retained.
+    Known,
+    /// Some events after it are no longer retained.
+    Expired,
+    /// It was never issued (ahead of anything retained).
+    Unknown,
+}
+
+/// What a bus retains of one project after a resume id: the buses' one
+/// offer to a resuming stream (the embedded ring, JetStream).
+#[derive(Debug)]
+pub struct Retained {
+    /// Where the resume id stands.
+    pub position: Position,
+    /// The project's retained events after the id, in order.
+    pub events: Vec<Arc<Delivery>>,
+    /// Whether more were retained than one resume replays.
+    pub truncated: bool,
+    /// The newest sequence the read covers: live events up to it are the
+    /// replay's to write (the seam).
+    pub through: u64,
+}
+
+/// Writes a resume from `after` into a stream, the same way on every bus:
+/// the `gap` its position calls for, then the retained events the stream may
+/// see ([`Router::admits`], the one delivery predicate), then a `gap` when
+/// the read stopped short; and the seam, so that live events the replay
+/// covers are not written twice. The stream is registered with the router
+/// before `retained` was read, so nothing after `through` is missed.
+pub fn resume(
+    stream: &mut SseStream,
+    after: u64,
+    retained: Retained,
+    router: &Router,
+    metrics: &Metrics,
+) {
+    match retained.position {
+        Position::Unknown => {
+            stream.open_with(&Control::Gap(GapReason::UnknownId), after);
+            return;
+        }
+        Position::Expired => stream.open_with(&Control::Gap(GapReason::Expired), after),
+        Position::Known => {}
+    }
+    stream.set_seam(after.max(retained.through));
+    // Read before deciding: an event is never tagged newer than its decision.
+    let generation = router.policy_generation();
+    let mut replayed = 0u64;
+    for d in retained.events {
+        if router.admits(stream.handle(), &d) {
+            stream.push_replay(Queued {
+                delivery: d,
+                generation,
+            });
+            replayed += 1;
+        }
+    }
+    metrics.replayed_events.inc_by(replayed);
+    if retained.truncated {
+        stream.after_replay(Control::Gap(GapReason::TooFarBehind));
     }
 }
 

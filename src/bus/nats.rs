@@ -29,7 +29,6 @@ use async_nats::{Client, ConnectOptions, Event as NatsEvent};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -38,13 +37,13 @@ use crate::delivery::Delivery;
 use crate::event::Event;
 use crate::ident::ProjectId;
 use crate::metrics::Metrics;
+use crate::protocol::{jittered_retry_ms, Close, Control, GapReason, ReconnectReason};
 use crate::router::Router;
-use crate::sse::{self, Control};
-use crate::stream::{CloseReason, Frame, SseStream};
+use crate::stream::SseStream;
 use crate::subject::{self, Kind};
 
 use super::replay::Replay;
-use super::{first_sequence, BusError, Published};
+use super::{first_sequence, BusError, Position, Published, Retained};
 
 /// One NATS subscription shared by every stream that needs its subject.
 struct SubEntry {
@@ -63,6 +62,8 @@ struct Link {
     ever_connected: AtomicBool,
     /// With replay, streams resume after an outage instead of getting `gap`.
     replay: bool,
+    /// The base of the `retry:` hint streams told to reconnect get.
+    retry: Duration,
 }
 
 /// The NATS bus.
@@ -102,11 +103,13 @@ impl NatsBus {
         router: Arc<Router>,
         metrics: Arc<Metrics>,
         max_event_bytes: usize,
+        retry: Duration,
     ) -> Result<Arc<NatsBus>, BusError> {
         let link = Arc::new(Link {
             connected: AtomicBool::new(false),
             ever_connected: AtomicBool::new(false),
             replay: replay_cfg.enabled,
+            retry,
         });
         let mut opts = ConnectOptions::new()
             .name(format!("{}-{instance}", cfg.name))
@@ -258,7 +261,7 @@ impl NatsBus {
         stream: &mut SseStream,
         resume_from: Option<u64>,
     ) -> Result<(), BusError> {
-        let conn = stream.conn().clone();
+        let conn = stream.handle().clone();
         let subjects = vec![self.live_subject(&conn.project)];
         let mut waits = Vec::new();
         {
@@ -279,10 +282,10 @@ impl NatsBus {
         let reg = self.router.add(conn.clone());
         stream.hold(Box::new(reg));
         if !self.is_connected() {
-            stream.push_preamble(gap_frame(
-                "bus_unavailable",
-                "the event bus is reconnecting; events may be missed: resync",
-            ));
+            stream.open_with(
+                &Control::Gap(GapReason::BusUnavailable),
+                resume_from.unwrap_or(0),
+            );
             return Ok(());
         }
         let wait_all = async {
@@ -301,56 +304,49 @@ impl NatsBus {
             }
         }
         // Live delivery is in place: whatever the replay snapshot does not
-        // hold arrives live, and what both hold is written once (the stream
-        // skips ids at or below the last it wrote).
+        // hold arrives live, and what both hold is written once (the seam).
         let Some(after) = resume_from else {
             return Ok(());
         };
         let Some(replay) = &self.replay else {
-            stream.push_preamble(gap_frame(
-                "replay_unavailable",
-                "this deployment keeps no replay; events after your last id may have been missed: resync",
-            ));
+            stream.open_with(&Control::Gap(GapReason::ReplayUnavailable), after);
             return Ok(());
         };
-        let fetched = replay.fetch(&conn.project, after).await?;
-        if fetched.unknown {
-            stream.push_preamble(gap_frame(
-                "unknown_id",
-                "this id was never issued by the replay stream; resync",
-            ));
-        } else if fetched.expired {
-            stream.push_preamble(gap_frame(
-                "expired",
-                "events after this id are no longer retained; resync",
-            ));
-        }
-        if !fetched.unknown {
-            stream.set_last_seq(after);
-        }
-        let mut replayed = 0u64;
-        for stored in fetched.events {
-            let Some(ev) = self.check(Kind::Events, &stored.subject, &stored.payload) else {
-                continue;
-            };
-            let d = Arc::new(Delivery::encode(stored.seq, ev));
-            if self.router.admits(&conn, &d) {
-                // Generation 0: checked again against the policy in force when written.
-                stream.push_replay(Frame {
-                    delivery: d,
-                    generation: 0,
-                });
-                replayed += 1;
-            }
-        }
-        self.metrics.replayed_events.inc_by(replayed);
-        if fetched.truncated {
-            stream.push_replay_gap(gap_frame(
-                "too_far_behind",
-                "more events were missed than one resume replays; resync",
-            ));
-        }
+        let retained = self.retained(replay, &conn.project, after).await?;
+        super::resume(stream, after, retained, &self.router, &self.metrics);
         Ok(())
+    }
+
+    /// The retained events of `project` after `after`, read from the replay
+    /// stream and checked like live messages.
+    async fn retained(
+        &self,
+        replay: &Replay,
+        project: &ProjectId,
+        after: u64,
+    ) -> Result<Retained, BusError> {
+        let fetched = replay.fetch(project, after).await?;
+        let position = if fetched.unknown {
+            Position::Unknown
+        } else if fetched.expired {
+            Position::Expired
+        } else {
+            Position::Known
+        };
+        let events = fetched
+            .events
+            .into_iter()
+            .filter_map(|stored| {
+                let ev = self.check(Kind::Events, &stored.subject, &stored.payload)?;
+                Some(Arc::new(Delivery::new(stored.seq, ev)))
+            })
+            .collect();
+        Ok(Retained {
+            position,
+            events,
+            truncated: fetched.truncated,
+            through: fetched.through,
+        })
     }
 
     /// Where live events of a project arrive: the event subjects themselves, or
@@ -474,18 +470,10 @@ impl NatsBus {
             }
         };
         self.received.inc();
-        let d = Arc::new(Delivery::encode(seq, ev));
+        let d = Arc::new(Delivery::new(seq, ev));
         self.router.dispatch(&d);
         drop(st);
     }
-}
-
-fn gap_frame(reason: &str, message: &str) -> Bytes {
-    sse::control_frame(
-        Control::Gap,
-        &json!({"reason": reason, "message": message}),
-        None,
-    )
 }
 
 fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metrics) {
@@ -498,13 +486,15 @@ fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metric
                     // The stream kept everything: clients resume with Last-Event-ID.
                     tracing::info!("reconnected to NATS; open streams reconnect and resume from the replay stream");
                     for c in router.connections() {
-                        let jitter = 250 + rand::random::<u64>() % 1000;
-                        c.close(CloseReason::Reconnect { retry_ms: jitter });
+                        c.close(Close::Reconnect {
+                            reason: ReconnectReason::BusReconnected,
+                            retry_ms: jittered_retry_ms(link.retry),
+                        });
                     }
                 } else {
                     tracing::info!("reconnected to NATS; open streams get gap for the outage");
                     for c in router.connections() {
-                        c.notify_gap("bus_reconnected");
+                        c.notify_gap(GapReason::BusReconnected);
                     }
                 }
             } else {
@@ -527,8 +517,10 @@ fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metric
                 // The stream has them: every stream reconnects and resumes.
                 tracing::warn!(sid, "NATS slow consumer: messages were dropped; streams resume from the replay stream");
                 for c in router.connections() {
-                    let jitter = 250 + rand::random::<u64>() % 1000;
-                    c.close(CloseReason::Reconnect { retry_ms: jitter });
+                    c.close(Close::Reconnect {
+                        reason: ReconnectReason::BusOverflow,
+                        retry_ms: jittered_retry_ms(link.retry),
+                    });
                 }
             } else {
                 tracing::warn!(
@@ -536,7 +528,7 @@ fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metric
                     "NATS slow consumer: messages were dropped; streams get gap"
                 );
                 for c in router.connections() {
-                    c.notify_gap("bus_overflow");
+                    c.notify_gap(GapReason::BusOverflow);
                 }
             }
         }

@@ -44,6 +44,9 @@ pub struct Fetched {
     pub truncated: bool,
     /// Whether the resume point is beyond anything the stream issued.
     pub unknown: bool,
+    /// The stream's last sequence when it was read: live events up to it
+    /// are the replay's.
+    pub through: u64,
 }
 
 /// The replay stream.
@@ -157,6 +160,7 @@ impl Replay {
                 expired,
                 truncated: false,
                 unknown: after > state.last_sequence,
+                through: state.last_sequence,
             };
             if after >= state.last_sequence || state.messages == 0 {
                 return Ok(fetched);

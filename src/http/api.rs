@@ -25,7 +25,7 @@ use crate::ident::{EnvSlug, ProjectId};
 use crate::interest::Interest;
 use crate::path::PathPattern;
 use crate::policy::Action;
-use crate::sse::{self, Control};
+use crate::protocol::{jittered_retry_ms, Close, Control, Dialect, ReconnectReason};
 use crate::stream::{new_stream, ConnectionAbort, StreamSettings, Subscriber};
 
 /// Subscribe route.
@@ -427,13 +427,12 @@ fn sse_response(body: HttpBody) -> Response<HttpBody> {
 }
 
 /// A draining instance answers every subscribe 200 with an immediate `reconnect`.
-fn reconnect_now(app: &App, reason: &str) -> Response<HttpBody> {
-    let retry = app.drain_retry_ms();
-    let frame = sse::control_frame(
-        Control::Reconnect,
-        &json!({"reason": reason, "message": "this instance cannot serve the stream now; reconnect"}),
-        Some(retry),
-    );
+fn reconnect_now(app: &App, reason: ReconnectReason) -> Response<HttpBody> {
+    let close = Close::Reconnect {
+        reason,
+        retry_ms: jittered_retry_ms(app.config.stream.retry),
+    };
+    let frame = Dialect::Native.encode_control(&Control::Close(close), 0);
     sse_response(HttpBody::full(frame))
 }
 
@@ -457,7 +456,7 @@ async fn subscribe(
             .subscriptions
             .with_label_values(&["draining"])
             .inc();
-        return Ok(reconnect_now(app, "draining"));
+        return Ok(reconnect_now(app, ReconnectReason::Draining));
     }
     let count = |r: &str| app.metrics.subscriptions.with_label_values(&[r]).inc();
     let query = parse_query(&req);
@@ -549,6 +548,7 @@ async fn subscribe(
         })?;
 
     let settings = StreamSettings {
+        dialect: Dialect::Native,
         queue_frames: app.config.stream.queue_frames,
         heartbeat: app.config.stream.heartbeat,
         retry: app.config.stream.retry,
@@ -577,7 +577,7 @@ async fn subscribe(
         // Answer 200 with `reconnect`, not 503: EventSource gives up for good on non-200.
         tracing::warn!(error = %e, "cannot take interest for a new stream; telling it to reconnect");
         count("bus_unavailable");
-        return Ok(reconnect_now(app, "bus_unavailable"));
+        return Ok(reconnect_now(app, ReconnectReason::BusUnavailable));
     }
     count("accepted");
     tracing::debug!(conn = id, identity = %caller.identity, "stream opened");

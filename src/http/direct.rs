@@ -24,12 +24,12 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{Method, Request, Response, Version};
-use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{HttpBody, RequestBody, ServeOptions};
-use crate::stream::SseStream;
+use crate::protocol::Dialect;
+use crate::stream::{Item, SseStream};
 
 /// The longest request head read here; a longer one is left to hyper.
 const MAX_HEAD: usize = 16 * 1024;
@@ -326,11 +326,8 @@ pub async fn respond(
             write_complete(&mut tcp, &head, b).await;
             None
         }
-        HttpBody::Stream(mut stream) => {
+        HttpBody::Stream(stream) => {
             let chunked = matches!(framing, Framing::Chunked);
-            if chunked {
-                stream.write_chunks();
-            }
             Some(StreamWriter {
                 tcp,
                 stream,
@@ -341,6 +338,23 @@ pub async fn respond(
             })
         }
     }
+}
+
+/// `frame` as one HTTP/1.1 chunk: size line, the bytes, CRLF. This module
+/// is the only one that knows HTTP/1.1 chunks.
+fn chunk(frame: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(frame.len() + 20);
+    buf.extend_from_slice(format!("{:x}\r\n", frame.len()).as_bytes());
+    buf.extend_from_slice(frame);
+    buf.extend_from_slice(b"\r\n");
+    buf.freeze()
+}
+
+/// A dialect's heartbeat as a chunk, made once per process.
+fn heartbeat_chunk(dialect: Dialect) -> Bytes {
+    static CHUNKS: std::sync::OnceLock<Vec<Bytes>> = std::sync::OnceLock::new();
+    let all = CHUNKS.get_or_init(|| Dialect::ALL.iter().map(|d| chunk(d.heartbeat())).collect());
+    all[dialect.index()].clone()
 }
 
 /// The bytes of one write: the response head (first write only), frames in
@@ -471,22 +485,32 @@ impl StreamWriter {
     fn gather(&mut self, cx: &mut Context<'_>) {
         let mut bytes = 0;
         while !self.ended && self.out.frames.len() < MAX_BATCH_FRAMES && bytes < MAX_BATCH_BYTES {
-            match Pin::new(&mut *self.stream).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        if !data.is_empty() {
-                            bytes += data.len();
-                            self.out.frames.push(data);
-                        }
-                    }
+            match self.stream.poll_item(cx) {
+                Poll::Ready(Some(item)) => {
+                    let data = self.wire(item);
+                    bytes += data.len();
+                    self.out.frames.push(data);
                 }
                 Poll::Ready(None) => self.ended = true,
-                Poll::Ready(Some(Err(never))) => match never {},
                 Poll::Pending => break,
             }
         }
         if self.ended {
             self.out.seal_end(self.chunked);
+        }
+    }
+
+    /// An item as it goes on this connection: an HTTP/1.1 chunk (an event's
+    /// made once, for every stream of its dialect), or as is on HTTP/1.0.
+    fn wire(&self, item: Item) -> Bytes {
+        let dialect = self.stream.dialect();
+        match (item, self.chunked) {
+            (Item::Event(d), true) => d.encoded(dialect).wire(chunk).clone(),
+            (Item::Event(d), false) => d.encoded(dialect).frame().clone(),
+            (Item::Frame(b), true) => chunk(&b),
+            (Item::Frame(b), false) => b,
+            (Item::Heartbeat, true) => heartbeat_chunk(dialect),
+            (Item::Heartbeat, false) => Bytes::from_static(dialect.heartbeat()),
         }
     }
 

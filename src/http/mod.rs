@@ -30,7 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::shutdown::{Phase, Shutdown};
-use crate::stream::{ConnectionAbort, SseStream};
+use crate::stream::{ConnectionAbort, Item, SseStream};
 
 /// Every response body herald sends: a complete buffer or an SSE stream.
 pub enum HttpBody {
@@ -62,14 +62,25 @@ impl Body for HttpBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             HttpBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            HttpBody::Stream(s) => Pin::new(&mut **s).poll_frame(cx),
+            // A stream through hyper: its items as plain SSE bytes (hyper
+            // adds the HTTP/1.1 chunks or HTTP/2 frames).
+            HttpBody::Stream(s) => s.poll_item(cx).map(|item| {
+                item.map(|item| {
+                    let dialect = s.dialect();
+                    Ok(Frame::data(match item {
+                        Item::Event(d) => d.encoded(dialect).frame().clone(),
+                        Item::Frame(b) => b,
+                        Item::Heartbeat => Bytes::from_static(dialect.heartbeat()),
+                    }))
+                })
+            }),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             HttpBody::Full(b) => b.is_none(),
-            HttpBody::Stream(s) => s.is_end_stream(),
+            HttpBody::Stream(s) => s.is_done(),
         }
     }
 
