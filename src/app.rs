@@ -22,33 +22,38 @@ use crate::auth::Verifier;
 use crate::bus::{Bus, EmbeddedBus, NatsBus};
 use crate::cluster::{Cluster, Presence};
 use crate::config::Config;
-use crate::http::{self, admin::Admin, api::Api, ServeOptions};
+use crate::http::api::{Api, BodyLimits};
+use crate::http::cors::Cors;
+use crate::http::{self, admin::Admin, ServeOptions};
 use crate::limits::{ConnectionLimiter, RateLimiter};
 use crate::metrics::Metrics;
 use crate::policy::watch::FileWatch;
 use crate::policy::{Authorizer, PolicySource};
 use crate::protocol::{jittered_retry_ms, Close, ReconnectReason};
+use crate::publish::Publisher;
+use crate::request::SubscribeLimits;
 use crate::router::Router;
 use crate::shutdown::{Phase, Shutdown};
+use crate::subscribe::{StreamDefaults, Subscriptions};
 
 /// Everything a request handler needs.
 pub struct App {
     /// The effective configuration.
     pub config: Config,
-    /// Token verification.
-    pub verifier: Verifier,
+    /// Opening streams.
+    pub subscriptions: Arc<Subscriptions>,
+    /// Taking events.
+    pub publisher: Arc<Publisher>,
     /// The policy in force.
     pub authorizer: Arc<Authorizer>,
     /// The event bus.
-    pub bus: Bus,
+    pub bus: Arc<Bus>,
     /// Open streams.
     pub router: Arc<Router>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Stream slots.
-    pub conn_limiter: ConnectionLimiter,
-    /// Subscribe rate.
-    pub rate_limiter: RateLimiter,
+    pub conn_limiter: Arc<ConnectionLimiter>,
     /// Lifecycle.
     pub shutdown: Shutdown,
     /// The policy files (model, policy), when the policy came from files.
@@ -99,24 +104,54 @@ impl App {
             (Bus::Nats(bus), Some(cluster))
         };
         let policy_files = policy.files.clone();
+        let bus = Arc::new(bus);
+        let verifier = Arc::new(verifier);
+        let shutdown = Shutdown::new();
+        let conn_limiter = Arc::new(ConnectionLimiter::new(
+            &config.limits,
+            crate::rlimit::stream_cap(&config.limits, crate::rlimit::current()),
+        ));
+        let subscriptions = Arc::new(Subscriptions {
+            verifier: verifier.clone(),
+            authorizer: authorizer.clone(),
+            router: router.clone(),
+            bus: bus.clone(),
+            limiter: conn_limiter.clone(),
+            rate: RateLimiter::new(config.limits.subscribe_rate, config.limits.subscribe_burst),
+            cluster: cluster.clone(),
+            limits: SubscribeLimits {
+                max_registrations: config.limits.max_registrations,
+                max_registration_bytes: config.limits.max_registration_bytes,
+            },
+            streams: StreamDefaults {
+                queue_frames: config.stream.queue_frames,
+                heartbeat: config.stream.heartbeat,
+                retry: config.stream.retry,
+                close_timeout: config.stream.close_timeout,
+            },
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let publisher = Arc::new(Publisher {
+            verifier,
+            authorizer: authorizer.clone(),
+            bus: bus.clone(),
+            max_event_bytes: config.limits.max_event_bytes,
+            max_batch: config.limits.max_publish_batch,
+            metrics: metrics.clone(),
+        });
         Ok(Arc::new(App {
             instance_id,
             cluster,
             policy_files,
-            conn_limiter: ConnectionLimiter::new(
-                &config.limits,
-                crate::rlimit::stream_cap(&config.limits, crate::rlimit::current()),
-            ),
-            rate_limiter: RateLimiter::new(
-                config.limits.subscribe_rate,
-                config.limits.subscribe_burst,
-            ),
-            verifier,
+            conn_limiter,
+            subscriptions,
+            publisher,
             authorizer,
             bus,
             router,
             metrics,
-            shutdown: Shutdown::new(),
+            shutdown,
             config,
         }))
     }
@@ -240,7 +275,15 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let tasks = vec![
         tokio::spawn(http::serve(
             public,
-            Arc::new(Api(app.clone())),
+            Arc::new(Api {
+                subscriptions: app.subscriptions.clone(),
+                publisher: app.publisher.clone(),
+                cors: Cors::new(&cfg.cors.allowed_origins),
+                body: BodyLimits {
+                    max_bytes: cfg.limits.max_body_bytes,
+                    timeout: cfg.server.body_read_timeout,
+                },
+            }),
             opts,
             app.shutdown.clone(),
             close_deadline,
@@ -303,7 +346,7 @@ impl Running {
 
 /// Takes part in the cluster when on NATS.
 async fn run_cluster(app: Arc<App>) {
-    let (Some(cluster), Bus::Nats(bus)) = (app.cluster.clone(), &app.bus) else {
+    let (Some(cluster), Bus::Nats(bus)) = (app.cluster.clone(), &*app.bus) else {
         return;
     };
     let me = {

@@ -88,24 +88,52 @@ impl fmt::Display for EventType {
     }
 }
 
+/// What kind of problem an event has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventErrorKind {
+    /// Not a JSON object of the envelope's shape.
+    Malformed,
+    /// A required attribute is absent or empty.
+    MissingAttribute,
+    /// An attribute has a bad value or type.
+    BadAttribute,
+    /// `type` names no known event type.
+    UnknownType,
+    /// The canonical JSON is over the size limit.
+    TooLarge,
+}
+
+impl EventErrorKind {
+    /// A stable label (`herald_events_rejected_total{reason}`).
+    pub fn label(self) -> &'static str {
+        match self {
+            EventErrorKind::Malformed => "malformed",
+            EventErrorKind::MissingAttribute => "missing_attribute",
+            EventErrorKind::BadAttribute => "bad_attribute",
+            EventErrorKind::UnknownType => "unknown_type",
+            EventErrorKind::TooLarge => "too_large",
+        }
+    }
+}
+
 /// Why an event was refused. `field` names the offending attribute.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct EventError {
     /// The attribute (for example `secretpath`), or `event` for the whole object.
     pub field: String,
+    /// What kind of problem.
+    pub kind: EventErrorKind,
     /// What is wrong with it.
     pub message: String,
-    /// A stable reason label for metrics.
-    pub reason: &'static str,
 }
 
 impl EventError {
-    fn new(field: &str, reason: &'static str, message: impl Into<String>) -> Self {
+    fn new(field: &str, kind: EventErrorKind, message: impl Into<String>) -> Self {
         Self {
             field: field.to_owned(),
+            kind,
             message: message.into(),
-            reason,
         }
     }
 }
@@ -172,11 +200,19 @@ fn required_str(v: Option<Value>, field: &str) -> Result<String, EventError> {
         Some(Value::String(s)) if !s.is_empty() => Ok(s),
         Some(Value::String(_)) => Err(EventError::new(
             field,
-            "missing_attribute",
+            EventErrorKind::MissingAttribute,
             "must not be empty",
         )),
-        Some(_) => Err(EventError::new(field, "bad_attribute", "must be a string")),
-        None => Err(EventError::new(field, "missing_attribute", "is required")),
+        Some(_) => Err(EventError::new(
+            field,
+            EventErrorKind::BadAttribute,
+            "must be a string",
+        )),
+        None => Err(EventError::new(
+            field,
+            EventErrorKind::MissingAttribute,
+            "is required",
+        )),
     }
 }
 
@@ -197,18 +233,18 @@ impl Event {
         if !value.is_object() {
             return Err(EventError::new(
                 "event",
-                "malformed",
+                EventErrorKind::Malformed,
                 "must be a JSON object",
             ));
         }
         let raw: RawEnvelope = serde_json::from_value(value)
-            .map_err(|e| EventError::new("event", "malformed", e.to_string()))?;
+            .map_err(|e| EventError::new("event", EventErrorKind::Malformed, e.to_string()))?;
 
         let spec = required_str(raw.specversion, "specversion")?;
         if spec != "1.0" {
             return Err(EventError::new(
                 "specversion",
-                "bad_attribute",
+                EventErrorKind::BadAttribute,
                 "must be \"1.0\"",
             ));
         }
@@ -219,7 +255,7 @@ impl Event {
         if id.len() > MAX_ATTR_LEN || id.chars().any(char::is_control) {
             return Err(EventError::new(
                 "id",
-                "bad_attribute",
+                EventErrorKind::BadAttribute,
                 format!("must be at most {MAX_ATTR_LEN} bytes without control characters"),
             ));
         }
@@ -227,7 +263,7 @@ impl Event {
         if source.len() > MAX_ATTR_LEN || source.chars().any(char::is_control) {
             return Err(EventError::new(
                 "source",
-                "bad_attribute",
+                EventErrorKind::BadAttribute,
                 format!("must be at most {MAX_ATTR_LEN} bytes without control characters"),
             ));
         }
@@ -235,24 +271,33 @@ impl Event {
         let event_type = EventType::parse(&ty).ok_or_else(|| {
             EventError::new(
                 "type",
-                "unknown_type",
+                EventErrorKind::UnknownType,
                 format!(
                     "unknown event type {ty:?}; expected one of {}",
                     EventType::accepted_names()
                 ),
             )
         })?;
-        let project = ProjectId::parse(&required_str(raw.projectid, "projectid")?)
-            .map_err(|e| EventError::new("projectid", "bad_attribute", e.to_string()))?;
-        let env = EnvSlug::parse(&required_str(raw.environment, "environment")?)
-            .map_err(|e| EventError::new("environment", "bad_attribute", e.to_string()))?;
-        let path = SecretPath::parse(&required_str(raw.secretpath, "secretpath")?)
-            .map_err(|e| EventError::new("secretpath", "bad_attribute", e.to_string()))?;
+        let project =
+            ProjectId::parse(&required_str(raw.projectid, "projectid")?).map_err(|e| {
+                EventError::new("projectid", EventErrorKind::BadAttribute, e.to_string())
+            })?;
+        let env = EnvSlug::parse(&required_str(raw.environment, "environment")?).map_err(|e| {
+            EventError::new("environment", EventErrorKind::BadAttribute, e.to_string())
+        })?;
+        let path =
+            SecretPath::parse(&required_str(raw.secretpath, "secretpath")?).map_err(|e| {
+                EventError::new("secretpath", EventErrorKind::BadAttribute, e.to_string())
+            })?;
         let time = match optional_str(raw.time, "time")? {
             Some(t) => {
                 time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
                     .map_err(|_| {
-                        EventError::new("time", "bad_attribute", "must be an RFC 3339 timestamp")
+                        EventError::new(
+                            "time",
+                            EventErrorKind::BadAttribute,
+                            "must be an RFC 3339 timestamp",
+                        )
                     })?;
                 t
             }
@@ -265,7 +310,7 @@ impl Event {
             Some(_) => {
                 return Err(EventError::new(
                     "data",
-                    "bad_attribute",
+                    EventErrorKind::BadAttribute,
                     "must be a JSON object",
                 ))
             }
@@ -280,14 +325,14 @@ impl Event {
             if !ok_name {
                 return Err(EventError::new(
                     name,
-                    "bad_attribute",
+                    EventErrorKind::BadAttribute,
                     "unknown attribute; extension names are 1-20 lower-case letters or digits",
                 ));
             }
             if !(v.is_string() || v.is_number() || v.is_boolean()) {
                 return Err(EventError::new(
                     name,
-                    "bad_attribute",
+                    EventErrorKind::BadAttribute,
                     "extension values must be strings, numbers or booleans",
                 ));
             }
@@ -327,7 +372,7 @@ impl Event {
         if json.len() > max_bytes {
             return Err(EventError::new(
                 "event",
-                "too_large",
+                EventErrorKind::TooLarge,
                 format!(
                     "encoded event is {} bytes; the limit is {max_bytes}",
                     json.len()
@@ -437,6 +482,9 @@ mod tests {
     fn enforces_size_limit() {
         let mut v = base();
         v["data"] = json!({"blob": "x".repeat(2000)});
-        assert_eq!(Event::from_json(v, 1024).unwrap_err().reason, "too_large");
+        assert_eq!(
+            Event::from_json(v, 1024).unwrap_err().kind,
+            EventErrorKind::TooLarge
+        );
     }
 }

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Subscribe attempts by result.
     pub subscriptions: IntCounterVec,
+    /// Publish requests by result.
+    pub publishes: IntCounterVec,
     /// Events accepted into the router, by source (`api`, `nats`).
     pub events_received: IntCounterVec,
     /// Event frames handed to client connections.
@@ -103,6 +105,12 @@ impl Metrics {
                 &r,
                 "herald_subscriptions_total",
                 "Subscribe requests by result.",
+                "result",
+            ),
+            publishes: counter_vec(
+                &r,
+                "herald_publishes_total",
+                "Publish requests by result.",
                 "result",
             ),
             events_received: counter_vec(
@@ -199,18 +207,8 @@ impl Metrics {
                 v.with_label_values(&[l]);
             }
         };
-        zero(
-            &m.subscriptions,
-            &[
-                "accepted",
-                "bad_request",
-                "unauthorized",
-                "forbidden",
-                "limited",
-                "draining",
-                "bus_unavailable",
-            ],
-        );
+        zero(&m.subscriptions, crate::subscribe::SubscribeError::LABELS);
+        zero(&m.publishes, crate::publish::PublishError::LABELS);
         zero(&m.permission_denied, &["subscribe", "delivery", "publish"]);
         zero(&m.events_dropped, &["slow_consumer"]);
         zero(

@@ -36,11 +36,102 @@ pub struct Published {
     pub sequence: Option<u64>,
 }
 
-/// Why a publish or an attach failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("the event bus is unavailable: {0}")]
-    Unavailable(String),
+/// What the bus could not do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusErrorKind {
+    /// Not connected to NATS now.
+    NotConnected,
+    /// The replay stream is not set up (yet, or not as herald needs it).
+    ReplayNotReady,
+    /// The connection could not be configured or made.
+    Connect,
+    /// NATS refused or lost a publish.
+    Publish,
+    /// A subscription could not be made or confirmed.
+    Subscribe,
+    /// The replay stream could not be created, opened or read.
+    Replay,
+    /// NATS did not answer in time.
+    Timeout,
+}
+
+impl BusErrorKind {
+    fn describe(self) -> &'static str {
+        match self {
+            BusErrorKind::NotConnected => "not connected to NATS",
+            BusErrorKind::ReplayNotReady => "the replay stream is not set up",
+            BusErrorKind::Connect => "cannot connect to NATS",
+            BusErrorKind::Publish => "NATS did not take the publish",
+            BusErrorKind::Subscribe => "NATS did not take the subscription",
+            BusErrorKind::Replay => "the replay stream could not be used",
+            BusErrorKind::Timeout => "NATS did not answer in time",
+        }
+    }
+}
+
+/// Why a publish, an attach or the bus's set-up failed: a kind, what was
+/// being done, and the client library's error when there is one (kept, not
+/// flattened into a string).
+#[derive(Debug)]
+pub struct BusError {
+    kind: BusErrorKind,
+    doing: Option<String>,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BusError {
+    /// An error of `kind`.
+    pub fn new(kind: BusErrorKind) -> Self {
+        Self {
+            kind,
+            doing: None,
+            source: None,
+        }
+    }
+
+    /// An error of `kind` caused by `source`.
+    pub fn with_source(
+        kind: BusErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            kind,
+            doing: None,
+            source: Some(source.into()),
+        }
+    }
+
+    /// Says what was being done (`"creating stream HERALD_EVENTS"`).
+    pub fn doing(mut self, what: impl Into<String>) -> Self {
+        self.doing = Some(what.into());
+        self
+    }
+
+    /// What failed.
+    pub fn kind(&self) -> BusErrorKind {
+        self.kind
+    }
+}
+
+impl std::fmt::Display for BusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind.describe())?;
+        if let Some(d) = &self.doing {
+            write!(f, " ({d})")?;
+        }
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BusError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// The event bus in use.

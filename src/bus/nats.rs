@@ -43,7 +43,7 @@ use crate::stream::SseStream;
 use crate::subject::{self, Kind};
 
 use super::replay::Replay;
-use super::{first_sequence, BusError, Position, Published, Retained};
+use super::{first_sequence, BusError, BusErrorKind, Position, Published, Retained};
 
 /// One NATS subscription shared by every stream that needs its subject.
 struct SubEntry {
@@ -129,7 +129,8 @@ impl NatsBus {
         }
         if let Some(f) = &cfg.credentials_file {
             opts = opts.credentials_file(f).await.map_err(|e| {
-                BusError::Unavailable(format!("nats.credentials_file {}: {e}", f.display()))
+                BusError::with_source(BusErrorKind::Connect, e)
+                    .doing(format!("reading nats.credentials_file {}", f.display()))
             })?;
         }
         if let Some(ca) = &cfg.tls_ca_file {
@@ -146,7 +147,7 @@ impl NatsBus {
             async move { on_client_event(ev, &link, &router, &metrics) }
         });
         let client = opts.connect(cfg.urls.clone()).await.map_err(|e| {
-            BusError::Unavailable(format!("cannot connect to NATS {:?}: {e}", cfg.urls))
+            BusError::with_source(BusErrorKind::Connect, e).doing(format!("{:?}", cfg.urls))
         })?;
         let replay = replay_cfg.enabled.then(|| {
             Arc::new(Replay::new(
@@ -217,7 +218,11 @@ impl NatsBus {
     /// Publishes validated events on their subjects; returns once the server has them.
     pub(super) async fn publish(&self, events: Vec<Event>) -> Result<Vec<Published>, BusError> {
         if !self.is_ready() {
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+            return Err(BusError::new(if self.is_connected() {
+                BusErrorKind::ReplayNotReady
+            } else {
+                BusErrorKind::NotConnected
+            }));
         }
         if let Some(replay) = &self.replay {
             let mut out = Vec::with_capacity(events.len());
@@ -237,7 +242,7 @@ impl NatsBus {
             self.client
                 .publish(subj, Bytes::from(ev.json))
                 .await
-                .map_err(|e| BusError::Unavailable(e.to_string()))?;
+                .map_err(|e| BusError::with_source(BusErrorKind::Publish, e))?;
             out.push(Published {
                 id: ev.id,
                 sequence: None,
@@ -246,10 +251,8 @@ impl NatsBus {
         // publish() only queues locally: a 202 must mean the server has the events.
         match tokio::time::timeout(self.request_timeout, self.client.flush()).await {
             Ok(Ok(())) => Ok(out),
-            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-            Err(_) => Err(BusError::Unavailable(
-                "NATS did not confirm the publish in time".into(),
-            )),
+            Ok(Err(e)) => Err(BusError::with_source(BusErrorKind::Publish, e)),
+            Err(_) => Err(BusError::new(BusErrorKind::Timeout).doing("confirming a publish")),
         }
     }
 
@@ -296,11 +299,9 @@ impl NatsBus {
         };
         match tokio::time::timeout(self.request_timeout, wait_all).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(BusError::Unavailable(e.to_string())),
+            Ok(Err(e)) => return Err(BusError::with_source(BusErrorKind::Subscribe, e)),
             Err(_) => {
-                return Err(BusError::Unavailable(
-                    "NATS did not confirm the subscription in time".into(),
-                ))
+                return Err(BusError::new(BusErrorKind::Timeout).doing("confirming a subscription"))
             }
         }
         // Live delivery is in place: whatever the replay snapshot does not
@@ -437,7 +438,7 @@ impl NatsBus {
         let ev = match Event::from_json(value, self.max_event_bytes) {
             Ok(e) => e,
             Err(e) => {
-                self.reject(e.reason);
+                self.reject(e.kind.label());
                 return None;
             }
         };

@@ -22,7 +22,7 @@ use crate::config::ReplayConfig;
 use crate::ident::ProjectId;
 use crate::subject::{self, Kind};
 
-use super::BusError;
+use super::{BusError, BusErrorKind};
 
 /// One stored event read back.
 pub struct StoredEvent {
@@ -77,7 +77,7 @@ impl Replay {
 
     /// Creates the stream, or checks an existing one captures and republishes
     /// what herald needs.
-    pub async fn ensure_stream(&self) -> Result<(), String> {
+    pub async fn ensure_stream(&self) -> Result<(), BusError> {
         let capture = subject::kind_filter(&self.prefix, Kind::Events);
         let republish = subject::kind_filter(&self.prefix, Kind::Republished);
         let config = stream::Config {
@@ -94,21 +94,25 @@ impl Replay {
             }),
             ..Default::default()
         };
+        let doing = || format!("creating or opening stream {}", self.cfg.stream);
         let mut s = tokio::time::timeout(self.timeout, self.js.get_or_create_stream(config))
             .await
-            .map_err(|_| "JetStream did not answer in time".to_owned())?
-            .map_err(|e| format!("cannot create or open stream {}: {e}", self.cfg.stream))?;
-        let info = s.info().await.map_err(|e| e.to_string())?;
+            .map_err(|_| BusError::new(BusErrorKind::Timeout).doing(doing()))?
+            .map_err(|e| BusError::with_source(BusErrorKind::Replay, e).doing(doing()))?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| BusError::with_source(BusErrorKind::Replay, e).doing(doing()))?;
         let ok_subjects = info.config.subjects.contains(&capture);
         let ok_republish =
             info.config.republish.as_ref().is_some_and(|r| {
                 r.source == capture && r.destination == republish && !r.headers_only
             });
         if !ok_subjects || !ok_republish {
-            return Err(format!(
+            return Err(BusError::new(BusErrorKind::ReplayNotReady).doing(format!(
                 "stream {} exists but does not capture {capture} and republish it to {republish}; fix or delete it",
                 self.cfg.stream
-            ));
+            )));
         }
         self.ready.store(true, Ordering::Release);
         Ok(())
@@ -128,30 +132,31 @@ impl Replay {
                 .js
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .map_err(|e| BusError::Unavailable(e.to_string()))?;
-            ack.await.map_err(|e| BusError::Unavailable(e.to_string()))
+                .map_err(|e| BusError::with_source(BusErrorKind::Publish, e))?;
+            ack.await
+                .map_err(|e| BusError::with_source(BusErrorKind::Publish, e))
         };
         let ack = tokio::time::timeout(self.timeout, store)
             .await
-            .map_err(|_| {
-                BusError::Unavailable("JetStream did not acknowledge the publish in time".into())
-            })??;
+            .map_err(|_| BusError::new(BusErrorKind::Timeout).doing("storing an event"))??;
         Ok(ack.sequence)
     }
 
     /// Reads the events of `project` stored after sequence `after`.
     pub async fn fetch(&self, project: &ProjectId, after: u64) -> Result<Fetched, BusError> {
-        let unavailable = |e: String| BusError::Unavailable(e);
+        let unavailable = |e: Box<dyn std::error::Error + Send + Sync>| {
+            BusError::with_source(BusErrorKind::Replay, e)
+        };
         let read = async {
             let mut stream = self
                 .js
                 .get_stream(&self.cfg.stream)
                 .await
-                .map_err(|e| unavailable(e.to_string()))?;
+                .map_err(|e| unavailable(e.into()))?;
             let state = stream
                 .info()
                 .await
-                .map_err(|e| unavailable(e.to_string()))?
+                .map_err(|e| unavailable(e.into()))?
                 .state
                 .clone();
             let expired = after.saturating_add(1) < state.first_sequence;
@@ -176,17 +181,17 @@ impl Replay {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| unavailable(e.to_string()))?;
+                .map_err(|e| unavailable(e.into()))?;
             if consumer.cached_info().num_pending == 0 {
                 return Ok(fetched); // nothing of this project after the resume point
             }
             let mut messages = consumer
                 .messages()
                 .await
-                .map_err(|e| unavailable(e.to_string()))?;
+                .map_err(|e| unavailable(e.into()))?;
             while let Some(m) = messages.next().await {
-                let m = m.map_err(|e| unavailable(e.to_string()))?;
-                let info = m.info().map_err(|e| unavailable(e.to_string()))?;
+                let m = m.map_err(|e| unavailable(e.into()))?;
+                let info = m.info().map_err(&unavailable)?;
                 let (seq, pending) = (info.stream_sequence, info.pending);
                 if seq > state.last_sequence {
                     break; // live delivery covers everything after the snapshot
@@ -208,6 +213,6 @@ impl Replay {
         };
         tokio::time::timeout(self.timeout * 4, read)
             .await
-            .map_err(|_| BusError::Unavailable("JetStream replay did not finish in time".into()))?
+            .map_err(|_| BusError::new(BusErrorKind::Timeout).doing("reading a replay"))?
     }
 }

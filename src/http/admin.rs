@@ -92,7 +92,7 @@ impl Handler for Admin {
                 };
                 json_response(StatusCode::OK, &body)
             }
-            "/admin/nats" => match &app.bus {
+            "/admin/nats" => match &*app.bus {
                 crate::bus::Bus::Nats(b) => json_response(
                     StatusCode::OK,
                     &json!({"connected": b.is_connected(), "server_version": b.server_version(),

@@ -107,7 +107,8 @@ pub async fn read_first(
             Ok(true) => buf.split_to(want).freeze(),
             Ok(false) => return First::Done,
             Err(_) => {
-                let resp = super::error::ApiError::body_timeout().into_response();
+                let resp = super::error::ApiError::from(crate::request::BodyError::Timeout)
+                    .into_response();
                 let head = response_head(&resp, Framing::Length(body_len(resp.body())));
                 if let HttpBody::Full(body) = resp.into_body() {
                     write_complete(tcp, &head, body).await;

@@ -1,7 +1,14 @@
 //! The one place where errors become HTTP responses.
 //!
 //! Every error is JSON: `{"error": {"code": "...", "message": "...", "details": {...}}}`
-//! with the status of DESIGN.md section 4.
+//! with the status of DESIGN.md section 4. Each use case's typed error is
+//! mapped here, in one `match` each: [`SubscribeError`], [`PublishError`],
+//! [`RequestError`], [`BodyError`] and [`AuthError`]. A subscribe that herald
+//! cannot serve now (draining, bus trouble) is not an error for the client:
+//! it is answered 200 with an immediate `reconnect` ([`subscribe_refusal`]),
+//! because a browser's EventSource gives up for good on anything else.
+
+use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
@@ -10,6 +17,10 @@ use serde_json::{json, Value};
 use super::HttpBody;
 use crate::auth::AuthError;
 use crate::limits::Limit;
+use crate::protocol::{jittered_retry_ms, Close, Control, Dialect, ReconnectReason};
+use crate::publish::PublishError;
+use crate::request::{BodyError, RequestError};
+use crate::subscribe::SubscribeError;
 
 /// An error answer (boxed: it travels through many `Result`s on the way out).
 #[derive(Debug)]
@@ -25,8 +36,7 @@ struct Inner {
 }
 
 impl ApiError {
-    /// An error with no details.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self(Box::new(Inner {
             status,
             code,
@@ -46,8 +56,7 @@ impl ApiError {
         self.0.code
     }
 
-    /// Adds details (field names, limits).
-    pub fn with_details(mut self, details: Value) -> Self {
+    fn with_details(mut self, details: Value) -> Self {
         self.0.details = details;
         self
     }
@@ -57,38 +66,12 @@ impl ApiError {
         self
     }
 
-    /// 400 naming a field.
-    pub fn bad_field(
-        code: &'static str,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        let field = field.into();
-        let message = message.into();
-        Self::new(StatusCode::BAD_REQUEST, code, format!("{field}: {message}"))
-            .with_details(json!({"field": field}))
-    }
-
-    /// 401 for a refused token.
-    pub fn unauthorized(e: &AuthError) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
-            .with_details(json!({"reason": e.reason()}))
-            .with_header(http::header::WWW_AUTHENTICATE, "Bearer")
-    }
-
-    /// 429 naming the limit.
-    pub fn limited(limit: Limit, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::TOO_MANY_REQUESTS, "limit_exceeded", message)
-            .with_details(json!({"limit": limit.label()}))
-            .with_header(http::header::RETRY_AFTER, "1")
-    }
-
-    /// 404.
+    /// No route.
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
     }
 
-    /// 405 with the allowed methods.
+    /// The route takes other methods.
     pub fn method_not_allowed(allow: &'static str) -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -98,32 +81,28 @@ impl ApiError {
         .with_header(http::header::ALLOW, allow)
     }
 
-    /// 413.
-    pub fn too_large(limit: usize) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the request body is larger than {limit} bytes"),
-        )
-        .with_details(json!({"limit": limit}))
-    }
-
-    /// 408: the body did not arrive within `server.body_read_timeout`.
-    pub fn body_timeout() -> Self {
-        Self::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            "the request body was not received in time",
-        )
-    }
-
-    /// 415.
-    pub fn unsupported_media_type() -> Self {
+    fn unsupported_media_type() -> Self {
         Self::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "send the body as JSON with `Content-Type: application/json`",
         )
+    }
+
+    /// An HTTP/1.1 request without exactly one `Host`.
+    pub fn bad_host(message: &'static str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("host: {message}"),
+        )
+        .with_details(json!({"field": "host"}))
+    }
+
+    fn limited(limit: Limit, message: String) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "limit_exceeded", message)
+            .with_details(json!({"limit": limit.label()}))
+            .with_header(http::header::RETRY_AFTER, "1")
     }
 
     /// The response.
@@ -136,6 +115,141 @@ impl ApiError {
         }
         resp
     }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+            .with_details(json!({"reason": e.reason()}))
+            .with_header(http::header::WWW_AUTHENTICATE, "Bearer")
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let mut details = json!({"field": e.field});
+        if let Some(limit) = e.limit {
+            details["limit"] = limit.into();
+        }
+        ApiError::new(StatusCode::BAD_REQUEST, e.kind.code(), e.to_string()).with_details(details)
+    }
+}
+
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::TooLarge { limit } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                e.to_string(),
+            )
+            .with_details(json!({"limit": limit})),
+            BodyError::Timeout => {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", e.to_string())
+            }
+            BodyError::Unreadable => {
+                ApiError::new(StatusCode::BAD_REQUEST, "body_error", e.to_string())
+            }
+            BodyError::NotJson => ApiError::unsupported_media_type(),
+        }
+    }
+}
+
+impl From<SubscribeError> for ApiError {
+    fn from(e: SubscribeError) -> Self {
+        let message = e.to_string();
+        match e {
+            SubscribeError::Unauthorized(a) => a.into(),
+            SubscribeError::Invalid(r) => r.into(),
+            SubscribeError::Body(b) => b.into(),
+            SubscribeError::RateLimited => ApiError::limited(Limit::SubscribeRate, message),
+            SubscribeError::Limited { limit, .. } => ApiError::limited(limit, message),
+            SubscribeError::Forbidden {
+                index, interest, ..
+            } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).with_details(json!({
+                "registration": index,
+                "event": interest.event_type.name(),
+                "environmentSlug": interest.env.as_ref().map(|e| e.as_str()),
+                "secretPath": interest.path.as_str(),
+            })),
+            SubscribeError::Draining | SubscribeError::BusUnavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", message)
+            }
+        }
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(e: PublishError) -> Self {
+        let message = e.to_string();
+        match e {
+            PublishError::Unauthorized(a) => a.into(),
+            PublishError::Invalid(r) => r.into(),
+            PublishError::Body(b) => b.into(),
+            PublishError::InvalidEvent {
+                index,
+                source,
+                limit,
+            } => {
+                let field = match index {
+                    Some(i) => format!("[{i}].{}", source.field),
+                    None => source.field.clone(),
+                };
+                if source.kind == crate::event::EventErrorKind::TooLarge {
+                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "event_too_large", message)
+                        .with_details(json!({"field": field, "limit": limit}))
+                } else {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_event", message)
+                        .with_details(json!({"field": field}))
+                }
+            }
+            PublishError::Forbidden { index, .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+                    .with_details(json!({"index": index}))
+            }
+            PublishError::BusUnavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", message)
+            }
+        }
+    }
+}
+
+/// The answer to a subscribe that was not opened: an immediate `reconnect`
+/// on a 200 stream when herald could serve it later (draining, bus trouble),
+/// otherwise the error. `retry` is the base of the jittered `retry:` hint.
+pub fn subscribe_refusal(
+    e: SubscribeError,
+    dialect: Dialect,
+    retry: Duration,
+) -> Response<HttpBody> {
+    let reason = match &e {
+        SubscribeError::Draining => ReconnectReason::Draining,
+        SubscribeError::BusUnavailable(cause) => {
+            tracing::warn!(error = %cause, "cannot take interest for a new stream; telling it to reconnect");
+            ReconnectReason::BusUnavailable
+        }
+        _ => return ApiError::from(e).into_response(),
+    };
+    let close = Close::Reconnect {
+        reason,
+        retry_ms: jittered_retry_ms(retry),
+    };
+    sse_response(HttpBody::full(
+        dialect.encode_control(&Control::Close(close), 0),
+    ))
+}
+
+/// A `200 text/event-stream` head for `body`.
+pub fn sse_response(body: HttpBody) -> Response<HttpBody> {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
 }
 
 /// A JSON response.

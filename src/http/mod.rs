@@ -9,6 +9,8 @@
 
 pub mod admin;
 pub mod api;
+pub mod body;
+pub mod cors;
 pub mod direct;
 pub mod error;
 
@@ -140,14 +142,10 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), error::ApiError> {
     }
     match req.headers().get_all(http::header::HOST).iter().count() {
         1 => Ok(()),
-        0 => Err(error::ApiError::bad_field(
-            "invalid_request",
-            "host",
+        0 => Err(error::ApiError::bad_host(
             "an HTTP/1.1 request needs a Host header",
         )),
-        _ => Err(error::ApiError::bad_field(
-            "invalid_request",
-            "host",
+        _ => Err(error::ApiError::bad_host(
             "an HTTP/1.1 request has one Host header",
         )),
     }
@@ -174,11 +172,17 @@ pub trait Handler: Send + Sync + 'static {
         peer: SocketAddr,
     ) -> impl Future<Output = Response<HttpBody>> + Send;
 
-    /// The path (no query) whose GET and POST requests open event streams;
-    /// the first such request on an HTTP/1 connection is served by `direct`
-    /// instead of hyper.
-    fn stream_path(&self) -> Option<&'static str> {
-        None
+    /// Whether a request with this method and path (no query) opens an
+    /// event stream; the first such request on an HTTP/1 connection is
+    /// served by `direct` instead of hyper.
+    fn is_stream(&self, _method: &Method, _path: &str) -> bool {
+        false
+    }
+
+    /// Whether this listener serves streams at all (if not, `direct` never
+    /// reads its connections).
+    fn serves_streams(&self) -> bool {
+        false
     }
 }
 
@@ -257,8 +261,8 @@ pub async fn serve<H: Handler>(
         // boxed, and an HTTP/1 stream moves to a small task of its own.
         let task = tokio::spawn(Box::pin(async move {
             let mut tcp = tcp;
-            let prefix = match handler.stream_path() {
-                None => {
+            let prefix = match handler.serves_streams() {
+                false => {
                     let mut first = [0u8; 1];
                     let peek = tokio::time::timeout(opts.header_read_timeout, tcp.peek(&mut first));
                     match Box::pin(peek).await {
@@ -266,10 +270,8 @@ pub async fn serve<H: Handler>(
                         _ => return, // silent, closed or failed before the first byte
                     }
                 }
-                Some(stream_path) => {
-                    let is_stream = |m: &Method, p: &str| {
-                        (m == Method::GET || m == Method::POST) && p == stream_path
-                    };
+                true => {
+                    let is_stream = |m: &Method, p: &str| handler.is_stream(m, p);
                     match Box::pin(direct::read_first(&mut tcp, &opts, is_stream)).await {
                         direct::First::Done => return,
                         direct::First::Pass(prefix) => prefix,

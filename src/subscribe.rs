@@ -1,0 +1,282 @@
+//! The subscribe use case: who may open which stream, and opening it.
+//!
+//! Order of checks: draining, token, subscribe rate, (the caller parses the
+//! request), permission for every registration, stream limits (cluster-wide
+//! on NATS), then the stream is built, registered and attached to the bus
+//! (which replays what a resume missed). Every refusal is a typed
+//! [`SubscribeError`]; `http` turns it into a response and counts it, once.
+//! Nothing here knows HTTP.
+
+use std::sync::Arc;
+
+use crate::auth::{AuthError, Caller, Verifier};
+use crate::bus::{Bus, BusError};
+use crate::cluster::{Cluster, TouchOnDrop};
+use crate::ident::{Principal, ProjectId};
+use crate::interest::Interest;
+use crate::limits::{ConnectionLimiter, Limit, RateLimiter};
+use crate::metrics::Metrics;
+use crate::policy::Authorizer;
+use crate::protocol::Dialect;
+use crate::request::{BodyError, RequestError, SubscribeLimits, SubscribeRequest};
+use crate::router::Router;
+use crate::shutdown::Shutdown;
+use crate::stream::{new_stream, ConnectionAbort, SseStream, StreamSettings, Subscriber};
+
+/// Why a stream was not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    /// The instance is shutting down.
+    #[error("this instance is draining")]
+    Draining,
+    /// No valid token.
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    /// Too many subscribes from this identity.
+    #[error("too many subscribe requests; slow down")]
+    RateLimited,
+    /// The request is not one herald takes.
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+    /// Its body could not be taken.
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    /// The policy does not allow registration `index`.
+    #[error("{identity} may not subscribe to {interest} in project {project}")]
+    Forbidden {
+        /// Who asked.
+        identity: Principal,
+        /// The project.
+        project: ProjectId,
+        /// Which registration.
+        index: usize,
+        /// The registration.
+        interest: Interest,
+    },
+    /// A stream limit is reached.
+    #[error("{}", limit_message(*.limit, .identity, .project, *.value))]
+    Limited {
+        /// Which limit.
+        limit: Limit,
+        /// Its value.
+        value: usize,
+        /// Who asked.
+        identity: Principal,
+        /// The project.
+        project: ProjectId,
+    },
+    /// The bus cannot take the stream now.
+    #[error("cannot take interest for the stream")]
+    BusUnavailable(#[source] BusError),
+}
+
+fn limit_message(limit: Limit, identity: &Principal, project: &ProjectId, value: usize) -> String {
+    match limit {
+        Limit::ConnectionsPerIdentity => format!(
+            "{identity} already has {value} open streams on project {project} (across all instances)"
+        ),
+        Limit::ConnectionsPerIdentityTotal => format!(
+            "{identity} already has {value} open streams on all projects together (across all instances)"
+        ),
+        Limit::InstanceConnections => "this instance has reached its stream limit".to_owned(),
+        Limit::SubscribeRate => "too many subscribe requests; slow down".to_owned(),
+    }
+}
+
+impl SubscribeError {
+    /// The result label of `herald_subscriptions_total{result}`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SubscribeError::Draining => "draining",
+            SubscribeError::Unauthorized(_) => "unauthorized",
+            SubscribeError::RateLimited | SubscribeError::Limited { .. } => "limited",
+            SubscribeError::Invalid(_) | SubscribeError::Body(_) => "bad_request",
+            SubscribeError::Forbidden { .. } => "forbidden",
+            SubscribeError::BusUnavailable(_) => "bus_unavailable",
+        }
+    }
+
+    /// Every label [`label`](Self::label) can return, and `accepted`.
+    pub const LABELS: &'static [&'static str] = &[
+        "accepted",
+        "draining",
+        "unauthorized",
+        "limited",
+        "bad_request",
+        "forbidden",
+        "bus_unavailable",
+    ];
+}
+
+/// How new streams behave (`[stream]`).
+#[derive(Clone, Copy, Debug)]
+pub struct StreamDefaults {
+    /// Queue capacity, in events.
+    pub queue_frames: usize,
+    /// Heartbeat interval.
+    pub heartbeat: std::time::Duration,
+    /// The first `retry:` hint.
+    pub retry: std::time::Duration,
+    /// How long a closing stream may take before its connection is dropped.
+    pub close_timeout: std::time::Duration,
+}
+
+/// Everything opening a stream needs.
+pub struct Subscriptions {
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// The policy in force.
+    pub authorizer: Arc<Authorizer>,
+    /// Open streams.
+    pub router: Arc<Router>,
+    /// Where events come from.
+    pub bus: Arc<Bus>,
+    /// Stream slots.
+    pub limiter: Arc<ConnectionLimiter>,
+    /// Subscribe rate per identity.
+    pub rate: RateLimiter,
+    /// Other instances, on NATS (cluster-wide limits).
+    pub cluster: Option<Arc<Cluster>>,
+    /// Request bounds.
+    pub limits: SubscribeLimits,
+    /// New streams' settings.
+    pub streams: StreamDefaults,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The lifecycle.
+    pub shutdown: Shutdown,
+}
+
+impl Subscriptions {
+    /// Refuses new streams while draining (they are told to reconnect).
+    pub fn check_open(&self) -> Result<(), SubscribeError> {
+        if self.shutdown.is_draining() {
+            return Err(SubscribeError::Draining);
+        }
+        Ok(())
+    }
+
+    /// The caller a token names, within its subscribe rate.
+    pub fn caller(&self, token: Option<&str>) -> Result<Caller, SubscribeError> {
+        let caller = verify(&self.verifier, &self.metrics, token)?;
+        if !self.rate.try_take(&caller.identity) {
+            self.metrics
+                .limit_rejections
+                .with_label_values(&[Limit::SubscribeRate.label()])
+                .inc();
+            return Err(SubscribeError::RateLimited);
+        }
+        Ok(caller)
+    }
+
+    /// Opens a stream of `req` for `caller` in `dialect`, resuming after
+    /// `resume` when given. `abort` drops the client's connection when the
+    /// stream cannot end by itself.
+    pub async fn open(
+        &self,
+        caller: &Caller,
+        req: SubscribeRequest,
+        resume: Option<u64>,
+        dialect: Dialect,
+        abort: Option<Arc<ConnectionAbort>>,
+    ) -> Result<SseStream, SubscribeError> {
+        let SubscribeRequest { project, interests } = req;
+        let identity = &caller.identity;
+        let policy = self.authorizer.current();
+        if let Some((index, interest)) = interests
+            .iter()
+            .enumerate()
+            .find(|(_, it)| !policy.may_subscribe(identity, &project, it))
+        {
+            self.metrics
+                .permission_denied
+                .with_label_values(&["subscribe"])
+                .inc();
+            return Err(SubscribeError::Forbidden {
+                identity: identity.clone(),
+                project,
+                index,
+                interest: interest.clone(),
+            });
+        }
+        let elsewhere = self
+            .cluster
+            .as_ref()
+            .map(|c| c.streams_elsewhere(identity, &project))
+            .unwrap_or_default();
+        let slot = self
+            .limiter
+            .acquire(identity, &project, elsewhere)
+            .map_err(|limit| {
+                self.metrics
+                    .limit_rejections
+                    .with_label_values(&[limit.label()])
+                    .inc();
+                SubscribeError::Limited {
+                    limit,
+                    value: self.limiter.value(limit),
+                    identity: identity.clone(),
+                    project: project.clone(),
+                }
+            })?;
+        let settings = StreamSettings {
+            dialect,
+            queue_frames: self.streams.queue_frames,
+            heartbeat: self.streams.heartbeat,
+            retry: self.streams.retry,
+            expires_in: caller.remaining(),
+            close_timeout: self.streams.close_timeout,
+        };
+        // A registration an open stream already holds is shared, not copied.
+        let interests = interests
+            .into_iter()
+            .map(|it| self.router.shared_interest(&project, it))
+            .collect();
+        let who = Subscriber {
+            id: self.router.next_conn_id(),
+            identity: identity.clone(),
+            project,
+            interests,
+        };
+        let (_, mut stream) = new_stream(
+            who,
+            &settings,
+            abort,
+            self.authorizer.clone(),
+            self.metrics.clone(),
+        );
+        stream.hold(Box::new(slot));
+        if let Some(c) = &self.cluster {
+            stream.hold(Box::new(TouchOnDrop(c.clone())));
+            c.touch();
+        }
+        self.bus
+            .attach(&mut stream, resume)
+            .await
+            .map_err(SubscribeError::BusUnavailable)?;
+        Ok(stream)
+    }
+
+    /// Counts one subscribe's outcome.
+    pub fn count<T>(&self, outcome: &Result<T, SubscribeError>) {
+        let label = outcome
+            .as_ref()
+            .map_or_else(SubscribeError::label, |_| "accepted");
+        self.metrics.subscriptions.with_label_values(&[label]).inc();
+    }
+}
+
+/// The caller a token names; a refusal is counted by reason.
+pub(crate) fn verify(
+    verifier: &Verifier,
+    metrics: &Metrics,
+    token: Option<&str>,
+) -> Result<Caller, AuthError> {
+    let result = match token {
+        None => Err(AuthError::Missing),
+        Some(t) => verifier.verify(t),
+    };
+    result.inspect_err(|e| {
+        metrics.auth_failures.with_label_values(&[e.reason()]).inc();
+    })
+}
