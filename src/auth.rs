@@ -15,8 +15,10 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 
-use crate::config::AuthConfig;
 use crate::ident::{Principal, PrincipalError};
+use crate::setting::{self, Invalid, Secret};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// Parses a configured algorithm name from the allow-list.
 pub fn parse_algorithm(s: &str) -> Option<Algorithm> {
@@ -143,7 +145,7 @@ pub enum KeyError {
 /// `auth.hs_secret_file` without its trailing newline.
 pub fn hs_secret(cfg: &AuthConfig) -> Result<Option<Vec<u8>>, KeyError> {
     match (&cfg.hs_secret, &cfg.hs_secret_file) {
-        (Some(s), _) => Ok(Some(s.as_bytes().to_vec())),
+        (Some(s), _) => Ok(Some(s.expose().as_bytes().to_vec())),
         (None, Some(f)) => {
             let mut b = read_file(f)?;
             while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
@@ -340,10 +342,9 @@ impl Verifier {
             ACCEPTED.into_iter().filter(|a| has_key(*a)).collect()
         } else {
             let mut v = Vec::new();
-            for name in &cfg.algorithms {
-                let a = parse_algorithm(name).ok_or_else(|| KeyError::NoKeyFor(name.clone()))?;
+            for AcceptedAlgorithm(a) in cfg.algorithms.iter().copied() {
                 if !has_key(a) {
-                    return Err(KeyError::NoKeyFor(name.clone()));
+                    return Err(KeyError::NoKeyFor(format!("{a:?}")));
                 }
                 v.push(a);
             }
@@ -483,6 +484,85 @@ impl Signer {
     /// Signs arbitrary claims (tests of hostile tokens; `mint` for the rest).
     pub fn sign(&self, claims: &Value) -> Result<String, SignError> {
         jsonwebtoken::encode(&Header::new(self.alg), claims, &self.key).map_err(SignError::Encode)
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Shared secret for HS256/384/512 tokens (redacted in `config print`).
+    pub hs_secret: Option<Secret>,
+    /// File holding the HS secret (trailing newline ignored).
+    pub hs_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256, ES256 or EdDSA tokens.
+    pub public_key_file: Option<PathBuf>,
+    /// Accepted algorithms; empty means every algorithm a configured key can verify.
+    pub algorithms: Vec<AcceptedAlgorithm>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hs_secret: None,
+            hs_secret_file: None,
+            public_key_file: None,
+            algorithms: Vec::new(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        setting::duration(
+            "auth.leeway",
+            self.leeway,
+            Duration::ZERO,
+            Duration::from_secs(600),
+        )
+    }
+}
+
+/// An algorithm of herald's allow-list, as `auth.algorithms` names it
+/// (HS256, HS384, HS512, RS256, ES256, EdDSA; never `none`), parsed once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptedAlgorithm(pub Algorithm);
+
+impl Serialize for AcceptedAlgorithm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let name = match self.0 {
+            Algorithm::HS256 => "HS256",
+            Algorithm::HS384 => "HS384",
+            Algorithm::HS512 => "HS512",
+            Algorithm::RS256 => "RS256",
+            Algorithm::ES256 => "ES256",
+            _ => "EdDSA",
+        };
+        s.serialize_str(name)
+    }
+}
+
+impl<'de> Deserialize<'de> for AcceptedAlgorithm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        parse_algorithm(&name)
+            .map(AcceptedAlgorithm)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                "unsupported algorithm {name:?}; allowed: HS256, HS384, HS512, RS256, ES256, EdDSA"
+            ))
+            })
     }
 }
 

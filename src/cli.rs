@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use rand::RngCore;
 
-use crate::app::{self, App};
+use crate::app;
 use crate::auth::{hs_secret, parse_algorithm, Signer, Verifier};
 use crate::config::Config;
 use crate::event::{EventKey, EventType};
@@ -399,7 +399,7 @@ async fn serve(args: ServeArgs, mut cfg: Config) -> anyhow::Result<()> {
             let mut key = [0u8; 32];
             rand::thread_rng().fill_bytes(&mut key);
             let secret: String = key.iter().map(|b| format!("{b:02x}")).collect();
-            cfg.auth.hs_secret = Some(secret);
+            cfg.auth.hs_secret = Some(crate::setting::Secret::new(secret));
         }
         dev_secret = hs_secret(&cfg.auth)?;
     }
@@ -415,8 +415,7 @@ async fn serve(args: ServeArgs, mut cfg: Config) -> anyhow::Result<()> {
     } else {
         PolicySource::read(&cfg.policy.model, &cfg.policy.policy).map_err(problems_error)?
     };
-    let app = App::build(cfg, verifier, policy).await?;
-    let running = app::start(app).await?;
+    let running = app::start(cfg, verifier, policy).await?;
     tracing::info!(public = %running.public_addr, admin = %running.admin_addr, "herald ready");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -435,8 +434,10 @@ async fn serve(args: ServeArgs, mut cfg: Config) -> anyhow::Result<()> {
 }
 
 fn problems_error(problems: Vec<crate::policy::Problem>) -> anyhow::Error {
-    let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-    anyhow::anyhow!("cannot load the policy:\n  {}", list.join("\n  "))
+    anyhow::anyhow!(
+        "cannot load the policy:\n{}",
+        crate::policy::Problems(problems)
+    )
 }
 
 fn dev_banner(secret: &[u8], addr: SocketAddr) -> anyhow::Result<String> {

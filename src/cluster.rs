@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::ident::{Principal, ProjectId};
-use crate::limits::Elsewhere;
+use crate::limits::{ConnectionLimiter, Elsewhere};
+use crate::policy::Authorizer;
+use crate::router::Router;
 
 /// What one instance says about itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,36 +132,23 @@ impl Cluster {
 
     /// The admin view: this instance and every live peer, and whether their
     /// policy fingerprints differ.
-    pub fn view(&self, me: &Presence) -> serde_json::Value {
-        let live = self.live();
-        let seen: HashMap<String, SystemTime> = self
-            .peers
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.seen_at))
+    pub fn view(&self, me: &Presence) -> ClusterView {
+        let peers: Vec<(Presence, SystemTime)> = self
+            .live_peers()
+            .values()
+            .map(|p| (p.presence.clone(), p.seen_at))
             .collect();
+        let live: Vec<Presence> = peers.iter().map(|(p, _)| p.clone()).collect();
         let fingerprints = self.distinct_fingerprints(me, &live);
-        let instances: Vec<serde_json::Value> = std::iter::once((me, None))
-            .chain(live.iter().map(|p| (p, seen.get(&p.id).copied())))
-            .map(|(p, at)| {
-                serde_json::json!({
-                    "id": p.id,
-                    "self": p.id == me.id,
-                    "version": p.version,
-                    "connections": p.connections,
-                    "policy_generation": p.policy_generation,
-                    "policy_fingerprint": p.policy_fingerprint,
-                    "last_seen": at.map(|t| time::OffsetDateTime::from(t)
-                        .format(&time::format_description::well_known::Rfc3339).unwrap_or_default()),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "instance": me.id,
-            "instances": instances,
-            "distinct_policy_fingerprints": fingerprints,
-            "policy_drift": fingerprints > 1,
-        })
+        let mut view = ClusterView::alone(me, "nats");
+        view.instances.extend(
+            peers
+                .into_iter()
+                .map(|(p, seen)| InstanceView::of(&p, false, Some(seen))),
+        );
+        view.distinct_policy_fingerprints = fingerprints;
+        view.policy_drift = fingerprints > 1;
+        view
     }
 
     fn distinct_fingerprints(&self, me: &Presence, live: &[Presence]) -> usize {
@@ -173,6 +162,100 @@ impl Cluster {
     pub fn summary(&self, me: &Presence) -> (usize, usize) {
         let live = self.live();
         (live.len() + 1, self.distinct_fingerprints(me, &live))
+    }
+}
+
+/// One instance in `/admin/cluster`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    /// Instance id.
+    pub id: String,
+    /// Whether it is this instance.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+    /// herald version.
+    pub version: String,
+    /// Open streams.
+    pub connections: usize,
+    /// Policy generation in force.
+    pub policy_generation: u64,
+    /// Policy fingerprint in force.
+    pub policy_fingerprint: String,
+    /// When its last announcement arrived (RFC 3339); none for this instance.
+    pub last_seen: Option<String>,
+}
+
+impl InstanceView {
+    fn of(p: &Presence, is_self: bool, seen: Option<SystemTime>) -> Self {
+        Self {
+            id: p.id.clone(),
+            is_self,
+            version: p.version.clone(),
+            connections: p.connections,
+            policy_generation: p.policy_generation,
+            policy_fingerprint: p.policy_fingerprint.clone(),
+            last_seen: seen.map(crate::event::rfc3339),
+        }
+    }
+}
+
+/// `/admin/cluster`: the same shape on every bus.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    /// This instance's id.
+    pub instance: String,
+    /// `embedded` or `nats`.
+    pub bus: &'static str,
+    /// This instance first, then live peers.
+    pub instances: Vec<InstanceView>,
+    /// Distinct policy fingerprints among them.
+    pub distinct_policy_fingerprints: usize,
+    /// Whether they differ.
+    pub policy_drift: bool,
+}
+
+impl ClusterView {
+    /// The view of an instance that sees no peers.
+    pub fn alone(me: &Presence, bus: &'static str) -> Self {
+        Self {
+            instance: me.id.clone(),
+            bus,
+            instances: vec![InstanceView::of(me, true, None)],
+            distinct_policy_fingerprints: 1,
+            policy_drift: false,
+        }
+    }
+}
+
+/// What this instance knows of itself, for its announcements and admin views.
+pub struct LocalView {
+    /// This process's instance id.
+    pub instance_id: String,
+    /// Open streams.
+    pub router: Arc<Router>,
+    /// The policy in force.
+    pub authorizer: Arc<Authorizer>,
+    /// Stream slots per identity and project.
+    pub limiter: Arc<ConnectionLimiter>,
+}
+
+impl LocalView {
+    /// What this instance announces to the others.
+    pub fn presence(&self) -> Presence {
+        let policy = self.authorizer.current();
+        Presence {
+            id: self.instance_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            connections: self.router.len(),
+            policy_generation: policy.generation,
+            policy_fingerprint: policy.fingerprint.clone(),
+            streams: self
+                .limiter
+                .snapshot()
+                .into_iter()
+                .map(|(s, p, n)| (s.to_string(), p.to_string(), n))
+                .collect(),
+        }
     }
 }
 

@@ -39,6 +39,18 @@ impl Interest {
     }
 }
 
+/// A registration as the API writes it: `{"event", "environmentSlug", "secretPath"}`.
+impl serde::Serialize for Interest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Registration", 3)?;
+        st.serialize_field("event", self.event_type.name())?;
+        st.serialize_field("environmentSlug", &self.env.as_ref().map(EnvSlug::as_str))?;
+        st.serialize_field("secretPath", self.path.as_str())?;
+        st.end()
+    }
+}
+
 impl fmt::Display for Interest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -53,6 +53,7 @@ pub mod publish;
 pub mod request;
 pub mod rlimit;
 pub mod router;
+pub mod setting;
 pub mod shutdown;
 pub mod stream;
 pub mod subject;

@@ -8,7 +8,7 @@
 //!
 //! The per-instance cap is `limits.max_connections`, lowered at start to what
 //! the process's open-file limit leaves after `limits.reserved_fds` (see
-//! [`crate::rlimit`]): streams can never take the descriptors the publish API,
+//! the `rlimit` module): streams can never take the descriptors the publish API,
 //! the admin listener and NATS need.
 
 use std::collections::HashMap;
@@ -17,8 +17,9 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::config::LimitsConfig;
 use crate::ident::{Principal, ProjectId};
+use crate::setting::{self, invalid, Invalid};
+use serde::{Deserialize, Serialize};
 
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +210,102 @@ impl RateLimiter {
         } else {
             false
         }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest accepted event (canonical JSON), in bytes.
+    pub max_event_bytes: usize,
+    /// Most registrations in one subscribe request.
+    pub max_registrations: usize,
+    /// Most open streams of one identity on one project (cluster-wide on NATS).
+    pub connections_per_identity_project: usize,
+    /// Most open streams of one identity on all projects together
+    /// (cluster-wide on NATS).
+    pub connections_per_identity: usize,
+    /// Most open streams on this instance (lowered at start to what the
+    /// open-file limit leaves after `reserved_fds`).
+    pub max_connections: usize,
+    /// File descriptors streams never take: kept for the publish API, the
+    /// admin listener, NATS and the policy files.
+    pub reserved_fds: usize,
+    /// Most bytes of `secretPath` patterns one subscribe may register, all
+    /// registrations together (each distinct pattern counted once).
+    pub max_registration_bytes: usize,
+    /// Sustained subscribe requests per second per identity.
+    pub subscribe_rate: f64,
+    /// Subscribe requests one identity may make in a burst.
+    pub subscribe_burst: f64,
+    /// Most events in one publish request.
+    pub max_publish_batch: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            max_event_bytes: 64 * 1024,
+            max_registrations: 10,
+            connections_per_identity_project: 5,
+            connections_per_identity: 100,
+            max_connections: 50_000,
+            reserved_fds: 256,
+            max_registration_bytes: 4096,
+            subscribe_rate: 5.0,
+            subscribe_burst: 20.0,
+            max_publish_batch: 100,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        setting::at_least("limits.max_body_bytes", self.max_body_bytes, 1024)?;
+        if self.max_event_bytes < 256 || self.max_event_bytes > 8 * 1024 * 1024 {
+            return Err(invalid(
+                "limits.max_event_bytes",
+                "must be between 256 and 8388608",
+            ));
+        }
+        if self.max_registrations == 0 || self.max_registrations > 100 {
+            return Err(invalid(
+                "limits.max_registrations",
+                "must be between 1 and 100",
+            ));
+        }
+        setting::at_least(
+            "limits.connections_per_identity_project",
+            self.connections_per_identity_project,
+            1,
+        )?;
+        setting::at_least(
+            "limits.connections_per_identity",
+            self.connections_per_identity,
+            1,
+        )?;
+        setting::at_least("limits.max_connections", self.max_connections, 1)?;
+        setting::at_least("limits.reserved_fds", self.reserved_fds, 16)?;
+        setting::at_least(
+            "limits.max_registration_bytes",
+            self.max_registration_bytes,
+            crate::path::MAX_PATH_LEN,
+        )?;
+        if !(self.subscribe_rate > 0.0 && self.subscribe_rate.is_finite()) {
+            return Err(invalid(
+                "limits.subscribe_rate",
+                "must be a positive number",
+            ));
+        }
+        if !(self.subscribe_burst >= 1.0 && self.subscribe_burst.is_finite()) {
+            return Err(invalid("limits.subscribe_burst", "must be at least 1"));
+        }
+        setting::at_least("limits.max_publish_batch", self.max_publish_batch, 1)
     }
 }
 

@@ -207,8 +207,6 @@ impl Metrics {
                 v.with_label_values(&[l]);
             }
         };
-        zero(&m.subscriptions, crate::subscribe::SubscribeError::LABELS);
-        zero(&m.publishes, crate::publish::PublishError::LABELS);
         zero(&m.permission_denied, &["subscribe", "delivery", "publish"]);
         zero(&m.events_dropped, &["slow_consumer"]);
         zero(
@@ -250,6 +248,14 @@ impl Metrics {
         m.cluster_instances.set(1);
         m.cluster_policy_fingerprints.set(1);
         m
+    }
+
+    /// Pre-creates `labels` of `series`, so that they read 0, not absent,
+    /// before anything happened (each use case lists its own outcomes).
+    pub fn preset(series: &IntCounterVec, labels: &[&str]) {
+        for l in labels {
+            series.with_label_values(&[l]);
+        }
     }
 
     /// The text exposition format.

@@ -8,7 +8,7 @@
 //! per-instance stream cap is what that limit leaves after
 //! `limits.reserved_fds`.
 
-use crate::config::LimitsConfig;
+use crate::limits::LimitsConfig;
 
 /// The open-file limits of this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

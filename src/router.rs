@@ -11,16 +11,18 @@
 //! blocks, never awaits, and allocates nothing per connection.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use tokio::sync::Notify;
 
 use crate::delivery::Delivery;
 use crate::ident::{Principal, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
-use crate::policy::Authorizer;
+use crate::policy::{Authorizer, PolicySet};
+use crate::protocol::Close;
 use crate::stream::{Push, Queued, StreamHandle};
 
 /// Counts of one dispatch.
@@ -89,6 +91,10 @@ pub struct Router {
     authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
+    /// Open streams, and a notice when the last one goes (the drain waits
+    /// on it instead of polling).
+    open: AtomicUsize,
+    emptied: Notify,
 }
 
 /// Removes a connection from the router when dropped (held by its stream).
@@ -111,6 +117,8 @@ impl Router {
             authorizer,
             metrics,
             next_id: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            emptied: Notify::new(),
         }
     }
 
@@ -152,6 +160,7 @@ impl Router {
             pc.refresh_groups();
         }
         pc.count += 1;
+        self.open.fetch_add(1, Ordering::AcqRel);
         Registration {
             router: self.clone(),
             conn,
@@ -182,6 +191,44 @@ impl Router {
         if pc.count == 0 {
             map.remove(&conn.project);
         }
+        drop(map);
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// Waits until no stream is open.
+    pub async fn wait_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            // Registered before looking, so a last stream leaving in between
+            // is not missed.
+            emptied.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
+    /// Closes every stream a registration of which `set` no longer allows
+    /// (`permission_revoked`, naming it); returns how many.
+    pub fn revoke_disallowed(&self, set: &PolicySet) -> usize {
+        let mut revoked = 0;
+        for conn in self.connections() {
+            let denied = conn
+                .interests
+                .iter()
+                .enumerate()
+                .find(|(_, it)| !set.may_subscribe(&conn.identity, &conn.project, it));
+            if let Some((i, it)) = denied {
+                if conn.close(Close::PermissionRevoked(format!("register[{i}]: {it}"))) {
+                    revoked += 1;
+                }
+            }
+        }
+        revoked
     }
 
     /// The policy generation in force (tagged on queued events).
@@ -275,14 +322,14 @@ impl Router {
         out
     }
 
-    /// Number of open connections.
+    /// Number of open streams.
     pub fn len(&self) -> usize {
-        self.projects.read().values().map(|pc| pc.count).sum()
+        self.open.load(Ordering::Acquire)
     }
 
-    /// Whether no connection is open.
+    /// Whether no stream is open.
     pub fn is_empty(&self) -> bool {
-        self.projects.read().is_empty()
+        self.len() == 0
     }
 }
 

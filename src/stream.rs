@@ -36,6 +36,8 @@ use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
 use crate::protocol::{Close, Control, Dialect, GapReason};
+use crate::setting::{self, Invalid};
+use serde::{Deserialize, Serialize};
 
 /// An event on its way to one stream: the shared delivery and the policy
 /// generation it was allowed under.
@@ -648,6 +650,64 @@ impl Drop for SseStream {
                 .with_label_values(&[label])
                 .inc_by(backlog);
         }
+    }
+}
+
+/// `[stream]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Interval of the comment heartbeat on idle streams.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// The `retry:` hint sent first on every stream.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+    /// Frames one connection may have queued before it is closed as a slow consumer.
+    pub queue_frames: usize,
+    /// Events kept in memory for `Last-Event-ID` resume: the embedded bus's
+    /// ring (in `[stream]` for compatibility; NATS replay is `[replay]`).
+    pub replay_buffer: usize,
+    /// How long a stream being closed may take to write its last event before
+    /// its connection is dropped (a client that stopped reading).
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(3),
+            queue_frames: 1024,
+            replay_buffer: 10_000,
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl StreamConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        setting::at_least("stream.queue_frames", self.queue_frames, 2)?;
+        setting::duration(
+            "stream.heartbeat",
+            self.heartbeat,
+            Duration::from_millis(100),
+            setting::MAX_DURATION,
+        )?;
+        setting::duration(
+            "stream.retry",
+            self.retry,
+            Duration::ZERO,
+            setting::MAX_DURATION,
+        )?;
+        setting::duration(
+            "stream.close_timeout",
+            self.close_timeout,
+            Duration::ZERO,
+            setting::MAX_DURATION,
+        )
     }
 }
 

@@ -14,6 +14,61 @@ use crate::event::{EventKey, EventType};
 use crate::ident::{EnvSlug, ProjectId};
 use crate::path::{PathPattern, SecretPath, Seg};
 
+/// The first token(s) of every subject herald uses (`nats.prefix`, default
+/// `herald`): dot-separated tokens of `[A-Za-z0-9_-]`, checked when the
+/// config is read, so no subject built on it can be widened or split.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectPrefix(String);
+
+impl SubjectPrefix {
+    /// Checks a prefix.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.split('.').all(|t| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?}: a prefix is dot-separated tokens of A-Z a-z 0-9 _ -"
+            ))
+        }
+    }
+
+    /// The prefix as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for SubjectPrefix {
+    fn default() -> Self {
+        Self("herald".to_owned())
+    }
+}
+
+impl std::fmt::Display for SubjectPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl serde::Serialize for SubjectPrefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SubjectPrefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SubjectPrefix::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The token that ends every event subject.
 pub const TERMINATOR: &str = "~";
 

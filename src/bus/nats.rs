@@ -32,15 +32,19 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{NatsConfig, ReplayConfig};
+use super::replay::ReplayConfig;
 use crate::delivery::Delivery;
 use crate::event::Event;
 use crate::ident::ProjectId;
 use crate::metrics::Metrics;
 use crate::protocol::{jittered_retry_ms, Close, Control, GapReason, ReconnectReason};
 use crate::router::Router;
+use crate::setting::{self, invalid, Invalid, Secret};
 use crate::stream::SseStream;
+use crate::subject::SubjectPrefix;
 use crate::subject::{self, Kind};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 use super::replay::Replay;
 use super::{first_sequence, BusError, BusErrorKind, Position, Published, Retained};
@@ -119,13 +123,13 @@ impl NatsBus {
             .connection_timeout(cfg.request_timeout)
             .require_tls(cfg.require_tls);
         if let Some(t) = &cfg.token {
-            opts = opts.token(t.clone());
+            opts = opts.token(t.expose().to_owned());
         }
         if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
-            opts = opts.user_and_password(u.clone(), p.clone());
+            opts = opts.user_and_password(u.clone(), p.expose().to_owned());
         }
         if let Some(seed) = &cfg.nkey_seed {
-            opts = opts.nkey(seed.clone());
+            opts = opts.nkey(seed.expose().to_owned());
         }
         if let Some(f) = &cfg.credentials_file {
             opts = opts.credentials_file(f).await.map_err(|e| {
@@ -153,7 +157,7 @@ impl NatsBus {
             Arc::new(Replay::new(
                 client.clone(),
                 replay_cfg.clone(),
-                &cfg.prefix,
+                cfg.prefix.as_str(),
                 cfg.request_timeout,
             ))
         });
@@ -175,7 +179,7 @@ impl NatsBus {
         Ok(Arc::new(NatsBus {
             replay,
             client,
-            prefix: cfg.prefix.clone(),
+            prefix: cfg.prefix.to_string(),
             router,
             received: metrics.events_received.with_label_values(&["nats"]),
             metrics,
@@ -534,5 +538,96 @@ fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metric
             }
         }
         other => tracing::info!(event = %other, "NATS client event"),
+    }
+}
+/// `[nats]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URLs, e.g. `["nats://n1:4222", "nats://n2:4222"]`. Empty: embedded bus.
+    pub urls: Vec<String>,
+    /// Connection name shown by the server (the instance id is appended).
+    pub name: String,
+    /// First token(s) of every subject herald uses.
+    pub prefix: SubjectPrefix,
+    /// Token authentication (secret).
+    pub token: Option<Secret>,
+    /// User for user/password authentication.
+    pub user: Option<String>,
+    /// Password (secret).
+    pub password: Option<Secret>,
+    /// NKey seed (secret).
+    pub nkey_seed: Option<Secret>,
+    /// `.creds` file (JWT + NKey).
+    pub credentials_file: Option<PathBuf>,
+    /// CA certificate(s) to trust, PEM.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate, PEM (with `tls_key_file`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client key, PEM.
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    pub require_tls: bool,
+    /// Messages buffered per NATS subscription before the client drops (a `gap`).
+    pub subscription_capacity: usize,
+    /// Time allowed for connecting and for a publish to reach the server.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How often this instance announces itself to the others.
+    #[serde(with = "humantime_serde")]
+    pub presence_interval: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            name: "herald".into(),
+            prefix: SubjectPrefix::default(),
+            token: None,
+            user: None,
+            password: None,
+            nkey_seed: None,
+            credentials_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            require_tls: false,
+            subscription_capacity: 65_536,
+            request_timeout: Duration::from_secs(5),
+            presence_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl NatsConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        setting::at_least("nats.subscription_capacity", self.subscription_capacity, 64)?;
+        setting::duration(
+            "nats.request_timeout",
+            self.request_timeout,
+            Duration::from_millis(10),
+            setting::MAX_DURATION,
+        )?;
+        setting::duration(
+            "nats.presence_interval",
+            self.presence_interval,
+            Duration::from_millis(50),
+            setting::MAX_DURATION,
+        )?;
+        for u in &self.urls {
+            if !(u.starts_with("nats://")
+                || u.starts_with("tls://")
+                || u.starts_with("ws://")
+                || u.starts_with("wss://"))
+            {
+                return Err(invalid(
+                    "nats.urls",
+                    format!("{u:?} is not a nats://, tls://, ws:// or wss:// URL"),
+                ));
+            }
+        }
+        Ok(())
     }
 }

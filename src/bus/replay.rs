@@ -18,9 +18,10 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::config::ReplayConfig;
 use crate::ident::ProjectId;
+use crate::setting::{self, invalid, Invalid};
 use crate::subject::{self, Kind};
+use serde::{Deserialize, Serialize};
 
 use super::{BusError, BusErrorKind};
 
@@ -214,5 +215,79 @@ impl Replay {
         tokio::time::timeout(self.timeout * 4, read)
             .await
             .map_err(|_| BusError::new(BusErrorKind::Timeout).doing("reading a replay"))?
+    }
+}
+/// `[replay]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Keep events in a JetStream stream, so any instance can resume any client.
+    pub enabled: bool,
+    /// Stream name.
+    pub stream: String,
+    /// Oldest event kept.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Most bytes kept.
+    pub max_bytes: i64,
+    /// Stream replicas (3 in a 3-node cluster).
+    pub replicas: usize,
+    /// Publishes with the same event id within this window are stored once.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Most events replayed to one resuming stream; beyond that it gets `gap`.
+    pub max_events: usize,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            stream: "HERALD_EVENTS".into(),
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: 1 << 30,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_events: 100_000,
+        }
+    }
+}
+
+impl ReplayConfig {
+    /// Checks what serde cannot; `nats_configured` says whether `[nats]` has URLs.
+    pub fn validate(&self, nats_configured: bool) -> Result<(), Invalid> {
+        setting::duration(
+            "replay.max_age",
+            self.max_age,
+            Duration::from_secs(1),
+            setting::MAX_DURATION,
+        )?;
+        setting::duration(
+            "replay.duplicate_window",
+            self.duplicate_window,
+            Duration::ZERO,
+            setting::MAX_DURATION,
+        )?;
+        if !self.enabled {
+            return Ok(());
+        }
+        if !nats_configured {
+            return Err(invalid("replay.enabled", "needs NATS: set nats.urls"));
+        }
+        if self.stream.is_empty()
+            || !self
+                .stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(invalid("replay.stream", "must be A-Z a-z 0-9 _ -"));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(invalid("replay.replicas", "must be between 1 and 5"));
+        }
+        if self.max_bytes < 1024 * 1024 {
+            return Err(invalid("replay.max_bytes", "must be at least 1 MiB"));
+        }
+        setting::at_least("replay.max_events", self.max_events, 1)
     }
 }

@@ -1,20 +1,56 @@
 //! The admin listener: metrics, health, readiness and operator views.
 //!
 //! Bind it to a private address: `/admin/connections` names identities.
+//! Every view is a `Serialize` type, the same on every bus.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use serde::Serialize;
 use serde_json::json;
 
 use super::error::{json_response, ApiError};
 use super::{Handler, HttpBody, RequestBody};
-use crate::app::App;
+use crate::bus::Bus;
+use crate::cluster::{Cluster, ClusterView, LocalView};
+use crate::interest::Interest;
+use crate::metrics::Metrics;
+use crate::policy::Authorizer;
+use crate::router::Router;
+use crate::shutdown::Shutdown;
 
 /// The admin listener's handler.
-pub struct Admin(pub Arc<App>);
+pub struct Admin {
+    /// Metrics to render.
+    pub metrics: Arc<Metrics>,
+    /// Open streams.
+    pub router: Arc<Router>,
+    /// The policy in force.
+    pub authorizer: Arc<Authorizer>,
+    /// The bus (readiness, NATS view).
+    pub bus: Arc<Bus>,
+    /// Other instances, on NATS.
+    pub cluster: Option<Arc<Cluster>>,
+    /// This instance.
+    pub local: Arc<LocalView>,
+    /// The lifecycle (draining fails readiness).
+    pub shutdown: Shutdown,
+}
+
+/// One open stream in `/admin/connections`.
+#[derive(Serialize)]
+struct StreamView<'a> {
+    id: u64,
+    identity: &'a str,
+    project: &'a str,
+    dialect: &'static str,
+    registrations: &'a [Interest],
+    opened_at: String,
+    queue_depth: usize,
+    closing: bool,
+}
 
 impl Handler for Admin {
     async fn handle(
@@ -22,7 +58,6 @@ impl Handler for Admin {
         req: Request<RequestBody>,
         _peer: SocketAddr,
     ) -> Response<HttpBody> {
-        let app = &self.0;
         if let Err(e) = super::check_host(&req) {
             return e.into_response();
         }
@@ -31,7 +66,7 @@ impl Handler for Admin {
         }
         match req.uri().path() {
             "/metrics" => {
-                let mut resp = Response::new(HttpBody::full(app.metrics.render()));
+                let mut resp = Response::new(HttpBody::full(self.metrics.render()));
                 resp.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -39,68 +74,64 @@ impl Handler for Admin {
                 resp
             }
             "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
-            "/readyz" => {
-                let draining = app.shutdown.is_draining();
-                let bus = app.bus.is_ready();
-                let ready = bus && !draining;
-                let status = if ready {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                json_response(
-                    status,
-                    &json!({"ready": ready, "checks": {"bus": bus, "policy": true, "draining": draining}}),
-                )
-            }
-            "/admin/connections" => {
-                let conns: Vec<_> = app
-                    .router
-                    .connections()
-                    .iter()
-                    .map(|c| {
-                        json!({
-                            "id": c.id,
-                            "identity": c.identity.as_str(),
-                            "project": c.project.as_str(),
-                            "registrations": c.interests.iter().map(|i| json!({
-                                "event": i.event_type.name(),
-                                "environmentSlug": i.env.as_ref().map(|e| e.as_str()),
-                                "secretPath": i.path.as_str(),
-                            })).collect::<Vec<_>>(),
-                            "opened_at": time::OffsetDateTime::from(c.opened_at)
-                                .format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-                            "queue_depth": c.queue_depth(),
-                            "closing": c.is_closing(),
-                        })
-                    })
-                    .collect();
-                json_response(
-                    StatusCode::OK,
-                    &json!({"count": conns.len(), "connections": conns}),
-                )
-            }
-            "/admin/policy" => json_response(StatusCode::OK, &json!(app.authorizer.status())),
+            "/readyz" => self.readyz(),
+            "/admin/connections" => self.connections(),
+            "/admin/policy" => json_response(StatusCode::OK, &json!(self.authorizer.status())),
             "/admin/cluster" => {
-                let me = app.presence();
-                let body = match &app.cluster {
+                let me = self.local.presence();
+                let view = match &self.cluster {
                     Some(c) => c.view(&me),
-                    None => json!({"instance": me.id, "instances": [{"id": me.id, "self": true,
-                        "connections": me.connections, "policy_generation": me.policy_generation,
-                        "policy_fingerprint": me.policy_fingerprint}],
-                        "distinct_policy_fingerprints": 1, "policy_drift": false, "bus": "embedded"}),
+                    None => ClusterView::alone(&me, "embedded"),
                 };
-                json_response(StatusCode::OK, &body)
+                json_response(StatusCode::OK, &json!(view))
             }
-            "/admin/nats" => match &*app.bus {
-                crate::bus::Bus::Nats(b) => json_response(
+            "/admin/nats" => match &*self.bus {
+                Bus::Nats(b) => json_response(
                     StatusCode::OK,
                     &json!({"connected": b.is_connected(), "server_version": b.server_version(),
                             "subscriptions": b.subscribed_subjects()}),
                 ),
-                _ => ApiError::not_found().into_response(),
+                Bus::Embedded(_) => ApiError::not_found().into_response(),
             },
             _ => ApiError::not_found().into_response(),
         }
+    }
+}
+
+impl Admin {
+    fn readyz(&self) -> Response<HttpBody> {
+        let draining = self.shutdown.is_draining();
+        let bus = self.bus.is_ready();
+        let ready = bus && !draining;
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_response(
+            status,
+            &json!({"ready": ready, "checks": {"bus": bus, "policy": true, "draining": draining}}),
+        )
+    }
+
+    fn connections(&self) -> Response<HttpBody> {
+        let streams = self.router.connections();
+        let views: Vec<StreamView<'_>> = streams
+            .iter()
+            .map(|c| StreamView {
+                id: c.id,
+                identity: c.identity.as_str(),
+                project: c.project.as_str(),
+                dialect: c.dialect.name(),
+                registrations: &c.interests,
+                opened_at: crate::event::rfc3339(c.opened_at),
+                queue_depth: c.queue_depth(),
+                closing: c.is_closing(),
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            &json!({"count": views.len(), "connections": views}),
+        )
     }
 }

@@ -6,7 +6,9 @@
 
 use std::collections::HashSet;
 
+use crate::setting::{invalid, Invalid};
 use http::header::{self, HeaderMap, HeaderValue};
+use serde::{Deserialize, Serialize};
 
 /// The CORS answer of the public listener.
 #[derive(Clone, Debug, Default)]
@@ -67,5 +69,32 @@ impl Cors {
             header::ACCESS_CONTROL_MAX_AGE,
             HeaderValue::from_static("600"),
         );
+    }
+}
+/// `[cors]`
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call the API from a browser, e.g. `https://app.example.com`.
+    /// `"*"` allows any origin, but then never with credentials.
+    pub allowed_origins: Vec<String>,
+}
+
+impl CorsConfig {
+    /// Every entry is `*` or an origin (`scheme://host[:port]`, no path).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        for o in &self.allowed_origins {
+            if o != "*"
+                && url::Url::parse(o)
+                    .map(|u| u.origin().ascii_serialization() != *o)
+                    .unwrap_or(true)
+            {
+                return Err(invalid(
+                    "cors.allowed_origins",
+                    format!("{o:?} is not an origin like https://app.example.com (scheme://host[:port], no path)"),
+                ));
+            }
+        }
+        Ok(())
     }
 }

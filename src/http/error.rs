@@ -166,12 +166,11 @@ impl From<SubscribeError> for ApiError {
             SubscribeError::Limited { limit, .. } => ApiError::limited(limit, message),
             SubscribeError::Forbidden {
                 index, interest, ..
-            } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).with_details(json!({
-                "registration": index,
-                "event": interest.event_type.name(),
-                "environmentSlug": interest.env.as_ref().map(|e| e.as_str()),
-                "secretPath": interest.path.as_str(),
-            })),
+            } => {
+                let mut details = json!(interest);
+                details["registration"] = index.into();
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).with_details(details)
+            }
             SubscribeError::Draining | SubscribeError::BusUnavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", message)
             }

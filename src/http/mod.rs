@@ -31,8 +31,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::setting::{self, Invalid};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stream::{ConnectionAbort, Item, SseStream};
+use serde::{Deserialize, Serialize};
 
 /// Every response body herald sends: a complete buffer or an SSE stream.
 pub enum HttpBody {
@@ -311,5 +313,53 @@ pub async fn serve<H: Handler>(
         .is_err()
     {
         tracing::warn!("connections still open at the shutdown deadline; closing them");
+    }
+}
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Public listener (API and streams).
+    pub listen: SocketAddr,
+    /// Admin listener (metrics, health, admin views). Keep it private.
+    pub admin_listen: SocketAddr,
+    /// Time allowed for a client to send the request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time allowed for a client to send a request body.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Runtime worker threads; 0 means one per core.
+    pub worker_threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 9090).into(),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            worker_threads: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let one_ms = Duration::from_millis(1);
+        setting::duration(
+            "server.header_read_timeout",
+            self.header_read_timeout,
+            one_ms,
+            setting::MAX_DURATION,
+        )?;
+        setting::duration(
+            "server.body_read_timeout",
+            self.body_read_timeout,
+            one_ms,
+            setting::MAX_DURATION,
+        )
     }
 }

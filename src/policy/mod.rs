@@ -17,6 +17,7 @@ mod cache;
 pub mod explain;
 mod functions;
 mod parse;
+pub mod reload;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -33,9 +34,14 @@ use crate::ident::{EnvSlug, Principal, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
 
+pub use reload::{PolicyFiles, Reloader};
+
+use crate::setting::{self, Invalid};
 use cache::{DecisionCache, Question};
 use functions::{ANY_ENV, PATTERN_MARK};
 use parse::{parse_policy, ParsedPolicy};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// The model shipped in `policies/model.conf`, used when `--dev` finds no files.
 pub const SHIPPED_MODEL: &str = include_str!("../../policies/model.conf");
@@ -72,8 +78,8 @@ pub struct PolicySource {
     pub policy_name: String,
     /// Policy text.
     pub policy: String,
-    /// The files it was read from (model, policy); `None` for the built-in copy.
-    pub files: Option<(PathBuf, PathBuf)>,
+    /// The files it was read from; `None` for the built-in copy.
+    pub files: Option<PolicyFiles>,
 }
 
 impl PolicySource {
@@ -93,7 +99,10 @@ impl PolicySource {
             model: read(model)?,
             policy_name: policy.display().to_string(),
             policy: read(policy)?,
-            files: Some((model.to_path_buf(), policy.to_path_buf())),
+            files: Some(PolicyFiles {
+                model: model.to_path_buf(),
+                policy: policy.to_path_buf(),
+            }),
         })
     }
 
@@ -139,6 +148,24 @@ impl std::fmt::Display for Problem {
         }
     }
 }
+
+/// Every problem of a refused policy, one per line (`file:line: message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
 
 /// A compiled, validated policy.
 pub struct PolicySet {
@@ -494,9 +521,7 @@ impl Authorizer {
     /// The status shown on `/admin/policy`.
     pub fn status(&self) -> PolicyStatus {
         let set = self.current();
-        let loaded_at = time::OffsetDateTime::from(set.loaded_at)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let loaded_at = crate::event::rfc3339(set.loaded_at);
         PolicyStatus {
             generation: set.generation,
             fingerprint: set.fingerprint.clone(),
@@ -511,6 +536,47 @@ impl Authorizer {
                 .as_ref()
                 .map(|v| v.iter().map(|p| p.to_string()).collect()),
         }
+    }
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// casbin model file.
+    pub model: PathBuf,
+    /// casbin policy file.
+    pub policy: PathBuf,
+    /// Most cached delivery-time decisions.
+    pub cache_size: usize,
+    /// Reload when the files change (SIGHUP always reloads).
+    pub watch: bool,
+    /// How often the files are checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::from("policies/model.conf"),
+            policy: PathBuf::from("policies/policy.csv"),
+            cache_size: 100_000,
+            watch: true,
+            watch_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        setting::duration(
+            "policy.watch_interval",
+            self.watch_interval,
+            Duration::from_millis(10),
+            setting::MAX_DURATION,
+        )
     }
 }
 

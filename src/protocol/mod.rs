@@ -5,7 +5,7 @@
 //! control events read ([`Control`]: `gap`, `reconnect`, `error`), what a
 //! heartbeat is, and what comes first on a new stream. Routing, policy,
 //! replay and limits are the same for every dialect and never build a byte
-//! of this: they hand over a [`crate::delivery::Delivery`] or a [`Control`].
+//! of this: they hand over an event (a `Delivery`) or a [`Control`].
 //!
 //! An event is encoded at most once per dialect ([`Encoded`]), on the first
 //! stream of that dialect that writes it, and the bytes are shared by every
