@@ -39,6 +39,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     config: Config,
     router: Arc<Router>,
+    bus: Arc<Bus>,
     shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -218,13 +219,16 @@ pub async fn start(
         admin_addr,
         config,
         router,
+        bus,
         shutdown,
         tasks,
     })
 }
 
 impl Running {
-    /// Drains gracefully (`shutdown::drain`) and waits for the listeners.
+    /// Drains gracefully (`shutdown::drain`), then waits for every task:
+    /// the listeners (which wait for their connections), the policy
+    /// reloader, cluster presence, and the bus's own.
     pub async fn drain(self) {
         crate::shutdown::drain(
             &self.shutdown,
@@ -236,6 +240,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.bus.close(Duration::from_secs(2)).await;
         tracing::info!("stopped");
     }
 }

@@ -61,36 +61,15 @@ pub enum Push {
     Closed,
 }
 
-/// Drops a whole client connection (set per TCP connection by the listener).
-///
-/// A stream whose client stopped reading cannot write its closing event: its
-/// writer is blocked on the socket and never asks for more. After
-/// `stream.close_timeout` such a connection is dropped through this handle.
-/// It aborts the connection's task, so it costs nothing while unused (nothing
-/// is polled on the connection's hot path).
-#[derive(Default)]
-pub struct ConnectionAbort(Mutex<Option<tokio::task::AbortHandle>>);
-
-impl ConnectionAbort {
-    /// Ties the handle to the task serving the connection, unless it has
-    /// already moved (the listener sets it after spawning, which can be after
-    /// the connection moved on).
-    pub fn set(&self, task: tokio::task::AbortHandle) {
-        self.0.lock().get_or_insert(task);
-    }
-
-    /// Moves the connection to another task (a stream written by
-    /// `http::direct` runs as a task of its own).
-    pub fn move_to(&self, task: tokio::task::AbortHandle) {
-        *self.0.lock() = Some(task);
-    }
-
-    /// Drops the connection.
-    pub fn abort(&self) {
-        if let Some(task) = self.0.lock().as_ref() {
-            task.abort();
-        }
-    }
+/// Told when a stream is asked to close and when it has ended, so that the
+/// connection carrying it can be dropped if it does not end in time (its
+/// client stopped reading, so it cannot write its closing event). The
+/// listener gives each stream its connection's; the stream never interprets it.
+pub trait CloseWatch: Send + Sync {
+    /// Stream `stream` was asked to close and should end `within`.
+    fn closing(&self, stream: u64, within: Duration);
+    /// Stream `stream` has ended.
+    fn ended(&self, stream: u64);
 }
 
 /// The router-facing half of a stream.
@@ -116,10 +95,9 @@ pub struct StreamHandle {
     /// takes their locks) only then.
     signalled: AtomicBool,
     waker: AtomicWaker,
-    finished: Arc<AtomicBool>,
     last_dispatched: AtomicU64,
     close_timeout: Duration,
-    abort: Option<Arc<ConnectionAbort>>,
+    watch: Option<Arc<dyn CloseWatch>>,
     metrics: Arc<Metrics>,
 }
 
@@ -176,26 +154,12 @@ impl StreamHandle {
         drop(c);
         self.closing.store(true, Ordering::Release);
         self.signalled.store(true, Ordering::Release);
+        if let Some(w) = &self.watch {
+            w.closing(self.id, self.close_timeout);
+        }
+        // Wakes the writer's task, which also watches for a stuck close.
         self.waker.wake();
-        self.abort_if_stuck();
         true
-    }
-
-    /// Drops the client connection if the stream has not ended within
-    /// `close_timeout` of being asked to close.
-    fn abort_if_stuck(&self) {
-        let (Some(abort), Ok(rt)) = (self.abort.clone(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let timeout = self.close_timeout;
-        let finished = self.finished.clone();
-        rt.spawn(async move {
-            tokio::time::sleep(timeout).await;
-            if !finished.load(Ordering::Acquire) {
-                abort.abort();
-            }
-        });
     }
 
     /// Tells the client that events may have been missed (an outage of the
@@ -318,7 +282,7 @@ pub struct Subscriber {
 pub fn new_stream(
     who: Subscriber,
     settings: &StreamSettings,
-    abort: Option<Arc<ConnectionAbort>>,
+    watch: Option<Arc<dyn CloseWatch>>,
     authorizer: Arc<Authorizer>,
     metrics: Arc<Metrics>,
 ) -> (Arc<StreamHandle>, SseStream) {
@@ -345,10 +309,9 @@ pub fn new_stream(
         gap: Mutex::new(None),
         signalled: AtomicBool::new(false),
         waker: AtomicWaker::new(),
-        finished: Arc::new(AtomicBool::new(false)),
         last_dispatched: AtomicU64::new(0),
         close_timeout: settings.close_timeout,
-        abort,
+        watch,
         metrics: metrics.clone(),
     });
     let now = Instant::now();
@@ -458,7 +421,6 @@ impl SseStream {
     fn finish(&mut self, reason: Close) -> Poll<Option<Item>> {
         self.flush_metrics();
         self.done = true;
-        self.handle.finished.store(true, Ordering::Release);
         self.handle.queue.lock().ended = true;
         let bytes = self
             .dialect
@@ -625,7 +587,9 @@ impl SseStream {
 impl Drop for SseStream {
     fn drop(&mut self) {
         self.flush_metrics();
-        self.handle.finished.store(true, Ordering::Release);
+        if let Some(w) = &self.handle.watch {
+            w.ended(self.handle.id);
+        }
         self.metrics.connections.dec();
         // Events still queued are lost with the stream: count them.
         let backlog = {

@@ -21,7 +21,7 @@ use crate::protocol::Dialect;
 use crate::request::{BodyError, RequestError, SubscribeLimits, SubscribeRequest};
 use crate::router::Router;
 use crate::shutdown::Shutdown;
-use crate::stream::{new_stream, ConnectionAbort, SseStream, StreamSettings, Subscriber};
+use crate::stream::{new_stream, CloseWatch, SseStream, StreamSettings, Subscriber};
 
 /// Why a stream was not opened.
 #[derive(Debug, thiserror::Error)]
@@ -171,14 +171,14 @@ impl Subscriptions {
 
     /// Opens a stream of `req` for `caller` in `dialect`, resuming after
     /// `resume` when given. `abort` drops the client's connection when the
-    /// stream cannot end by itself.
+    /// stream cannot end by itself (`watch` is told when it closes).
     pub async fn open(
         &self,
         caller: &Caller,
         req: SubscribeRequest,
         resume: Option<u64>,
         dialect: Dialect,
-        abort: Option<Arc<ConnectionAbort>>,
+        watch: Option<Arc<dyn CloseWatch>>,
     ) -> Result<SseStream, SubscribeError> {
         let SubscribeRequest { project, interests } = req;
         let identity = &caller.identity;
@@ -241,7 +241,7 @@ impl Subscriptions {
         let (_, mut stream) = new_stream(
             who,
             &settings,
-            abort,
+            watch,
             self.authorizer.clone(),
             self.metrics.clone(),
         );

@@ -167,6 +167,13 @@ impl Bus {
         }
     }
 
+    /// Stops the bus's own tasks and waits for them, up to `deadline`.
+    pub async fn close(&self, deadline: std::time::Duration) {
+        if let Bus::Nats(b) = self {
+            b.close(deadline).await;
+        }
+    }
+
     /// Whether the bus can take publishes and new streams.
     pub fn is_ready(&self) -> bool {
         match self {

@@ -31,6 +31,8 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::replay::ReplayConfig;
 use crate::delivery::Delivery;
@@ -84,6 +86,10 @@ pub struct NatsBus {
     max_event_bytes: usize,
     request_timeout: Duration,
     replay: Option<Arc<Replay>>,
+    /// Every task the bus spawns (subscriptions, the replay set-up), and
+    /// what tells them to stop.
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 /// Releases a stream's subjects when dropped (held by the stream).
@@ -161,9 +167,13 @@ impl NatsBus {
                 cfg.request_timeout,
             ))
         });
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
         if let Some(r) = replay.clone() {
-            // The stream can only be set up once connected; retry until it is.
-            tokio::spawn(async move {
+            let stop = stop.clone();
+            // The stream can only be set up once connected; retry until it
+            // is (every second: a setup is one small request).
+            tasks.spawn(async move {
                 loop {
                     match r.ensure_stream().await {
                         Ok(()) => {
@@ -172,7 +182,10 @@ impl NatsBus {
                         }
                         Err(e) => tracing::warn!(error = %e, "replay stream not ready; retrying"),
                     }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             });
         }
@@ -190,7 +203,26 @@ impl NatsBus {
             }),
             max_event_bytes,
             request_timeout: cfg.request_timeout,
+            tasks,
+            stop,
         }))
+    }
+
+    /// Stops every task of the bus (subscriptions, set-up) and waits for
+    /// them, up to `deadline`; then flushes what the client still holds.
+    pub async fn close(&self, deadline: Duration) {
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.tasks.len(),
+                "NATS tasks still running at the deadline"
+            );
+        }
+        let _ = tokio::time::timeout(deadline, self.client.flush()).await;
     }
 
     /// The NATS client (for instance-to-instance traffic).
@@ -370,7 +402,7 @@ impl NatsBus {
     fn start_subscription(self: &Arc<Self>, subj: String) -> SubEntry {
         let (tx, rx) = watch::channel(false);
         let bus = self.clone();
-        let task = tokio::spawn(async move {
+        let task = self.tasks.spawn(async move {
             let mut sub = match bus.client.subscribe(subj.clone()).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -379,7 +411,12 @@ impl NatsBus {
                 }
             };
             let _ = tx.send(true);
-            while let Some(msg) = sub.next().await {
+            loop {
+                let msg = tokio::select! {
+                    _ = bus.stop.cancelled() => return,
+                    m = sub.next() => m,
+                };
+                let Some(msg) = msg else { return };
                 let seq = msg
                     .headers
                     .as_ref()

@@ -17,11 +17,12 @@ use serde_json::json;
 use super::body::read_limited;
 use super::cors::Cors;
 use super::error::{json_response, sse_response, subscribe_refusal, ApiError};
+use super::stuck::ConnectionAbort;
 use super::{Handler, HttpBody, RequestBody};
 use crate::protocol::Dialect;
 use crate::publish::{PublishError, Publisher};
 use crate::request::{parse_json, resume_point, BodyError, PathSemantics, SubscribeRequest};
-use crate::stream::{ConnectionAbort, SseStream};
+use crate::stream::{CloseWatch, SseStream};
 use crate::subscribe::{SubscribeError, Subscriptions};
 
 /// Subscribe route.
@@ -156,7 +157,10 @@ impl Api {
             .get("last-event-id")
             .and_then(|v| v.to_str().ok());
         let resume = resume_point(last_event_id, &query);
-        let abort = req.extensions().get::<Arc<ConnectionAbort>>().cloned();
+        let watch = req
+            .extensions()
+            .get::<Arc<ConnectionAbort>>()
+            .map(|a| a.clone() as Arc<dyn CloseWatch>);
         let semantics = PathSemantics::FolderAndBelow;
         let request = if browser {
             SubscribeRequest::from_query(&query, semantics, subs.limits)?
@@ -164,7 +168,7 @@ impl Api {
             let body = self.read_json(req).await?;
             SubscribeRequest::from_json(&body, semantics, subs.limits)?
         };
-        subs.open(&caller, request, resume, Dialect::Native, abort)
+        subs.open(&caller, request, resume, Dialect::Native, watch)
             .await
     }
 

@@ -13,6 +13,7 @@ pub mod body;
 pub mod cors;
 pub mod direct;
 pub mod error;
+pub mod stuck;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,8 +34,10 @@ use tokio::net::TcpListener;
 
 use crate::setting::{self, Invalid};
 use crate::shutdown::{Phase, Shutdown};
-use crate::stream::{ConnectionAbort, Item, SseStream};
+use crate::stream::{Item, SseStream};
 use serde::{Deserialize, Serialize};
+use stuck::{ConnectionAbort, DropWhenStuck};
+use tokio_util::task::TaskTracker;
 
 /// Every response body herald sends: a complete buffer or an SSE stream.
 pub enum HttpBody {
@@ -228,6 +231,7 @@ pub async fn serve<H: Handler>(
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
+    let tasks = TaskTracker::new();
     let stopped = shutdown.reached(Phase::Stopped);
     tokio::pin!(stopped);
     let mut backoff = AcceptBackoff::default();
@@ -259,9 +263,10 @@ pub async fn serve<H: Handler>(
         let builder = builder.clone();
         let abort = Arc::new(ConnectionAbort::default());
         let for_requests = abort.clone();
+        let writers = tasks.clone();
         // A task is as large as its largest state: every long wait inside is
         // boxed, and an HTTP/1 stream moves to a small task of its own.
-        let task = tokio::spawn(Box::pin(async move {
+        let connection = async move {
             let mut tcp = tcp;
             let prefix = match handler.serves_streams() {
                 false => {
@@ -283,8 +288,9 @@ pub async fn serve<H: Handler>(
                             let resp = Box::pin(handler.handle(req, peer)).await;
                             let writer = Box::pin(direct::respond(tcp, version, resp)).await;
                             if let Some(writer) = writer {
-                                // The stream's own task, and the one its abort ends.
-                                for_requests.move_to(tokio::spawn(writer).abort_handle());
+                                // The stream in a task of its own, dropped
+                                // with its connection if it cannot end.
+                                writers.spawn(DropWhenStuck::new(writer, for_requests));
                             }
                             return;
                         }
@@ -302,17 +308,24 @@ pub async fn serve<H: Handler>(
             if let Err(e) = Box::pin(watcher.watch(conn.into_owned())).await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-        }));
-        // A stream that cannot write its closing event drops the connection by
-        // aborting this task (see `ConnectionAbort`).
-        abort.set(task.abort_handle());
+        };
+        // A stream that cannot write its closing event drops the connection
+        // (see `stuck`).
+        tasks.spawn(DropWhenStuck::new(connection, abort));
     }
     drop(listener);
-    if tokio::time::timeout(deadline, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open at the shutdown deadline; closing them");
+    // Every connection task and stream writer of this listener is tracked:
+    // hyper's connections are asked to finish, and all are waited for.
+    tasks.close();
+    let finished = async {
+        graceful.shutdown().await;
+        tasks.wait().await;
+    };
+    if tokio::time::timeout(deadline, finished).await.is_err() {
+        tracing::warn!(
+            open = tasks.len(),
+            "connections still open at the shutdown deadline; closing them"
+        );
     }
 }
 /// `[server]`
