@@ -22,24 +22,19 @@
 //! worker, eventsource subscribers, `nchan_subscriber_first_message newest`),
 //! with the same bytes per event; `scripts/bench-compare` runs both.
 
-mod support;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::{nats, Herald, HeraldBuilder, Parser, SECRET, WAIT};
 use futures_util::StreamExt;
 use herald::auth::Signer;
 use serde_json::json;
-use support::{Herald, SECRET};
 
-/// How long the nats-server helpers wait for a server.
-pub const WAIT: Duration = Duration::from_secs(10);
-
-#[path = "../tests/common/nats.rs"]
-#[allow(dead_code)]
-mod nats;
 const IDENTITIES: usize = 100;
 
 fn env_usize(k: &str, default: usize) -> usize {
@@ -77,18 +72,18 @@ fn start_herald(queue_frames: usize, nats_urls: &[String]) -> Herald {
         "[limits]\nconnections_per_identity_project = 1000000\nconnections_per_identity = 1000000\nmax_connections = 1000000\nsubscribe_rate = 1000000.0\nsubscribe_burst = 1000000.0\n\
          [stream]\nqueue_frames = {queue_frames}\n"
     );
-    Herald::start(&policy, &extra, |cmd| {
-        // FANOUT_HERALD_WORKERS: herald's runtime threads (nchan runs one worker).
-        if let Ok(n) = std::env::var("FANOUT_HERALD_WORKERS") {
-            cmd.env("HERALD_SERVER__WORKER_THREADS", n);
-        }
-        if !nats_urls.is_empty() {
-            cmd.env(
-                "HERALD_NATS__URLS",
-                serde_json::to_string(nats_urls).unwrap(),
-            );
-        }
-    })
+    let mut b = HeraldBuilder::new()
+        .policy(&policy)
+        .config(&format!("[auth]\nhs_secret = \"{SECRET}\"\n{extra}"))
+        .log("warn");
+    // FANOUT_HERALD_WORKERS: herald's runtime threads (nchan runs one worker).
+    if let Ok(n) = std::env::var("FANOUT_HERALD_WORKERS") {
+        b = b.env("SERVER__WORKER_THREADS", &n);
+    }
+    if !nats_urls.is_empty() {
+        b = b.env("NATS__URLS", &nats::urls_env(nats_urls));
+    }
+    b.start()
 }
 
 /// nginx + nchan, one worker, on a loopback port.
@@ -144,6 +139,7 @@ fn start_nchan() -> Nchan {
         .spawn()
         .expect("start nginx");
     let deadline = Instant::now() + WAIT;
+    // A synchronous wait (no runtime yet): the first connect that succeeds.
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nginx did not start");
         std::thread::sleep(Duration::from_millis(20));
@@ -162,36 +158,6 @@ fn children(pid: u32) -> Vec<u32> {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect()
-}
-
-/// One metric value from an instance's /metrics.
-async fn metric(client: &reqwest::Client, admin: &str, series: &str) -> f64 {
-    let text = client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn wait_ready(client: &reqwest::Client, admin: &str) {
-    let deadline = Instant::now() + WAIT;
-    while client
-        .get(format!("http://{admin}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "herald never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::main]
@@ -246,11 +212,11 @@ async fn main() {
         })
         .collect();
     for h in &heralds {
-        wait_ready(&client, &h.admin).await;
+        h.wait_ready(200).await;
     }
     let pids: Vec<u32> = match &nchan {
         Some(n) => children(n.master.id()),
-        None => heralds.iter().map(|h| h.child.id()).collect(),
+        None => heralds.iter().map(Herald::pid).collect(),
     };
     let nchan_base = nchan.as_ref().map(|n| n.base.clone());
     let instance_of_project = |p: usize| p % n_instances;
@@ -295,7 +261,7 @@ async fn main() {
             let resp = req.send().await.expect("subscribe");
             assert_eq!(resp.status(), 200);
             let mut stream = resp.bytes_stream();
-            let mut buf: Vec<u8> = Vec::new();
+            let mut parser = Parser::lenient();
             let mut lat = Vec::with_capacity(expect);
             let mut ids = HashSet::with_capacity(expect);
             let mut dups = 0usize;
@@ -303,7 +269,7 @@ async fn main() {
             // by then); nchan answers the headers once it has subscribed.
             if !is_nchan {
                 if let Some(Ok(b)) = stream.next().await {
-                    buf.extend_from_slice(&b);
+                    parser.push(&b);
                 }
             }
             ready.wait().await;
@@ -313,25 +279,21 @@ async fn main() {
                     Ok(Some(Ok(b))) => b,
                     _ => break,
                 };
-                buf.extend_from_slice(&chunk);
-                while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-                    let frame = std::str::from_utf8(&buf[..pos]).unwrap_or("").to_owned();
-                    buf.drain(..pos + 2);
-                    let (mut id, mut sent) = (None, None);
-                    for l in frame.lines() {
-                        if let Some(v) = l.strip_prefix("data: ") {
-                            sent = v
-                                .split("\"sentNanos\":")
-                                .nth(1)
-                                .and_then(|r| r.split(['}', ',']).next())
-                                .and_then(|n| n.parse::<u128>().ok());
-                            id = v
-                                .split("\"id\":\"")
-                                .nth(1)
-                                .and_then(|r| r.split('"').next())
-                                .map(str::to_owned);
-                        }
-                    }
+                parser.push(&chunk);
+                while let Some(ev) = parser.next() {
+                    // The send time and id, found in the data without
+                    // parsing its JSON (the load generator shares the cores).
+                    let v = &ev.data;
+                    let sent = v
+                        .split("\"sentNanos\":")
+                        .nth(1)
+                        .and_then(|r| r.split(['}', ',']).next())
+                        .and_then(|n| n.parse::<u128>().ok());
+                    let id = v
+                        .split("\"id\":\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .map(str::to_owned);
                     if let (Some(id), Some(sent)) = (id, sent) {
                         if ids.insert(id) {
                             lat.push((now_nanos().saturating_sub(sent)) as u64);
@@ -367,12 +329,8 @@ async fn main() {
     let mut received0 = Vec::new();
     for h in &heralds {
         received0.push(
-            metric(
-                &client,
-                &h.admin,
-                "herald_events_received_total{source=\"nats\"}",
-            )
-            .await,
+            h.metric("herald_events_received_total{source=\"nats\"}")
+                .await,
         );
     }
     let publisher = signer
@@ -464,12 +422,9 @@ async fn main() {
     );
     if !mode.is_empty() && nchan.is_none() {
         for (i, h) in heralds.iter().enumerate() {
-            let got = metric(
-                &client,
-                &h.admin,
-                "herald_events_received_total{source=\"nats\"}",
-            )
-            .await
+            let got = h
+                .metric("herald_events_received_total{source=\"nats\"}")
+                .await
                 - received0[i];
             let own = (0..events)
                 .filter(|e| instance_of_project(e % projects) == i)

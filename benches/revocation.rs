@@ -5,63 +5,57 @@
 //! the latency for a file save (watcher, `policy.watch_interval` 250 ms) and for
 //! a save followed by SIGHUP (watcher off).
 
-mod support;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{eventually, token_for, Herald, HeraldBuilder, WAIT};
 use futures_util::StreamExt;
-use herald::auth::Signer;
-use serde_json::{json, Value};
-use support::{Herald, SECRET};
+use serde_json::json;
 
 const GRANT: &str = "p, alice, p1, secret:*, subscribe, *, /**, allow\n";
 const NO_GRANT: &str = "p, bob, p1, secret:*, subscribe, *, /**, allow\n";
 
 fn start(watch: bool) -> Herald {
     // Every round first grants, then takes the grant away: start without it.
-    Herald::start(NO_GRANT, &format!("watch = {watch}\n"), |_| {})
+    HeraldBuilder::new()
+        .policy(NO_GRANT)
+        .env("POLICY__WATCH", &watch.to_string())
+        .log("warn")
+        .start()
 }
 
-async fn generation(http: &reqwest::Client, h: &Herald) -> u64 {
-    let v: Value = http
-        .get(format!("http://{}/admin/policy", h.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["generation"].as_u64().unwrap_or(0)
+async fn generation(h: &Herald) -> u64 {
+    h.admin_json("/admin/policy").await.1["generation"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// One round: grant, subscribe, take the grant away, time until the error arrives.
-async fn round(http: &reqwest::Client, h: &Herald, token: &str, hup: bool) -> Duration {
-    let before = generation(http, h).await;
-    std::fs::write(h.policy_path(), GRANT).unwrap();
+async fn round(h: &Herald, token: &str, hup: bool) -> Duration {
+    let before = generation(h).await;
+    std::fs::write(&h.policy_path, GRANT).unwrap();
     if hup {
-        signal(h, "HUP");
+        h.signal("HUP");
     }
-    while generation(http, h).await == before {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let resp = http
-        .post(format!(
-            "http://{}/api/v1/events/subscribe/project-events",
-            h.public
-        ))
-        .bearer_auth(token)
-        .json(&json!({"projectId": "p1", "register": [{"event": "secret:created"}]}))
-        .send()
-        .await
-        .unwrap();
+    eventually(WAIT, "the grant was never loaded", || async {
+        (generation(h).await != before).then_some(())
+    })
+    .await;
+    let resp = h
+        .subscribe_raw(
+            Some(token),
+            &json!({"projectId": "p1", "register": [{"event": "secret:created"}]}),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
     body.next().await; // the retry: hint
     let saved = Instant::now();
-    std::fs::write(h.policy_path(), NO_GRANT).unwrap();
+    std::fs::write(&h.policy_path, NO_GRANT).unwrap();
     if hup {
-        signal(h, "HUP");
+        h.signal("HUP");
     }
     let mut seen = Vec::new();
     while let Some(Ok(chunk)) = body.next().await {
@@ -71,13 +65,6 @@ async fn round(http: &reqwest::Client, h: &Herald, token: &str, hup: bool) -> Du
         }
     }
     panic!("the stream ended without permission_revoked");
-}
-
-fn signal(h: &Herald, name: &str) {
-    Command::new("kill")
-        .args([&format!("-{name}"), &h.child.id().to_string()])
-        .status()
-        .unwrap();
 }
 
 fn summary(name: &str, mut v: Vec<Duration>) {
@@ -98,11 +85,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let token = Signer::hmac(jsonwebtoken::Algorithm::HS256, SECRET.as_bytes())
-        .expect("a valid key")
-        .mint("alice", Duration::from_secs(3600), None, None)
-        .unwrap();
-    let http = reqwest::Client::new();
+    let token = token_for("alice", Duration::from_secs(3600));
     for (name, watch, hup) in [
         ("file save (watcher, 250 ms interval)", true, false),
         ("file save + SIGHUP (watcher off)", false, true),
@@ -110,7 +93,7 @@ async fn main() {
         let h = start(watch);
         let mut v = Vec::with_capacity(rounds);
         for _ in 0..rounds {
-            v.push(round(&http, &h, &token, hup).await);
+            v.push(round(&h, &token, hup).await);
         }
         summary(name, v);
     }

@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-#[tokio::test]
-async fn subscribe_publish_round_trip() {
-    let h = Herald::start();
+transport_tests! {
+async fn subscribe_publish_round_trip(t: Transport) {
+    let h = HeraldBuilder::new().transport(t).start();
     let mut s = h
         .subscribe(
             &token_for("reader", HOUR),
@@ -47,6 +47,7 @@ async fn subscribe_publish_round_trip() {
     assert_eq!(body["data"]["secretKeys"][0], "KEY");
     assert!(body["time"].is_string());
 }
+}
 
 /// Publishes `events` then a sentinel every subscriber wants; returns the
 /// secret paths each stream saw before its sentinel.
@@ -76,9 +77,9 @@ async fn received_before_sentinel(
     out
 }
 
-#[tokio::test]
-async fn filters_by_type_environment_and_path() {
-    let h = HeraldBuilder::new()
+transport_tests! {
+async fn filters_by_type_environment_and_path(t: Transport) {
+    let h = HeraldBuilder::new().transport(t)
         .env("LIMITS__CONNECTIONS_PER_IDENTITY_PROJECT", "10")
         .start();
     let t = token_for("reader", HOUR);
@@ -154,10 +155,11 @@ async fn filters_by_type_environment_and_path() {
         "glob inside a segment"
     );
 }
+}
 
-#[tokio::test]
-async fn overlapping_registrations_deliver_once() {
-    let h = Herald::start();
+transport_tests! {
+async fn overlapping_registrations_deliver_once(t: Transport) {
+    let h = HeraldBuilder::new().transport(t).start();
     let body = json!({"projectId": "p1", "register": [
         {"event": "secret:created"},
         {"event": "secret:created", "conditions": {"secretPath": "/apps"}},
@@ -172,6 +174,7 @@ async fn overlapping_registrations_deliver_once() {
     )
     .await;
     assert_eq!(got[0], vec!["secret:created prod /apps/db"]);
+}
 }
 
 #[tokio::test]
@@ -219,9 +222,9 @@ async fn subscribe_is_refused_with_403_naming_the_registration() {
     );
 }
 
-#[tokio::test]
-async fn delivery_time_check_hides_denied_events() {
-    let h = Herald::start();
+transport_tests! {
+async fn delivery_time_check_hides_denied_events(t: Transport) {
+    let h = HeraldBuilder::new().transport(t).start();
     // reader may subscribe to everything, but a deny rule covers /internal/**;
     // prod-db asked for all of p1 prod but may only see /apps/db/**.
     let mut reader = h
@@ -260,6 +263,7 @@ async fn delivery_time_check_hides_denied_events() {
             .await
             >= 4.0
     );
+}
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::nats::{urls_env, NatsCluster, NatsServer};
 use common::*;
@@ -28,9 +28,9 @@ async fn start_instance(b: HeraldBuilder) -> Herald {
 /// Waits until every node of `servers` routes `subjects` (interest crosses the
 /// cluster asynchronously after the subscribing node confirmed it).
 async fn wait_interest(servers: &[&NatsServer], subjects: &[String]) {
-    let deadline = Instant::now() + WAIT;
     for s in servers {
-        loop {
+        let what = format!("interest {subjects:?} never reached node {}", s.url());
+        eventually(WAIT, what, || async {
             let v = s.monitor("/subsz?subs=1").await;
             let have: HashSet<String> = v["subscriptions_list"]
                 .as_array()
@@ -38,15 +38,9 @@ async fn wait_interest(servers: &[&NatsServer], subjects: &[String]) {
                 .flatten()
                 .filter_map(|x| x["subject"].as_str().map(str::to_owned))
                 .collect();
-            if subjects.iter().all(|x| have.contains(x)) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "interest {subjects:?} never reached every node; have {have:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            subjects.iter().all(|x| have.contains(x)).then_some(())
+        })
+        .await;
     }
 }
 
@@ -216,18 +210,11 @@ async fn interest_follows_the_streams() {
     drop(p1);
     // Both p1 streams gone: the p1 subscriptions go, on herald and on the server.
     h.wait_metric("herald_connections", 1.0).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, "p1 interest stayed on the server", || async {
         let on_server = nats.subscribed_subjects().await;
-        if !on_server.iter().any(|s| s.starts_with("herald.ev.p1.")) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "p1 interest stayed: {on_server:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (!on_server.iter().any(|s| s.starts_with("herald.ev.p1."))).then_some(())
+    })
+    .await;
     assert!(!h
         .nats_subjects()
         .await
@@ -470,24 +457,30 @@ async fn a_restarted_server_brings_readiness_back_and_gap_to_streams() {
 
 /// Waits until `h` sees `n` streams in total across the cluster.
 async fn wait_cluster_streams(h: &Herald, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(
+        WAIT,
+        format!("the cluster view never reached {n} streams"),
+        || async {
+            let (_, v) = h.admin_json("/admin/cluster").await;
+            let total: u64 = v["instances"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["connections"].as_u64())
+                .sum();
+            (total == n).then_some(())
+        },
+    )
+    .await
+}
+
+/// Waits until `h`'s cluster view satisfies `pred`, returning it.
+async fn wait_cluster(h: &Herald, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    eventually(WAIT, what, || async {
         let (_, v) = h.admin_json("/admin/cluster").await;
-        let total: u64 = v["instances"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["connections"].as_u64())
-            .sum();
-        if total == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cluster view never reached {n} streams: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        pred(&v).then_some(v)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -504,15 +497,10 @@ async fn the_identity_stream_limit_is_cluster_wide() {
     }
     for h in &instances {
         wait_cluster_streams(h, 0).await;
-        let deadline = Instant::now() + WAIT;
-        while h.admin_json("/admin/cluster").await.1["instances"]
-            .as_array()
-            .map(Vec::len)
-            != Some(3)
-        {
-            assert!(Instant::now() < deadline, "instances never saw each other");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_cluster(h, "instances never saw each other", |v| {
+            v["instances"].as_array().map(Vec::len) == Some(3)
+        })
+        .await;
     }
     let t = token_for("reader", HOUR);
     let mut open = Vec::new();
@@ -551,30 +539,17 @@ async fn cluster_view_flags_policy_drift() {
     let nats = NatsServer::start();
     let a = start_instance(on_nats(&[nats.url()])).await;
     let b = start_instance(on_nats(&[nats.url()])).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, v) = a.admin_json("/admin/cluster").await;
-        if v["instances"].as_array().map(Vec::len) == Some(2) {
-            assert_eq!(v["policy_drift"], false);
-            break;
-        }
-        assert!(Instant::now() < deadline, "a never saw b: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let v = wait_cluster(&a, "a never saw b", |v| {
+        v["instances"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    assert_eq!(v["policy_drift"], false);
     let other = start_instance(
         on_nats(&[nats.url()]).policy("p, someone, *, *, subscribe, *, /**, allow\n"),
     )
     .await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, v) = a.admin_json("/admin/cluster").await;
-        if v["policy_drift"] == true {
-            assert_eq!(v["distinct_policy_fingerprints"], 2);
-            break;
-        }
-        assert!(Instant::now() < deadline, "drift never flagged: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let v = wait_cluster(&a, "drift never flagged", |v| v["policy_drift"] == true).await;
+    assert_eq!(v["distinct_policy_fingerprints"], 2);
     a.wait_metric("herald_cluster_policy_fingerprints", 2.0)
         .await;
     a.wait_metric("herald_cluster_instances", 3.0).await;

@@ -61,21 +61,14 @@ impl Topology {
 
     /// Waits until `n` streams are open across the live instances.
     async fn wait_streams(&self, n: usize) {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        eventually(WAIT, format!("{n} streams never opened"), || async {
             let mut total = 0.0;
             for h in self.heralds.iter().flatten() {
                 total += h.metric("herald_connections").await;
             }
-            if total as usize == n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{total} streams open, expected {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            (total as usize == n).then_some(())
+        })
+        .await
     }
 
     /// Starts `n` clients and waits until all their streams are open.
@@ -119,18 +112,8 @@ async fn start_instance(
             b = b.env(k, v);
         }
         let h = b.start();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (s, _) = h.admin_json("/readyz").await;
-            if s == 200 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "instance {i} never became ready (replay stream)"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // The replay stream (R3) is set up once the cluster has a leader.
+        h.wait_ready_within(200, Duration::from_secs(30)).await;
         h
     }
 }
@@ -169,22 +152,31 @@ async fn publish_all(
                         e
                     })
                     .collect();
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    let r = http.post(&url).bearer_auth(&w).json(&events).send().await;
-                    if let Ok(r) = r {
-                        if r.status() == 202 {
-                            let v: Value = r.json().await.unwrap();
-                            let mut s = seqs.lock();
-                            for e in v["events"].as_array().unwrap() {
-                                s.push(e["sequence"].as_u64().unwrap());
-                            }
-                            break;
+                let stored: Value = eventually(
+                    Duration::from_secs(30),
+                    "publishing never recovered",
+                    || async {
+                        let r = http
+                            .post(&url)
+                            .bearer_auth(&w)
+                            .json(&events)
+                            .send()
+                            .await
+                            .ok()?;
+                        if r.status() != 202 {
+                            return None;
                         }
-                    }
-                    assert!(Instant::now() < deadline, "publishing never recovered");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                        r.json().await.ok()
+                    },
+                )
+                .await;
+                seqs.lock().extend(
+                    stored["events"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e["sequence"].as_u64().unwrap()),
+                );
                 i += n;
                 tokio::time::sleep(pace).await;
             }

@@ -28,21 +28,16 @@ async fn publish_paths(h: &Herald, paths: &[&str]) -> Vec<u64> {
 }
 
 async fn subscribe_resuming(h: &Herald, last_id: &str, body: &Value) -> SseClient {
+    let token = token_for("reader", HOUR);
     let r = h
-        .http
-        .post(h.url(SUBSCRIBE))
-        .bearer_auth(token_for("reader", HOUR))
-        .header("last-event-id", last_id)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+        .subscribe_with(Some(&token), body, &[("last-event-id", last_id)])
+        .await;
     SseClient::open(r).await
 }
 
-#[tokio::test]
-async fn last_event_id_resumes_without_loss_or_duplicate() {
-    let h = HeraldBuilder::new()
+transport_tests! {
+async fn last_event_id_resumes_without_loss_or_duplicate(t: Transport) {
+    let h = HeraldBuilder::new().transport(t)
         .env("STREAM__REPLAY_BUFFER", "100")
         .start();
     let mut s = h
@@ -73,18 +68,18 @@ async fn last_event_id_resumes_without_loss_or_duplicate() {
     assert_eq!(h.metric("herald_replayed_events_total").await, 3.0);
     // The GET form takes the id from the query, like a first EventSource connect.
     let url = format!(
-        "{}?projectId=p1&event=secret:created&lastEventId={}&access_token={}",
-        h.url(SUBSCRIBE),
+        "{SUBSCRIBE}?projectId=p1&event=secret:created&lastEventId={}&access_token={}",
         later[2],
         token_for("reader", HOUR)
     );
-    let mut g = SseClient::open(h.http.get(url).send().await.unwrap()).await;
+    let mut g = SseClient::open(h.get_stream(&url).await).await;
     assert_eq!(g.next_event().await.json()["secretpath"], "/e");
 }
+}
 
-#[tokio::test]
-async fn resume_older_than_the_buffer_gets_gap() {
-    let h = HeraldBuilder::new()
+transport_tests! {
+async fn resume_older_than_the_buffer_gets_gap(t: Transport) {
+    let h = HeraldBuilder::new().transport(t)
         .env("STREAM__REPLAY_BUFFER", "3")
         .start();
     let seqs = publish_paths(&h, &["/1", "/2", "/3", "/4", "/5"]).await;
@@ -106,11 +101,23 @@ async fn resume_older_than_the_buffer_gets_gap() {
         assert_eq!(s.next_event().await.event.as_deref(), Some("gap"), "{bad}");
     }
 }
+}
 
 /// Opens a stream on a raw socket that sends its request and then does not read.
 async fn stalled_subscriber(h: &Herald, token: &str) -> tokio::net::TcpStream {
+    stalled_subscriber_after(h, token, b"").await
+}
+
+/// [`stalled_subscriber`], after `first` (another request, read whole, so
+/// that the stream is hyper's).
+async fn stalled_subscriber_after(h: &Herald, token: &str, first: &[u8]) -> tokio::net::TcpStream {
     let body = all_created("p1").to_string();
     let mut s = tokio::net::TcpStream::connect(h.public).await.unwrap();
+    if !first.is_empty() {
+        s.write_all(first).await.unwrap();
+        let (found, _) = read_until(&mut s, "not_found").await;
+        assert!(found, "the first request was answered");
+    }
     let req = format!(
         "POST {SUBSCRIBE} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -152,9 +159,9 @@ async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> (bool, Strin
     }
 }
 
-#[tokio::test]
-async fn slow_consumer_is_closed_while_others_keep_receiving() {
-    let h = HeraldBuilder::new()
+transport_tests! {
+async fn slow_consumer_is_closed_while_others_keep_receiving(t: Transport) {
+    let h = HeraldBuilder::new().transport(t)
         .env("STREAM__QUEUE_FRAMES", "8")
         .env("STREAM__CLOSE_TIMEOUT", "60s")
         .start();
@@ -191,14 +198,23 @@ async fn slow_consumer_is_closed_while_others_keep_receiving() {
     assert!(found, "the slow stream ended with error slow_consumer");
     h.wait_metric("herald_connections", 0.0).await;
 }
+}
 
 #[tokio::test]
 async fn a_client_that_never_reads_is_disconnected() {
+    for first in [&b""[..], b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n"] {
+        never_reading(first).await;
+    }
+}
+
+/// A stream whose client never reads, on the direct writer (nothing before
+/// it) or on hyper's (`first` before it).
+async fn never_reading(first: &[u8]) {
     let h = HeraldBuilder::new()
         .env("STREAM__QUEUE_FRAMES", "4")
         .env("STREAM__CLOSE_TIMEOUT", "200ms")
         .start();
-    let mut stuck = stalled_subscriber(&h, &token_for("reader", HOUR)).await;
+    let mut stuck = stalled_subscriber_after(&h, &token_for("reader", HOUR), first).await;
     h.wait_metric("herald_connections", 1.0).await;
     flood(&h, 300).await;
     h.wait_metric("herald_streams_closed_total{reason=\"slow_consumer\"}", 1.0)
@@ -209,9 +225,9 @@ async fn a_client_that_never_reads_is_disconnected() {
     assert!(!found);
 }
 
-#[tokio::test]
-async fn stream_ends_when_the_token_expires() {
-    let h = Herald::start();
+transport_tests! {
+async fn stream_ends_when_the_token_expires(t: Transport) {
+    let h = HeraldBuilder::new().transport(t).start();
     let short = token_for("reader", Duration::from_secs(2));
     let mut s = h.subscribe(&short, &all_created("p1")).await;
     let seen = s.until_end().await;
@@ -224,10 +240,11 @@ async fn stream_ends_when_the_token_expires() {
         1.0
     );
 }
+}
 
-#[tokio::test]
-async fn idle_streams_get_heartbeats() {
-    let h = HeraldBuilder::new()
+transport_tests! {
+async fn idle_streams_get_heartbeats(t: Transport) {
+    let h = HeraldBuilder::new().transport(t)
         .env("STREAM__HEARTBEAT", "200ms")
         .start();
     let mut s = h
@@ -241,10 +258,11 @@ async fn idle_streams_get_heartbeats() {
         }
     }
 }
+}
 
-#[tokio::test]
-async fn sixth_stream_of_an_identity_gets_429() {
-    let h = Herald::start();
+transport_tests! {
+async fn sixth_stream_of_an_identity_gets_429(t: Transport) {
+    let h = HeraldBuilder::new().transport(t).start();
     let t = token_for("reader", HOUR);
     let mut open = Vec::new();
     for _ in 0..5 {
@@ -272,11 +290,12 @@ async fn sixth_stream_of_an_identity_gets_429() {
             >= 1.0
     );
 }
+}
 
-#[tokio::test]
-async fn one_identity_cannot_take_every_slot_across_projects() {
+transport_tests! {
+async fn one_identity_cannot_take_every_slot_across_projects(t: Transport) {
     // 5 streams on each of 9 made-up projects would have taken all 40 slots.
-    let h = HeraldBuilder::new()
+    let h = HeraldBuilder::new().transport(t)
         .env("LIMITS__MAX_CONNECTIONS", "40")
         .env("LIMITS__CONNECTIONS_PER_IDENTITY", "12")
         .env("LIMITS__SUBSCRIBE_BURST", "100")
@@ -309,6 +328,7 @@ async fn one_identity_cannot_take_every_slot_across_projects() {
     let _other = h
         .subscribe(&token_for("dev-subscriber", HOUR), &all_created("p1"))
         .await;
+}
 }
 
 #[tokio::test]
@@ -362,9 +382,9 @@ async fn streams_cannot_take_the_descriptors_the_api_needs() {
     assert_eq!(open[95].next_event().await.json()["secretpath"], "/a");
 }
 
-#[tokio::test]
-async fn a_resume_replays_only_its_own_project() {
-    let h = HeraldBuilder::new()
+transport_tests! {
+async fn a_resume_replays_only_its_own_project(t: Transport) {
+    let h = HeraldBuilder::new().transport(t)
         .env("STREAM__REPLAY_BUFFER", "100")
         .start();
     let w = token_for("writer", HOUR);
@@ -381,6 +401,7 @@ async fn a_resume_replays_only_its_own_project() {
     let mut s = subscribe_resuming(&h, &from.to_string(), &all_created("p1")).await;
     assert_eq!(s.paths_until("/end").await, vec!["/mine".to_owned()]);
     assert_eq!(h.metric("herald_replayed_events_total").await, 2.0);
+}
 }
 
 #[tokio::test]
@@ -424,9 +445,9 @@ async fn silent_connections_are_closed_after_the_header_timeout() {
     }
 }
 
-#[tokio::test]
-async fn sigterm_drains_streams_and_exits() {
-    let mut h = HeraldBuilder::new()
+transport_tests! {
+async fn sigterm_drains_streams_and_exits(t: Transport) {
+    let mut h = HeraldBuilder::new().transport(t)
         // Long enough for the readiness probe below to land inside it on a
         // loaded machine.
         .env("SHUTDOWN__GRACE", "1500ms")
@@ -440,15 +461,12 @@ async fn sigterm_drains_streams_and_exits() {
     }
     h.terminate();
     // Readiness fails at once, while streams are still open (the grace period).
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let v = eventually(WAIT, "/readyz never failed", || async {
         let (status, v) = h.admin_json("/readyz").await;
-        if status == 503 {
-            assert_eq!(v["checks"]["draining"], true);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "readyz never failed");
-    }
+        (status == 503).then_some(v)
+    })
+    .await;
+    assert_eq!(v["checks"]["draining"], true);
     // A new subscribe is answered 200 with an immediate reconnect.
     let r = h.subscribe_raw(Some(&t), &all_created("p1")).await;
     let mut late = SseClient::open(r).await;
@@ -468,4 +486,5 @@ async fn sigterm_drains_streams_and_exits() {
     }
     let status = h.wait_exit(Duration::from_secs(8)).await;
     assert!(status.success(), "clean exit: {status:?}");
+}
 }

@@ -81,7 +81,7 @@ impl EventSource {
                     }
                 };
                 let mut stream = resp.bytes_stream();
-                let mut buf: Vec<u8> = Vec::new();
+                let mut parser = super::Parser::lenient();
                 let mut first = true;
                 loop {
                     while p.load(std::sync::atomic::Ordering::Relaxed) {
@@ -92,26 +92,14 @@ impl EventSource {
                         _ = stopped.changed() => return,
                     };
                     let Some(Ok(chunk)) = chunk else { break };
-                    buf.extend_from_slice(&chunk);
-                    while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-                        let frame = String::from_utf8_lossy(&buf[..pos]).into_owned();
-                        buf.drain(..pos + 2);
-                        let (mut id, mut event, mut data) = (None, None, String::new());
-                        for l in frame.lines() {
-                            if let Some(v) = l.strip_prefix("id: ") {
-                                id = v.parse::<u64>().ok();
-                            } else if let Some(v) = l.strip_prefix("event: ") {
-                                event = Some(v.to_owned());
-                            } else if let Some(v) = l.strip_prefix("data: ") {
-                                data.push_str(v);
-                            } else if let Some(v) = l.strip_prefix("retry: ") {
-                                if let Ok(ms) = v.parse() {
-                                    retry = Duration::from_millis(ms);
-                                }
-                            }
+                    parser.push(&chunk);
+                    while let Some(ev) = parser.next() {
+                        if let Some(ms) = ev.retry {
+                            retry = Duration::from_millis(ms);
                         }
-                        let json: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                        match (id, event) {
+                        let json = ev.json();
+                        let id = ev.id.as_deref().and_then(|i| i.parse::<u64>().ok());
+                        match (id, ev.event) {
                             (Some(id), Some(_)) => {
                                 last_id = Some(id);
                                 let mut g = s.lock();
@@ -143,18 +131,14 @@ impl EventSource {
         }
     }
 
-    /// Waits until the client holds (after dedupe) every path of `want`.
+    /// Waits until the client holds `want` distinct events; `false` if it
+    /// did not within `within` (the caller says what that means).
     pub async fn wait_for(&self, want: usize, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        loop {
-            if self.seen.lock().deduped().0.len() >= want {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        super::within(within, || async {
+            (self.seen.lock().deduped().0.len() >= want).then_some(())
+        })
+        .await
+        .is_some()
     }
 
     pub async fn stop(self) -> Seen {

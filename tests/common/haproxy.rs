@@ -2,10 +2,9 @@
 //! lines pointed at herald processes of the test.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::nats::free_low_port;
-use super::{repo_path, WAIT};
+use super::{eventually, repo_path, WAIT};
 
 pub struct Haproxy {
     child: Child,
@@ -86,57 +85,45 @@ impl Haproxy {
         for i in 0..backends.len() {
             h.wait_server(&format!("herald{}", i + 1), "UP").await;
         }
-        h.wait_healthy(backends.len()).await;
+        h.wait_routing().await;
         h
     }
 
-    /// Waits until `n` backends answer through haproxy's health checks
-    /// (/readyz), by polling the frontend until each admin port was seen up.
-    async fn wait_healthy(&self, n: usize) {
-        let deadline = Instant::now() + WAIT;
-        // Health checks run every second with rise 2: give them time, then
-        // confirm the frontend answers.
-        loop {
+    /// Waits until the frontend routes to a backend (every backend was
+    /// seen UP in the health checks already).
+    async fn wait_routing(&self) {
+        eventually(WAIT, "haproxy never routed to a backend", || async {
             let r = reqwest::Client::new()
                 .get(format!("http://127.0.0.1:{}/nope", self.port))
                 .send()
-                .await;
-            if matches!(r, Ok(ref r) if r.status() == 404) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "haproxy never routed to a backend"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = n;
+                .await
+                .ok()?;
+            (r.status() == 404).then_some(())
+        })
+        .await
     }
 
     /// Waits until haproxy's health checks report `server` as `status` (UP, DOWN).
     pub async fn wait_server(&self, server: &str, status: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let text = match reqwest::get(format!("http://127.0.0.1:{}/stats;csv", self.stats_port))
-                .await
-            {
-                Ok(r) => r.text().await.unwrap_or_default(),
-                Err(_) => String::new(),
-            };
-            // CSV columns: pxname, svname, ..., status is the 18th.
-            let reached = text.lines().any(|l| {
-                let f: Vec<&str> = l.split(',').collect();
-                f.len() > 17 && f[0] == "herald" && f[1] == server && f[17].starts_with(status)
-            });
-            if reached {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "haproxy never saw {server} {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let stats = format!("http://127.0.0.1:{}/stats;csv", self.stats_port);
+        eventually(
+            WAIT,
+            format!("haproxy never saw {server} {status}"),
+            || async {
+                let text = reqwest::get(&stats).await.ok()?.text().await.ok()?;
+                // CSV columns: pxname, svname, ..., status is the 18th.
+                text.lines()
+                    .any(|l| {
+                        let f: Vec<&str> = l.split(',').collect();
+                        f.len() > 17
+                            && f[0] == "herald"
+                            && f[1] == server
+                            && f[17].starts_with(status)
+                    })
+                    .then_some(())
+            },
+        )
+        .await
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,12 +1,19 @@
-//! Test harness: starts the real `herald` binary on ephemeral loopback ports,
-//! talks to it over real HTTP, parses its SSE streams, and kills it on drop
-//! (also when the test panics, printing the tail of its log).
+//! The test kit, shared by the tests and the benches: starts the real
+//! `herald` binary on ephemeral loopback ports ([`HeraldBuilder`]), talks to
+//! it over real HTTP on the stream path a test chooses ([`Transport`]), parses
+//! its SSE streams (one parser, [`sse`]), waits for conditions instead of
+//! sleeping ([`eventually`]), and kills it on drop (also when the test
+//! panics, printing the tail of its log). Real nats-server processes and
+//! haproxy come from [`nats`] and [`haproxy`].
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(dead_code)] // each test binary uses a different part of the kit
 
 pub mod eventsource;
 pub mod haproxy;
 pub mod nats;
+pub mod sse;
+
+pub use sse::{Parser, SseEvent};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -24,6 +31,95 @@ use serde_json::{json, Value};
 pub const SECRET: &str = "herald-test-secret-0123456789abcdef";
 /// How long any awaited condition may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Polls `check` every 20 ms until it returns `Some`, and returns that;
+/// fails the test, saying `what`, after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: impl std::fmt::Display, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match self::within(within, check).await {
+        Some(v) => v,
+        None => panic!("{what} (waited {within:?})"),
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some` (that value) or
+/// `within` has passed (`None`).
+pub async fn within<T, F, Fut>(within: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Which of herald's three stream paths a subscribe takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTP/1.1, the first request of a connection: herald's direct writer.
+    Http1Direct,
+    /// HTTP/1.1 after another request on a kept-alive connection: hyper's.
+    Http1Hyper,
+    /// HTTP/2 without TLS (prior knowledge): hyper's.
+    H2c,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 3] = [
+        Transport::Http1Direct,
+        Transport::Http1Hyper,
+        Transport::H2c,
+    ];
+
+    /// A client that takes this path.
+    fn client(self) -> reqwest::Client {
+        let b = reqwest::Client::builder();
+        match self {
+            // Never reused: every request opens a connection.
+            Transport::Http1Direct => b.http1_only().pool_max_idle_per_host(0),
+            Transport::Http1Hyper => b.http1_only().pool_max_idle_per_host(1),
+            Transport::H2c => b.http2_prior_knowledge(),
+        }
+        .build()
+        .expect("a test HTTP client")
+    }
+}
+
+/// Runs each stream behaviour test on every stream path: `name(t)` becomes
+/// the tests `name::http1_direct`, `name::http1_hyper` and `name::h2c`.
+#[macro_export]
+macro_rules! transport_tests {
+    ($($(#[$meta:meta])* async fn $name:ident($t:ident: Transport) $body:block)*) => {$(
+        $(#[$meta])*
+        async fn $name($t: Transport) $body
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn http1_direct() {
+                super::$name(Transport::Http1Direct).await
+            }
+            #[tokio::test]
+            async fn http1_hyper() {
+                super::$name(Transport::Http1Hyper).await
+            }
+            #[tokio::test]
+            async fn h2c() {
+                super::$name(Transport::H2c).await
+            }
+        }
+    )*};
+}
 
 pub const SUBSCRIBE: &str = "/api/v1/events/subscribe/project-events";
 pub const PUBLISH: &str = "/api/v1/events/publish";
@@ -49,6 +145,8 @@ p, prod-db, p1, secret:*, subscribe, prod, /apps/db/**, allow
 ";
 
 pub struct HeraldBuilder {
+    log: String,
+    transport: Transport,
     env: Vec<(String, String)>,
     policy: String,
     config: String,
@@ -68,6 +166,8 @@ impl HeraldBuilder {
         let shipped = std::fs::read_to_string(repo_path("policies/policy.csv"))
             .expect("shipped policy exists");
         Self {
+            log: "herald=debug,info".to_owned(),
+            transport: Transport::Http1Direct,
             env: Vec::new(),
             policy: format!("{shipped}\n{TEST_POLICY_EXTRA}"),
             config: format!("[auth]\nhs_secret = \"{SECRET}\"\n"),
@@ -75,6 +175,18 @@ impl HeraldBuilder {
             ports: None,
             open_files: None,
         }
+    }
+
+    /// The stream path `subscribe` takes.
+    pub fn transport(mut self, t: Transport) -> Self {
+        self.transport = t;
+        self
+    }
+
+    /// herald's log filter (`HERALD_LOG`); benches keep it quiet.
+    pub fn log(mut self, filter: &str) -> Self {
+        self.log = filter.to_owned();
+        self
     }
 
     /// Sets `HERALD_{key}` (e.g. `STREAM__HEARTBEAT`).
@@ -153,7 +265,7 @@ impl HeraldBuilder {
                 cmd.env_remove(k);
             }
         }
-        cmd.env("HERALD_LOG", "herald=debug,info");
+        cmd.env("HERALD_LOG", &self.log);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -209,6 +321,8 @@ impl HeraldBuilder {
             log,
             _dir: dir,
             http: reqwest::Client::new(),
+            transport: self.transport,
+            streams: self.transport.client(),
         }
     }
 }
@@ -221,7 +335,11 @@ pub struct Herald {
     child: Option<Child>,
     log: PathBuf,
     _dir: tempfile::TempDir,
+    /// For everything but streams.
     pub http: reqwest::Client,
+    /// The stream path subscribes take.
+    pub transport: Transport,
+    streams: reqwest::Client,
 }
 
 impl Herald {
@@ -245,13 +363,70 @@ impl Herald {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// POSTs a subscribe request.
+    /// POSTs a subscribe request on this instance's transport.
     pub async fn subscribe_raw(&self, token: Option<&str>, body: &Value) -> reqwest::Response {
-        let mut r = self.http.post(self.url(SUBSCRIBE)).json(body);
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
+        self.subscribe_with(token, body, &[]).await
+    }
+
+    /// POSTs a subscribe request with extra headers, on this instance's
+    /// transport, and checks that a stream took that path.
+    pub async fn subscribe_with(
+        &self,
+        token: Option<&str>,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        self.on_transport(|c| {
+            let mut r = c.post(self.url(SUBSCRIBE)).json(body);
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            for (k, v) in headers {
+                r = r.header(*k, *v);
+            }
+            r
+        })
+        .await
+    }
+
+    /// A GET of `path_and_query` (a browser's EventSource) on this
+    /// instance's transport.
+    pub async fn get_stream(&self, path_and_query: &str) -> reqwest::Response {
+        self.on_transport(|c| c.get(self.url(path_and_query))).await
+    }
+
+    /// Sends `make`'s request on this instance's stream path, and checks
+    /// that a stream took it.
+    async fn on_transport(
+        &self,
+        make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> reqwest::Response {
+        let send = || make(&self.streams).send();
+        for _ in 0..20 {
+            if self.transport == Transport::Http1Hyper {
+                // Another request first, read whole, leaves the connection
+                // idle in the pool for the subscribe to reuse.
+                let warm = self
+                    .streams
+                    .get(self.url("/nope"))
+                    .send()
+                    .await
+                    .expect("request");
+                let _ = warm.bytes().await;
+            }
+            let r = send().await.expect("subscribe request");
+            let direct = r.headers().get("connection").is_some_and(|v| v == "close");
+            let on_path = match self.transport {
+                Transport::Http1Direct => r.status() != 200 || direct,
+                // The pool may have opened a fresh connection after all: again.
+                Transport::Http1Hyper => r.status() != 200 || !direct,
+                Transport::H2c => r.version() == reqwest::Version::HTTP_2,
+            };
+            if on_path {
+                return r;
+            }
         }
-        r.send().await.expect("subscribe request")
+        panic!("a subscribe never took the {:?} path", self.transport);
     }
 
     /// Subscribes and returns the open stream (asserts 200 and the SSE headers).
@@ -316,34 +491,25 @@ impl Herald {
 
     /// Waits until `series` reaches `value`.
     pub async fn wait_metric(&self, series: &str, value: f64) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let v = self.metric(series).await;
-            if v == value {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{series} stayed {v}, expected {value}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(WAIT, format!("{series} never reached {value}"), || async {
+            (self.metric(series).await == value).then_some(())
+        })
+        .await
     }
 
     /// Waits until `/readyz` answers `status`.
     pub async fn wait_ready(&self, status: u16) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (s, _) = self.admin_json("/readyz").await;
-            if s == status {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz stayed {s}, expected {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_ready_within(status, WAIT).await
+    }
+
+    /// Waits until `/readyz` answers `status`, up to `within`.
+    pub async fn wait_ready_within(&self, status: u16, within: Duration) {
+        eventually(
+            within,
+            format!("/readyz never answered {status}"),
+            || async { (self.admin_json("/readyz").await.0 == status).then_some(()) },
+        )
+        .await
     }
 
     /// The NATS subjects this instance is subscribed to (`/admin/nats`).
@@ -373,32 +539,21 @@ impl Herald {
 
     /// Waits until `/admin/policy` satisfies `pred`, returning it.
     pub async fn wait_policy(&self, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        eventually(WAIT, "the policy state never matched", || async {
             let (_, v) = self.admin_json("/admin/policy").await;
-            if pred(&v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "policy state never matched: {v}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            pred(&v).then_some(v)
+        })
+        .await
     }
 
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(s)) = c.try_wait() {
-                    return s;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "herald did not exit within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = &mut self.child;
+        eventually(within, "herald did not exit", || {
+            let status = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            async move { status }
+        })
+        .await
     }
 }
 
@@ -440,28 +595,12 @@ pub fn registration(project: &str, ty: &str, env: Option<&str>, path: Option<&st
     json!({"projectId": project, "register": [{"event": ty, "conditions": cond}]})
 }
 
-/// One parsed SSE message (or comment).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SseEvent {
-    pub id: Option<String>,
-    pub event: Option<String>,
-    pub data: String,
-    pub retry: Option<u64>,
-    pub comment: bool,
-}
-
-impl SseEvent {
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.data).unwrap_or(Value::Null)
-    }
-}
-
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
 /// A minimal, strict SSE client over a real HTTP response.
 pub struct SseClient {
     stream: ByteStream,
-    buf: Vec<u8>,
+    parser: Parser,
     pub ended: bool,
     pub headers: reqwest::header::HeaderMap,
 }
@@ -490,45 +629,17 @@ impl SseClient {
         );
         SseClient {
             stream: Box::pin(resp.bytes_stream()),
-            buf: Vec::new(),
+            parser: Parser::strict(),
             ended: false,
             headers,
         }
-    }
-
-    fn parse_one(&mut self) -> Option<SseEvent> {
-        let pos = self.buf.windows(2).position(|w| w == b"\n\n")?;
-        let block: Vec<u8> = self.buf.drain(..pos + 2).collect();
-        let text = String::from_utf8(block).expect("SSE is UTF-8");
-        let mut ev = SseEvent::default();
-        let mut data = Vec::new();
-        for line in text.lines() {
-            assert!(!line.contains('\r'), "CR inside an SSE line: {line:?}");
-            if line.is_empty() {
-                continue;
-            }
-            if line.starts_with(':') {
-                ev.comment = true;
-                continue;
-            }
-            let (k, v) = line.split_once(": ").unwrap_or((line, ""));
-            match k {
-                "id" => ev.id = Some(v.to_owned()),
-                "event" => ev.event = Some(v.to_owned()),
-                "data" => data.push(v.to_owned()),
-                "retry" => ev.retry = v.parse().ok(),
-                other => panic!("unknown SSE field {other:?} in {text:?}"),
-            }
-        }
-        ev.data = data.join("\n");
-        Some(ev)
     }
 
     /// The next message or comment; `None` when the stream ended. Panics after `within`.
     pub async fn next_raw(&mut self, within: Duration) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if let Some(ev) = self.parse_one() {
+            if let Some(ev) = self.parser.next() {
                 return Some(ev);
             }
             if self.ended {
@@ -536,7 +647,7 @@ impl SseClient {
             }
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Err(_) => panic!("no SSE message within {within:?}"),
-                Ok(Some(Ok(b))) => self.buf.extend_from_slice(&b),
+                Ok(Some(Ok(b))) => self.parser.push(&b),
                 Ok(Some(Err(_))) | Ok(None) => self.ended = true,
             }
         }
@@ -547,7 +658,7 @@ impl SseClient {
         loop {
             match self.next_raw(WAIT).await {
                 None => panic!("stream ended while waiting for an event"),
-                Some(ev) if ev.comment || (ev.event.is_none() && ev.data.is_empty()) => continue,
+                Some(ev) if ev.is_meta() => continue,
                 Some(ev) => return ev,
             }
         }

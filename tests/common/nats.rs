@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::WAIT;
+use super::{eventually, WAIT};
 
 /// Finds nats-server, or fails saying how to get one.
 fn binary() -> PathBuf {
@@ -288,9 +288,7 @@ impl NatsCluster {
     }
 
     async fn wait_mesh(&self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let mut ok = true;
+        eventually(WAIT, "the NATS cluster did not form", || async {
             for n in &self.nodes {
                 let v = n.monitor("/routez").await;
                 let peers: std::collections::HashSet<String> = v["routes"]
@@ -299,14 +297,13 @@ impl NatsCluster {
                     .flatten()
                     .filter_map(|r| r["remote_id"].as_str().map(str::to_owned))
                     .collect();
-                ok &= peers.len() >= 2;
+                if peers.len() < 2 {
+                    return None;
+                }
             }
-            if ok {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the NATS cluster did not form");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Some(())
+        })
+        .await
     }
 
     /// Every node's URL, for a client that should fail over.
