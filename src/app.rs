@@ -24,7 +24,7 @@ use crate::http::cors::Cors;
 use crate::http::{self, ServeOptions};
 use crate::limits::{ConnectionLimiter, RateLimiter};
 use crate::metrics::Metrics;
-use crate::policy::{Authorizer, PolicySource, Reloader};
+use crate::policy::{Authorizer, PolicySource, Problems, Reloader};
 use crate::publish::{PublishError, Publisher};
 use crate::request::SubscribeLimits;
 use crate::router::Router;
@@ -38,10 +38,21 @@ pub struct Running {
     /// Bound admin address.
     pub admin_addr: SocketAddr,
     config: Config,
+    core: Core,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The components every other one is built on.
+#[derive(Clone)]
+struct Core {
+    metrics: Arc<Metrics>,
+    authorizer: Arc<Authorizer>,
     router: Arc<Router>,
     bus: Arc<Bus>,
+    cluster: Option<Arc<Cluster>>,
+    local: Arc<LocalView>,
+    limiter: Arc<ConnectionLimiter>,
     shutdown: Shutdown,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 /// A listening socket with SO_REUSEADDR, so a restarted instance can take its
@@ -70,23 +81,58 @@ pub async fn start(
     verifier: Verifier,
     policy: PolicySource,
 ) -> anyhow::Result<Running> {
+    let core = core(&config, &policy).await?;
+    let public = listen(config.server.listen, "server.listen")?;
+    let admin = listen(config.server.admin_listen, "server.admin_listen")?;
+    let (public_addr, admin_addr) = (public.local_addr()?, admin.local_addr()?);
+    let opts = ServeOptions {
+        header_read_timeout: config.server.header_read_timeout,
+        body_read_timeout: config.server.body_read_timeout,
+        max_body_bytes: config.limits.max_body_bytes,
+    };
+    // Connections left after the drain get this much longer to finish.
+    let close_deadline = Duration::from_secs(2);
+    let api = Arc::new(public_api(&config, &core, Arc::new(verifier)));
+    let mut tasks = vec![
+        tokio::spawn(http::serve(
+            public,
+            api,
+            opts,
+            core.shutdown.clone(),
+            close_deadline,
+        )),
+        tokio::spawn(http::serve(
+            admin,
+            Arc::new(admin_api(&core)),
+            opts,
+            core.shutdown.clone(),
+            close_deadline,
+        )),
+    ];
+    tasks.extend(background(&config, &core, &policy));
+    Ok(Running {
+        public_addr,
+        admin_addr,
+        config,
+        core,
+        tasks,
+    })
+}
+
+/// Metrics, policy, router, bus, cluster view, limits.
+async fn core(config: &Config, policy: &PolicySource) -> anyhow::Result<Core> {
     let metrics = Arc::new(Metrics::new());
     Metrics::preset(&metrics.subscriptions, SubscribeError::LABELS);
     Metrics::preset(&metrics.publishes, PublishError::LABELS);
-    let authorizer = Authorizer::new(&policy, config.policy.cache_size, metrics.clone())
+    let authorizer = Authorizer::new(policy, config.policy.cache_size, metrics.clone())
         .await
-        .map_err(|problems| {
-            anyhow::anyhow!(
-                "the policy has problems:\n{}",
-                crate::policy::Problems(problems)
-            )
-        })?;
+        .map_err(|p| anyhow::anyhow!("the policy has problems:\n{}", Problems(p)))?;
     let authorizer = Arc::new(authorizer);
     let router = Arc::new(Router::new(authorizer.clone(), metrics.clone()));
     let instance_id = uuid::Uuid::new_v4().simple().to_string();
-    let shutdown = Shutdown::new();
     let (bus, cluster) = if config.nats.urls.is_empty() {
-        let bus = EmbeddedBus::new(router.clone(), metrics.clone(), config.stream.replay_buffer);
+        let ring = config.stream.replay_buffer;
+        let bus = EmbeddedBus::new(router.clone(), metrics.clone(), ring);
         (Bus::Embedded(bus), None)
     } else {
         let bus = NatsBus::connect(
@@ -99,109 +145,102 @@ pub async fn start(
             config.stream.retry,
         )
         .await?;
-        let cluster = Arc::new(Cluster::new(
-            instance_id.clone(),
-            config.nats.presence_interval,
-        ));
+        let interval = config.nats.presence_interval;
+        let cluster = Arc::new(Cluster::new(instance_id.clone(), interval));
         (Bus::Nats(bus), Some(cluster))
     };
-    let bus = Arc::new(bus);
-    let verifier = Arc::new(verifier);
-    let limiter = Arc::new(ConnectionLimiter::new(
-        &config.limits,
-        crate::rlimit::stream_cap(&config.limits, crate::rlimit::current()),
-    ));
+    let cap = crate::rlimit::stream_cap(&config.limits, crate::rlimit::current());
+    let limiter = Arc::new(ConnectionLimiter::new(&config.limits, cap));
     let local = Arc::new(LocalView {
         instance_id,
         router: router.clone(),
         authorizer: authorizer.clone(),
         limiter: limiter.clone(),
     });
-    let api = Api {
-        subscriptions: Arc::new(Subscriptions {
-            verifier: verifier.clone(),
-            authorizer: authorizer.clone(),
-            router: router.clone(),
-            bus: bus.clone(),
-            limiter,
-            rate: RateLimiter::new(config.limits.subscribe_rate, config.limits.subscribe_burst),
-            cluster: cluster.clone(),
-            limits: SubscribeLimits {
-                max_registrations: config.limits.max_registrations,
-                max_registration_bytes: config.limits.max_registration_bytes,
-            },
-            streams: StreamDefaults {
-                queue_frames: config.stream.queue_frames,
-                heartbeat: config.stream.heartbeat,
-                retry: config.stream.retry,
-                close_timeout: config.stream.close_timeout,
-            },
-            metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
-        }),
-        publisher: Arc::new(Publisher {
-            verifier,
-            authorizer: authorizer.clone(),
-            bus: bus.clone(),
-            max_event_bytes: config.limits.max_event_bytes,
-            max_batch: config.limits.max_publish_batch,
-            metrics: metrics.clone(),
-        }),
+    Ok(Core {
+        metrics,
+        authorizer,
+        router,
+        bus: Arc::new(bus),
+        cluster,
+        local,
+        limiter,
+        shutdown: Shutdown::new(),
+    })
+}
+
+/// The public listener: the subscribe and publish use cases, CORS, bodies.
+fn public_api(config: &Config, core: &Core, verifier: Arc<Verifier>) -> Api {
+    let limits = &config.limits;
+    let subscriptions = Subscriptions {
+        verifier: verifier.clone(),
+        authorizer: core.authorizer.clone(),
+        router: core.router.clone(),
+        bus: core.bus.clone(),
+        limiter: core.limiter.clone(),
+        rate: RateLimiter::new(limits.subscribe_rate, limits.subscribe_burst),
+        cluster: core.cluster.clone(),
+        limits: SubscribeLimits {
+            max_registrations: limits.max_registrations,
+            max_registration_bytes: limits.max_registration_bytes,
+        },
+        streams: StreamDefaults {
+            queue_frames: config.stream.queue_frames,
+            heartbeat: config.stream.heartbeat,
+            retry: config.stream.retry,
+            close_timeout: config.stream.close_timeout,
+        },
+        metrics: core.metrics.clone(),
+        shutdown: core.shutdown.clone(),
+    };
+    let publisher = Publisher {
+        verifier,
+        authorizer: core.authorizer.clone(),
+        bus: core.bus.clone(),
+        max_event_bytes: limits.max_event_bytes,
+        max_batch: limits.max_publish_batch,
+        metrics: core.metrics.clone(),
+    };
+    Api {
+        subscriptions: Arc::new(subscriptions),
+        publisher: Arc::new(publisher),
         cors: Cors::new(&config.cors.allowed_origins),
         body: BodyLimits {
-            max_bytes: config.limits.max_body_bytes,
+            max_bytes: limits.max_body_bytes,
             timeout: config.server.body_read_timeout,
         },
+    }
+}
+
+/// The admin listener.
+fn admin_api(core: &Core) -> Admin {
+    Admin {
+        metrics: core.metrics.clone(),
+        router: core.router.clone(),
+        authorizer: core.authorizer.clone(),
+        bus: core.bus.clone(),
+        cluster: core.cluster.clone(),
+        local: core.local.clone(),
+        shutdown: core.shutdown.clone(),
+    }
+}
+
+/// The policy reloader and, on NATS, cluster presence; both end at `Stopped`.
+fn background(config: &Config, core: &Core, policy: &PolicySource) -> Vec<JoinHandle<()>> {
+    let stopped = || {
+        let s = core.shutdown.clone();
+        async move { s.reached(Phase::Stopped).await }
     };
-    let admin = Admin {
-        metrics: metrics.clone(),
-        router: router.clone(),
-        authorizer: authorizer.clone(),
-        bus: bus.clone(),
-        cluster: cluster.clone(),
-        local: local.clone(),
-        shutdown: shutdown.clone(),
-    };
-    let public = listen(config.server.listen, "server.listen")?;
-    let admin_listener = listen(config.server.admin_listen, "server.admin_listen")?;
-    let public_addr = public.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-    let opts = ServeOptions {
-        header_read_timeout: config.server.header_read_timeout,
-        body_read_timeout: config.server.body_read_timeout,
-        max_body_bytes: config.limits.max_body_bytes,
-    };
-    // Connections left after the drain get this much longer to finish.
-    let close_deadline = Duration::from_secs(2);
-    let revoker = router.clone();
+    let revoker = core.router.clone();
     let reloader = Reloader::new(
-        authorizer.clone(),
+        core.authorizer.clone(),
         policy.files.clone(),
         Box::new(move |set| revoker.revoke_disallowed(set)),
     );
-    let stopped = || {
-        let s = shutdown.clone();
-        async move { s.reached(Phase::Stopped).await }
-    };
-    let mut tasks = vec![
-        tokio::spawn(http::serve(
-            public,
-            Arc::new(api),
-            opts,
-            shutdown.clone(),
-            close_deadline,
-        )),
-        tokio::spawn(http::serve(
-            admin_listener,
-            Arc::new(admin),
-            opts,
-            shutdown.clone(),
-            close_deadline,
-        )),
-        tokio::spawn(reloader.run(config.policy.watch, config.policy.watch_interval, stopped())),
-    ];
-    if let (Some(cluster), Bus::Nats(nats)) = (cluster, &*bus) {
-        let summary = metrics.clone();
+    let (watch, interval) = (config.policy.watch, config.policy.watch_interval);
+    let mut tasks = vec![tokio::spawn(reloader.run(watch, interval, stopped()))];
+    if let (Some(cluster), Bus::Nats(nats)) = (core.cluster.clone(), &*core.bus) {
+        let (summary, local) = (core.metrics.clone(), core.local.clone());
         tasks.push(tokio::spawn(crate::cluster::run(
             cluster,
             nats.client().clone(),
@@ -214,15 +253,7 @@ pub async fn start(
             stopped(),
         )));
     }
-    Ok(Running {
-        public_addr,
-        admin_addr,
-        config,
-        router,
-        bus,
-        shutdown,
-        tasks,
-    })
+    tasks
 }
 
 impl Running {
@@ -230,17 +261,13 @@ impl Running {
     /// the listeners (which wait for their connections), the policy
     /// reloader, cluster presence, and the bus's own.
     pub async fn drain(self) {
-        crate::shutdown::drain(
-            &self.shutdown,
-            &self.router,
-            &self.config.shutdown,
-            self.config.stream.retry,
-        )
-        .await;
+        let core = &self.core;
+        let retry = self.config.stream.retry;
+        crate::shutdown::drain(&core.shutdown, &core.router, &self.config.shutdown, retry).await;
         for t in self.tasks {
             let _ = t.await;
         }
-        self.bus.close(Duration::from_secs(2)).await;
+        core.bus.close(Duration::from_secs(2)).await;
         tracing::info!("stopped");
     }
 }

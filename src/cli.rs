@@ -68,28 +68,31 @@ struct ServeArgs {
 #[derive(Subcommand, Debug)]
 enum TokenCmd {
     /// Print a signed token.
-    Mint {
-        #[command(flatten)]
-        cfg: ConfigArgs,
-        /// The subject (`sub` claim), the identity policies name.
-        #[arg(long)]
-        sub: String,
-        /// Lifetime, e.g. `1h`, `30m`.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-        /// Algorithm: HS256/384/512 (uses auth.hs_secret) or RS256/ES256/EdDSA (needs --key).
-        #[arg(long, default_value = "HS256")]
-        alg: String,
-        /// PEM private key for RS256, ES256 or EdDSA.
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// `iss` claim (default: auth.issuer).
-        #[arg(long)]
-        iss: Option<String>,
-        /// `aud` claim (default: auth.audience).
-        #[arg(long)]
-        aud: Option<String>,
-    },
+    Mint(MintArgs),
+}
+
+#[derive(Args, Debug)]
+struct MintArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// The subject (`sub` claim), the identity policies name.
+    #[arg(long)]
+    sub: String,
+    /// Lifetime, e.g. `1h`, `30m`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Algorithm: HS256/384/512 (uses auth.hs_secret) or RS256/ES256/EdDSA (needs --key).
+    #[arg(long, default_value = "HS256")]
+    alg: String,
+    /// PEM private key for RS256, ES256 or EdDSA.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// `iss` claim (default: auth.issuer).
+    #[arg(long)]
+    iss: Option<String>,
+    /// `aud` claim (default: auth.audience).
+    #[arg(long)]
+    aud: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,28 +134,31 @@ enum PolicyCmd {
     },
     /// Explain one decision: allow or deny, and the lines and roles that decided it.
     /// Exit code 0 for allow, 1 for deny, 2 for bad input.
-    Explain {
-        #[command(flatten)]
-        files: PolicyFiles,
-        /// The identity (a token's `sub`).
-        #[arg(long)]
-        sub: String,
-        /// Project id.
-        #[arg(long)]
-        project: String,
-        /// Event type, e.g. secret:updated.
-        #[arg(long)]
-        event: String,
-        /// Environment slug.
-        #[arg(long)]
-        env: String,
-        /// Secret folder path, e.g. /apps/db.
-        #[arg(long)]
-        path: String,
-        /// subscribe or publish.
-        #[arg(long, default_value = "subscribe")]
-        action: String,
-    },
+    Explain(ExplainArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExplainArgs {
+    #[command(flatten)]
+    files: PolicyFiles,
+    /// The identity (a token's `sub`).
+    #[arg(long)]
+    sub: String,
+    /// Project id.
+    #[arg(long)]
+    project: String,
+    /// Event type, e.g. secret:updated.
+    #[arg(long)]
+    event: String,
+    /// Environment slug.
+    #[arg(long)]
+    env: String,
+    /// Secret folder path, e.g. /apps/db.
+    #[arg(long)]
+    path: String,
+    /// subscribe or publish.
+    #[arg(long, default_value = "subscribe")]
+    action: String,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -214,135 +220,119 @@ fn load(cfg: &ConfigArgs, overrides: &[(&str, figment::value::Value)]) -> anyhow
 
 async fn run(command: Command) -> anyhow::Result<i32> {
     match command {
+        // `main` runs `serve` itself: its config sizes the runtime.
         Command::Serve(args) => {
             let cfg = serve_config(&args)?;
             serve(args, cfg).await.map(|_| 0)
         }
         Command::Config(ConfigCmd::Print(cfg)) => {
-            let c = load(&cfg, &[])?;
-            print!("{}", c.redacted());
+            print!("{}", load(&cfg, &[])?.redacted());
             Ok(0)
         }
-        Command::Token(TokenCmd::Mint {
-            cfg,
-            sub,
-            ttl,
-            alg,
-            key,
-            iss,
-            aud,
-        }) => {
-            let c = load(&cfg, &[])?;
-            let a =
-                parse_algorithm(&alg).with_context(|| format!("unsupported algorithm {alg:?}"))?;
-            let signer = match key {
-                Some(k) => {
-                    let pem = std::fs::read(&k)
-                        .with_context(|| format!("cannot read {}", k.display()))?;
-                    Signer::from_pem(a, &pem)?
-                }
-                None => {
-                    if !alg.starts_with("HS") {
-                        bail!("{alg} needs --key PRIVATE_KEY.pem");
-                    }
-                    let secret = hs_secret(&c.auth)?.context(
-                        "no HS secret configured: set auth.hs_secret (HERALD_AUTH__HS_SECRET) or auth.hs_secret_file, or pass --key",
-                    )?;
-                    Signer::hmac(a, &secret)?
-                }
-            };
-            let iss = iss.or(c.auth.issuer.clone());
-            let aud = aud.or(c.auth.audience.clone());
+        Command::Token(TokenCmd::Mint(args)) => mint(args),
+        Command::Policy(PolicyCmd::Explain(args)) => explain(args).await,
+        Command::Policy(PolicyCmd::Check { files }) => check(files).await,
+    }
+}
+
+/// `herald token mint`.
+fn mint(args: MintArgs) -> anyhow::Result<i32> {
+    let MintArgs {
+        cfg,
+        sub,
+        ttl,
+        alg,
+        key,
+        iss,
+        aud,
+    } = args;
+    let c = load(&cfg, &[])?;
+    let a = parse_algorithm(&alg).with_context(|| format!("unsupported algorithm {alg:?}"))?;
+    let signer = match key {
+        Some(k) => {
+            let pem = std::fs::read(&k).with_context(|| format!("cannot read {}", k.display()))?;
+            Signer::from_pem(a, &pem)?
+        }
+        None => {
+            if !alg.starts_with("HS") {
+                bail!("{alg} needs --key PRIVATE_KEY.pem");
+            }
+            let secret = hs_secret(&c.auth)?.context(
+                "no HS secret configured: set auth.hs_secret (HERALD_AUTH__HS_SECRET) or auth.hs_secret_file, or pass --key",
+            )?;
+            Signer::hmac(a, &secret)?
+        }
+    };
+    let iss = iss.or(c.auth.issuer.clone());
+    let aud = aud.or(c.auth.audience.clone());
+    println!(
+        "{}",
+        signer.mint(&sub, ttl, iss.as_deref(), aud.as_deref())?
+    );
+    Ok(0)
+}
+
+/// `herald policy explain`: 0 allow, 1 deny, 2 bad input.
+async fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
+    let (model, policy) = args.files.paths()?;
+    let src = PolicySource::read(&model, &policy).map_err(problems_error)?;
+    let set = PolicySet::compile(&src, 1).await.map_err(problems_error)?;
+    let request = || -> Result<(Principal, EventKey, Action), (&'static str, String)> {
+        let identity = Principal::parse(&args.sub)
+            .map_err(|e| ("--sub", format!("not an identity: it {e}")))?;
+        let event_type = EventType::parse(&args.event).ok_or_else(|| {
+            let names = EventType::accepted_names();
+            (
+                "--event",
+                format!("unknown event type; expected one of {names}"),
+            )
+        })?;
+        let key = EventKey {
+            project: ProjectId::parse(&args.project).map_err(|e| ("--project", e.to_string()))?,
+            event_type,
+            env: EnvSlug::parse(&args.env).map_err(|e| ("--env", e.to_string()))?,
+            path: SecretPath::parse(&args.path).map_err(|e| ("--path", e.to_string()))?,
+        };
+        let act = match args.action.as_str() {
+            "subscribe" => Action::Subscribe,
+            "publish" => Action::Publish,
+            _ => return Err(("--action", "must be subscribe or publish".into())),
+        };
+        Ok((identity, key, act))
+    };
+    let (identity, key, act) = match request() {
+        Ok(r) => r,
+        Err((flag, e)) => {
+            eprintln!("herald: {flag}: {e}");
+            return Ok(2);
+        }
+    };
+    let ex = set.explain(&identity, &key, act);
+    print!("{ex}");
+    Ok(if ex.allowed { 0 } else { 1 })
+}
+
+/// `herald policy check`: every problem with its line, exit 1 on any.
+async fn check(files: PolicyFiles) -> anyhow::Result<i32> {
+    let (model, policy) = files.paths()?;
+    let compiled = match PolicySource::read(&model, &policy) {
+        Ok(src) => PolicySet::compile(&src, 1).await,
+        Err(problems) => Err(problems),
+    };
+    match compiled {
+        Ok(set) => {
+            let (rules, links) = set.size();
             println!(
-                "{}",
-                signer.mint(&sub, ttl, iss.as_deref(), aud.as_deref())?
+                "ok: {rules} rules, {links} role links, fingerprint {}",
+                set.fingerprint
             );
             Ok(0)
         }
-        Command::Policy(PolicyCmd::Explain {
-            files,
-            sub,
-            project,
-            event,
-            env,
-            path,
-            action,
-        }) => {
-            let (model, policy) = files.paths()?;
-            let src = PolicySource::read(&model, &policy).map_err(problems_error)?;
-            let set = PolicySet::compile(&src, 1).await.map_err(problems_error)?;
-            let bad = |what: &str, e: String| {
-                eprintln!("herald: {what}: {e}");
-                Ok(2)
-            };
-            let project = match ProjectId::parse(&project) {
-                Ok(p) => p,
-                Err(e) => return bad("--project", e.to_string()),
-            };
-            let Some(ty) = EventType::parse(&event) else {
-                return bad(
-                    "--event",
-                    format!(
-                        "unknown event type; expected one of {}",
-                        EventType::accepted_names()
-                    ),
-                );
-            };
-            let env = match EnvSlug::parse(&env) {
-                Ok(e) => e,
-                Err(e) => return bad("--env", e.to_string()),
-            };
-            let path = match SecretPath::parse(&path) {
-                Ok(p) => p,
-                Err(e) => return bad("--path", e.to_string()),
-            };
-            let act = match action.as_str() {
-                "subscribe" => Action::Subscribe,
-                "publish" => Action::Publish,
-                _ => return bad("--action", "must be subscribe or publish".into()),
-            };
-            let identity = match Principal::parse(&sub) {
-                Ok(i) => i,
-                Err(e) => return bad("--sub", format!("not an identity: it {e}")),
-            };
-            let key = EventKey {
-                project,
-                event_type: ty,
-                env,
-                path,
-            };
-            let ex = set.explain(&identity, &key, act);
-            print!("{ex}");
-            Ok(if ex.allowed { 0 } else { 1 })
-        }
-        Command::Policy(PolicyCmd::Check { files }) => {
-            let (model, policy) = files.paths()?;
-            let src = match PolicySource::read(&model, &policy) {
-                Ok(s) => s,
-                Err(problems) => {
-                    for p in problems {
-                        println!("{p}");
-                    }
-                    return Ok(1);
-                }
-            };
-            match PolicySet::compile(&src, 1).await {
-                Ok(set) => {
-                    println!(
-                        "ok: {} rules, {} role links, fingerprint {}",
-                        set.size().0,
-                        set.size().1,
-                        set.fingerprint
-                    );
-                    Ok(0)
-                }
-                Err(problems) => {
-                    for p in problems {
-                        println!("{p}");
-                    }
-                    Ok(1)
-                }
+        Err(problems) => {
+            for p in problems {
+                println!("{p}");
             }
+            Ok(1)
         }
     }
 }

@@ -315,28 +315,7 @@ impl Event {
                 ))
             }
         };
-        for (name, v) in &raw.extensions {
-            // CloudEvents 1.0: attribute names are lower-case ASCII letters or digits, at most 20.
-            let ok_name = !name.is_empty()
-                && name.len() <= 20
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-            if !ok_name {
-                return Err(EventError::new(
-                    name,
-                    EventErrorKind::BadAttribute,
-                    "unknown attribute; extension names are 1-20 lower-case letters or digits",
-                ));
-            }
-            if !(v.is_string() || v.is_number() || v.is_boolean()) {
-                return Err(EventError::new(
-                    name,
-                    EventErrorKind::BadAttribute,
-                    "extension values must be strings, numbers or booleans",
-                ));
-            }
-        }
+        check_extensions(&raw.extensions)?;
 
         let mut out = Map::new();
         out.insert("specversion".into(), Value::from("1.0"));
@@ -391,6 +370,33 @@ impl Event {
             secret_keys,
         })
     }
+}
+
+/// CloudEvents 1.0 extension attributes: names of 1 to 20 lower-case ASCII
+/// letters or digits, scalar values.
+fn check_extensions(extensions: &Map<String, Value>) -> Result<(), EventError> {
+    for (name, v) in extensions {
+        let ok_name = !name.is_empty()
+            && name.len() <= 20
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !ok_name {
+            return Err(EventError::new(
+                name,
+                EventErrorKind::BadAttribute,
+                "unknown attribute; extension names are 1-20 lower-case letters or digits",
+            ));
+        }
+        if !(v.is_string() || v.is_number() || v.is_boolean()) {
+            return Err(EventError::new(
+                name,
+                EventErrorKind::BadAttribute,
+                "extension values must be strings, numbers or booleans",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The current time as RFC 3339 (UTC).

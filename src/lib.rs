@@ -7,31 +7,49 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the typed, layered configuration (figment).
-//! - [`ident`], [`path`], [`event`], [`interest`]: checked domain types; nothing
-//!   past the HTTP edge holds an unchecked value.
-//! - [`subject`]: the NATS subject scheme, both ways.
-//! - [`auth`]: bearer tokens (JWT) in, identities out.
-//! - [`policy`]: casbin policies, herald's match functions, the decision cache.
-//! - [`bus`]: the seam events enter through: the embedded in-process bus with
-//!   its replay ring, or NATS with interest-based subscriptions.
-//! - [`router`]: which open streams want an event, and may see it.
-//! - [`stream`], [`sse`]: one client's bounded queue and SSE framing.
-//! - [`cluster`]: instances that see each other over NATS (presence, drift,
-//!   cluster-wide limits).
-//! - [`limits`], [`rlimit`]: connection and rate limits, and the share of
-//!   the open-file limit streams may take.
-//! - [`http`]: listeners, the public API, the admin API, error mapping.
-//! - [`metrics`]: Prometheus series.
-//! - [`shutdown`]: the drain signal every task follows.
-//! - [`app`], [`cli`]: wiring and the command line.
+//! Domain values, checked once at the edge (nothing past it holds an
+//! unchecked value):
+//! - [`ident`] (project ids, environment slugs, the [`ident::Principal`]
+//!   a token names, never a role), [`path`] (secret paths and linear-time
+//!   patterns), [`event`] (the event-type table, the CloudEvents envelope,
+//!   [`event::EventKey`]), [`interest`] (one registration), [`request`] (a
+//!   subscribe request, with the field of every refusal).
+//!
+//! The stream, from an event to bytes:
+//! - [`delivery`]: an accepted event, numbered, encoded once per dialect.
+//! - [`protocol`]: every byte a client sees: the dialects, the typed
+//!   control events, heartbeats.
+//! - [`stream`]: one client's bounded queue and the state machine that
+//!   drains it, independent of the transport.
+//! - [`router`]: which open streams want an event and may see it.
+//! - [`bus`]: where events enter (the embedded ring, or NATS with JetStream
+//!   replay); one resume routine for both; [`subject`] is the NATS subject
+//!   scheme.
+//!
+//! The use cases, which know nothing of HTTP:
+//! - [`subscribe`]: who may open which stream, and opening it.
+//! - [`publish`]: validating, permitting and publishing events.
+//! - [`auth`] (tokens in, a caller out), [`policy`] (casbin, the decision
+//!   cache, live reloads), [`limits`] and [`rlimit`] (stream slots, the
+//!   subscribe rate, the open-file reserve), [`cluster`] (instances seen
+//!   over NATS).
+//!
+//! Around them:
+//! - [`http`]: the listeners, the direct HTTP/1 stream writer, the routes,
+//!   and the one mapping from errors to responses.
+//! - [`metrics`]: Prometheus series. [`shutdown`]: the phases and the drain.
+//! - [`setting`] (what config sections share), [`config`] (composes the
+//!   sections each component owns, and layers them), [`app`] (wiring),
+//!   [`cli`] (the command line).
 //!
 //! # The hot path
 //!
-//! publish -> [`event::Event`] validated once -> bus numbers it and encodes the
-//! SSE frame once ([`bytes::Bytes`]) -> [`router::Router::dispatch`] matches
-//! registrations, asks the cached permission check, and pushes the same bytes
-//! into each connection's bounded queue -> [`stream::SseStream`] writes them.
+//! publish -> [`event::Event`] validated once -> the bus numbers it
+//! ([`delivery::Delivery`]) -> [`router::Router::dispatch`] matches the
+//! registration groups with no lock held, asks the cached permission check,
+//! and pushes the same delivery into each stream's bounded queue ->
+//! [`stream::SseStream`] yields it -> the writer takes its bytes, encoded
+//! once per dialect for every stream ([`delivery::Delivery::encoded`]).
 
 pub mod app;
 pub mod auth;

@@ -182,43 +182,8 @@ impl Subscriptions {
     ) -> Result<SseStream, SubscribeError> {
         let SubscribeRequest { project, interests } = req;
         let identity = &caller.identity;
-        let policy = self.authorizer.current();
-        if let Some((index, interest)) = interests
-            .iter()
-            .enumerate()
-            .find(|(_, it)| !policy.may_subscribe(identity, &project, it))
-        {
-            self.metrics
-                .permission_denied
-                .with_label_values(&["subscribe"])
-                .inc();
-            return Err(SubscribeError::Forbidden {
-                identity: identity.clone(),
-                project,
-                index,
-                interest: interest.clone(),
-            });
-        }
-        let elsewhere = self
-            .cluster
-            .as_ref()
-            .map(|c| c.streams_elsewhere(identity, &project))
-            .unwrap_or_default();
-        let slot = self
-            .limiter
-            .acquire(identity, &project, elsewhere)
-            .map_err(|limit| {
-                self.metrics
-                    .limit_rejections
-                    .with_label_values(&[limit.label()])
-                    .inc();
-                SubscribeError::Limited {
-                    limit,
-                    value: self.limiter.value(limit),
-                    identity: identity.clone(),
-                    project: project.clone(),
-                }
-            })?;
+        self.check_permission(identity, &project, &interests)?;
+        let slot = self.take_slot(identity, &project)?;
         let settings = StreamSettings {
             dialect,
             queue_frames: self.streams.queue_frames,
@@ -255,6 +220,60 @@ impl Subscriptions {
             .await
             .map_err(SubscribeError::BusUnavailable)?;
         Ok(stream)
+    }
+
+    /// Every registration must be allowed; the first that is not is named.
+    fn check_permission(
+        &self,
+        identity: &Principal,
+        project: &ProjectId,
+        interests: &[Interest],
+    ) -> Result<(), SubscribeError> {
+        let policy = self.authorizer.current();
+        let Some((index, interest)) = interests
+            .iter()
+            .enumerate()
+            .find(|(_, it)| !policy.may_subscribe(identity, project, it))
+        else {
+            return Ok(());
+        };
+        self.metrics
+            .permission_denied
+            .with_label_values(&["subscribe"])
+            .inc();
+        Err(SubscribeError::Forbidden {
+            identity: identity.clone(),
+            project: project.clone(),
+            index,
+            interest: interest.clone(),
+        })
+    }
+
+    /// A stream slot, counting what the identity holds on other instances.
+    fn take_slot(
+        &self,
+        identity: &Principal,
+        project: &ProjectId,
+    ) -> Result<crate::limits::ConnectionSlot, SubscribeError> {
+        let elsewhere = self
+            .cluster
+            .as_ref()
+            .map(|c| c.streams_elsewhere(identity, project))
+            .unwrap_or_default();
+        self.limiter
+            .acquire(identity, project, elsewhere)
+            .map_err(|limit| {
+                self.metrics
+                    .limit_rejections
+                    .with_label_values(&[limit.label()])
+                    .inc();
+                SubscribeError::Limited {
+                    limit,
+                    value: self.limiter.value(limit),
+                    identity: identity.clone(),
+                    project: project.clone(),
+                }
+            })
     }
 
     /// Counts one subscribe's outcome.

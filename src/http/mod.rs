@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::setting::{self, Invalid};
 use crate::shutdown::{Phase, Shutdown};
@@ -208,6 +208,72 @@ impl AcceptBackoff {
     }
 }
 
+/// What one connection's task needs.
+struct ConnectionParts<H> {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    opts: ServeOptions,
+    watcher: hyper_util::server::graceful::Watcher,
+    abort: Arc<ConnectionAbort>,
+    writers: TaskTracker,
+}
+
+/// Serves one connection: an HTTP/1 stream request first on it goes to
+/// `direct` (its stream then runs as a task of its own); everything else to
+/// hyper, with the bytes already read put back in front.
+async fn serve_connection<H: Handler>(parts: ConnectionParts<H>) {
+    let ConnectionParts {
+        mut tcp,
+        peer,
+        handler,
+        builder,
+        opts,
+        watcher,
+        abort,
+        writers,
+    } = parts;
+    // A task is as large as its largest state: every long wait inside is
+    // boxed, and an HTTP/1 stream moves to a small task of its own.
+    let prefix = if handler.serves_streams() {
+        let is_stream = |m: &Method, p: &str| handler.is_stream(m, p);
+        match Box::pin(direct::read_first(&mut tcp, &opts, is_stream)).await {
+            direct::First::Done => return,
+            direct::First::Pass(prefix) => prefix,
+            direct::First::Stream(mut req) => {
+                req.extensions_mut().insert(abort.clone());
+                let version = req.version();
+                let resp = Box::pin(handler.handle(req, peer)).await;
+                if let Some(writer) = Box::pin(direct::respond(tcp, version, resp)).await {
+                    // The stream in a task of its own, dropped with its
+                    // connection if it cannot end.
+                    writers.spawn(DropWhenStuck::new(writer, abort));
+                }
+                return;
+            }
+        }
+    } else {
+        let mut first = [0u8; 1];
+        let peek = tokio::time::timeout(opts.header_read_timeout, tcp.peek(&mut first));
+        match Box::pin(peek).await {
+            Ok(Ok(n)) if n > 0 => Bytes::new(),
+            _ => return, // silent, closed or failed before the first byte
+        }
+    };
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let mut req = req.map(RequestBody::Incoming);
+        req.extensions_mut().insert(abort.clone());
+        let h = handler.clone();
+        async move { Ok::<_, Infallible>(h.handle(req, peer).await) }
+    });
+    let io = TokioIo::new(direct::Prefixed::new(prefix, tcp));
+    let conn = builder.serve_connection(io, service);
+    if let Err(e) = Box::pin(watcher.watch(conn.into_owned())).await {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
+}
+
 /// Accepts and serves connections until `shutdown` reaches `Phase::Stopped`,
 /// then waits up to `deadline` for open connections to finish.
 pub async fn serve<H: Handler>(
@@ -258,57 +324,17 @@ pub async fn serve<H: Handler>(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let watcher = graceful.watcher();
-        let handler = handler.clone();
-        let builder = builder.clone();
         let abort = Arc::new(ConnectionAbort::default());
-        let for_requests = abort.clone();
-        let writers = tasks.clone();
-        // A task is as large as its largest state: every long wait inside is
-        // boxed, and an HTTP/1 stream moves to a small task of its own.
-        let connection = async move {
-            let mut tcp = tcp;
-            let prefix = match handler.serves_streams() {
-                false => {
-                    let mut first = [0u8; 1];
-                    let peek = tokio::time::timeout(opts.header_read_timeout, tcp.peek(&mut first));
-                    match Box::pin(peek).await {
-                        Ok(Ok(n)) if n > 0 => Bytes::new(),
-                        _ => return, // silent, closed or failed before the first byte
-                    }
-                }
-                true => {
-                    let is_stream = |m: &Method, p: &str| handler.is_stream(m, p);
-                    match Box::pin(direct::read_first(&mut tcp, &opts, is_stream)).await {
-                        direct::First::Done => return,
-                        direct::First::Pass(prefix) => prefix,
-                        direct::First::Stream(mut req) => {
-                            req.extensions_mut().insert(for_requests.clone());
-                            let version = req.version();
-                            let resp = Box::pin(handler.handle(req, peer)).await;
-                            let writer = Box::pin(direct::respond(tcp, version, resp)).await;
-                            if let Some(writer) = writer {
-                                // The stream in a task of its own, dropped
-                                // with its connection if it cannot end.
-                                writers.spawn(DropWhenStuck::new(writer, for_requests));
-                            }
-                            return;
-                        }
-                    }
-                }
-            };
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let mut req = req.map(RequestBody::Incoming);
-                req.extensions_mut().insert(for_requests.clone());
-                let h = handler.clone();
-                async move { Ok::<_, Infallible>(h.handle(req, peer).await) }
-            });
-            let io = TokioIo::new(direct::Prefixed::new(prefix, tcp));
-            let conn = builder.serve_connection(io, service);
-            if let Err(e) = Box::pin(watcher.watch(conn.into_owned())).await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        };
+        let connection = serve_connection(ConnectionParts {
+            tcp,
+            peer,
+            handler: handler.clone(),
+            builder: builder.clone(),
+            opts,
+            watcher: graceful.watcher(),
+            abort: abort.clone(),
+            writers: tasks.clone(),
+        });
         // A stream that cannot write its closing event drops the connection
         // (see `stuck`).
         tasks.spawn(DropWhenStuck::new(connection, abort));

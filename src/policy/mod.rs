@@ -238,31 +238,10 @@ impl PolicySet {
                 ),
             )]);
         }
-        let mut norm: Vec<String> = parsed
-            .rules
-            .iter()
-            .chain(parsed.links.iter())
-            .map(|r| r.join(","))
-            .collect();
-        norm.sort();
-        let mut h = Fnv::new();
-        for l in src
-            .model
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            h.write(l.as_bytes());
-            h.write(b"\n");
-        }
-        for l in &norm {
-            h.write(l.as_bytes());
-            h.write(b"\n");
-        }
         Ok(PolicySet {
             enforcer,
             generation,
-            fingerprint: format!("{:016x}", h.0),
+            fingerprint: fingerprint(&src.model, &parsed),
             loaded_at: SystemTime::now(),
             parsed,
             policy_name: src.policy_name.clone(),
@@ -366,6 +345,29 @@ fn casbin_link(link: &[String]) -> Vec<String> {
         casbin_name(&link[1]),
         link[2].clone(),
     ]
+}
+
+/// The policy's fingerprint: FNV-1a over the model's meaningful lines and
+/// the sorted normalized rules and links, the same on every instance that
+/// loaded the same policy, whatever the order or comments of its files.
+fn fingerprint(model: &str, parsed: &ParsedPolicy) -> String {
+    let mut norm: Vec<String> = parsed
+        .rules
+        .iter()
+        .chain(parsed.links.iter())
+        .map(|r| r.join(","))
+        .collect();
+    norm.sort();
+    let mut h = Fnv::new();
+    let model_lines = model
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    for l in model_lines.chain(norm.iter().map(String::as_str)) {
+        h.write(l.as_bytes());
+        h.write(b"\n");
+    }
+    format!("{:016x}", h.0)
 }
 
 /// FNV-1a, 64 bit: a stable fingerprint across processes and versions.

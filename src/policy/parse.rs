@@ -69,116 +69,124 @@ pub(crate) fn parse_policy(name: &str, text: &str) -> Result<ParsedPolicy, Vec<P
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        if trimmed.contains('"') {
-            problems.push(Problem::new(
-                name,
-                line,
-                "quotes are not supported in herald policies",
-            ));
-            continue;
-        }
         let fields: Vec<String> = trimmed.split(',').map(|f| f.trim().to_owned()).collect();
-        let mut err = |m: String| problems.push(Problem::new(name, line, m));
-        match fields[0].as_str() {
-            "p" => {
-                if fields.len() != 8 {
-                    err(format!(
-                        "a `p` line has 7 fields (subject, project, event type, action, environment, path, allow|deny); found {}",
-                        fields.len() - 1
-                    ));
-                    continue;
-                }
-                let f = &fields[1..];
-                let before = problems.len();
-                let mut err = |m: String| problems.push(Problem::new(name, line, m));
-                if let Some(m) = subject_problem("subject", &f[0]) {
-                    err(m);
-                }
-                if !is_pattern_ident(&f[1]) {
-                    err(format!("project {:?} must be `*` or a project id (A-Z a-z 0-9 _ -, `*` as wildcard)", f[1]));
-                }
-                if !EVENT_TYPES.iter().any(|d| glob_match(&f[2], d.name)) {
-                    err(format!(
-                        "event type {:?} matches no known event type ({})",
-                        f[2],
-                        EVENT_TYPES
-                            .iter()
-                            .map(|d| d.name)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
-                }
-                if f[3] != "subscribe" && f[3] != "publish" {
-                    err(format!(
-                        "action {:?} must be `subscribe` or `publish`",
-                        f[3]
-                    ));
-                }
-                if !is_pattern_ident(&f[4]) {
-                    err(format!(
-                        "environment {:?} must be `*` or a slug (A-Z a-z 0-9 _ -, `*` as wildcard)",
-                        f[4]
-                    ));
-                }
-                if let Err(e) = PathPattern::parse_exact(&f[5]) {
-                    err(format!("path {:?}: {e}", f[5]));
-                }
-                if f[6] != "allow" && f[6] != "deny" {
-                    err(format!("effect {:?} must be `allow` or `deny`", f[6]));
-                }
-                if problems.len() == before {
-                    let mut rule = f.to_vec();
-                    // Store paths normalized, so `/a/**/**` and `/a/**` are one rule.
-                    if let Ok(p) = PathPattern::parse_exact(&rule[5]) {
-                        rule[5] = p.as_str().to_owned();
-                    }
-                    if seen.insert(("p", rule.clone())) {
-                        out.rules.push(rule);
-                        out.rule_lines.push(line);
-                    }
-                }
+        let parsed = if trimmed.contains('"') {
+            Err(vec![
+                "quotes are not supported in herald policies".to_owned()
+            ])
+        } else {
+            match fields[0].as_str() {
+                "p" => rule(&fields[1..]).map(|r| ("p", r)),
+                "g" => link(&fields[1..]).map(|l| ("g", l)),
+                other => Err(vec![format!(
+                    "unknown policy type {other:?}: herald policies have `p` and `g` lines"
+                )]),
             }
-            "g" => {
-                if fields.len() != 4 {
-                    err(format!(
-                        "a `g` line has 3 fields (member, role, project or *); found {}",
-                        fields.len() - 1
-                    ));
-                    continue;
-                }
-                let f = &fields[1..];
-                if let Some(m) = subject_problem("member", &f[0]) {
-                    err(m);
-                    continue;
-                }
-                if !is_role_name(&f[1]) || subject_problem("role", &f[1]).is_some() {
-                    err(format!(
-                        "{:?} is not a role: the second field of a `g` line is a role, written `{ROLE_PREFIX}NAME`",
-                        f[1]
-                    ));
-                    continue;
-                }
-                if f[2] != "*" && ProjectId::parse(&f[2]).is_err() {
-                    err(format!("domain {:?} must be a project id or `*`", f[2]));
-                    continue;
-                }
-                if f[0] == f[1] {
-                    err(format!("{:?} cannot be a member of itself", f[0]));
-                    continue;
-                }
-                if seen.insert(("g", f.to_vec())) {
-                    out.links.push(f.to_vec());
-                    out.link_lines.push(line);
-                }
+        };
+        match parsed {
+            Err(messages) => {
+                problems.extend(messages.into_iter().map(|m| Problem::new(name, line, m)));
             }
-            other => err(format!(
-                "unknown policy type {other:?}: herald policies have `p` and `g` lines"
-            )),
+            // Lines are deduplicated: casbin refuses a whole batch with a repeat.
+            Ok((kind, fields)) if seen.insert((kind, fields.clone())) => {
+                let (list, lines) = if kind == "p" {
+                    (&mut out.rules, &mut out.rule_lines)
+                } else {
+                    (&mut out.links, &mut out.link_lines)
+                };
+                list.push(fields);
+                lines.push(line);
+            }
+            Ok(_) => {}
         }
     }
     if problems.is_empty() {
         Ok(out)
     } else {
         Err(problems)
+    }
+}
+
+/// A `p` line's fields (after `p`), normalized, or every problem with them.
+fn rule(f: &[String]) -> Result<Vec<String>, Vec<String>> {
+    if f.len() != 7 {
+        return Err(vec![format!(
+            "a `p` line has 7 fields (subject, project, event type, action, environment, path, allow|deny); found {}",
+            f.len()
+        )]);
+    }
+    let mut problems = Vec::new();
+    if let Some(m) = subject_problem("subject", &f[0]) {
+        problems.push(m);
+    }
+    if !is_pattern_ident(&f[1]) {
+        problems.push(format!(
+            "project {:?} must be `*` or a project id (A-Z a-z 0-9 _ -, `*` as wildcard)",
+            f[1]
+        ));
+    }
+    if !EVENT_TYPES.iter().any(|d| glob_match(&f[2], d.name)) {
+        let known: Vec<&str> = EVENT_TYPES.iter().map(|d| d.name).collect();
+        problems.push(format!(
+            "event type {:?} matches no known event type ({})",
+            f[2],
+            known.join(", ")
+        ));
+    }
+    if f[3] != "subscribe" && f[3] != "publish" {
+        problems.push(format!(
+            "action {:?} must be `subscribe` or `publish`",
+            f[3]
+        ));
+    }
+    if !is_pattern_ident(&f[4]) {
+        problems.push(format!(
+            "environment {:?} must be `*` or a slug (A-Z a-z 0-9 _ -, `*` as wildcard)",
+            f[4]
+        ));
+    }
+    let path = PathPattern::parse_exact(&f[5]);
+    if let Err(e) = &path {
+        problems.push(format!("path {:?}: {e}", f[5]));
+    }
+    if f[6] != "allow" && f[6] != "deny" {
+        problems.push(format!("effect {:?} must be `allow` or `deny`", f[6]));
+    }
+    match path {
+        Ok(p) if problems.is_empty() => {
+            let mut r = f.to_vec();
+            // Paths normalized, so `/a/**/**` and `/a/**` are one rule.
+            r[5] = p.as_str().to_owned();
+            Ok(r)
+        }
+        _ => Err(problems),
+    }
+}
+
+/// A `g` line's fields (after `g`), or its problem.
+fn link(f: &[String]) -> Result<Vec<String>, Vec<String>> {
+    if f.len() != 3 {
+        return Err(vec![format!(
+            "a `g` line has 3 fields (member, role, project or *); found {}",
+            f.len()
+        )]);
+    }
+    let problem = if let Some(m) = subject_problem("member", &f[0]) {
+        Some(m)
+    } else if !is_role_name(&f[1]) || subject_problem("role", &f[1]).is_some() {
+        Some(format!(
+            "{:?} is not a role: the second field of a `g` line is a role, written `{ROLE_PREFIX}NAME`",
+            f[1]
+        ))
+    } else if f[2] != "*" && ProjectId::parse(&f[2]).is_err() {
+        Some(format!("domain {:?} must be a project id or `*`", f[2]))
+    } else if f[0] == f[1] {
+        Some(format!("{:?} cannot be a member of itself", f[0]))
+    } else {
+        None
+    };
+    match problem {
+        Some(m) => Err(vec![m]),
+        None => Ok(f.to_vec()),
     }
 }
