@@ -133,6 +133,7 @@ fn router(c: &mut Criterion) {
         heartbeat: Duration::from_secs(3600),
         retry: Duration::from_secs(3),
         expires_in: Duration::from_secs(3600),
+        max_lifetime: None,
         close_timeout: Duration::from_secs(10),
     };
     // 10,000 connections over 1,000 distinct interests, 2 identities.

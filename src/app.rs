@@ -189,6 +189,7 @@ fn public_api(config: &Config, core: &Core, verifier: Arc<Verifier>) -> Api {
             heartbeat: config.stream.heartbeat,
             retry: config.stream.retry,
             close_timeout: config.stream.close_timeout,
+            max_lifetime: config.stream.lifetime(),
         },
         metrics: core.metrics.clone(),
         shutdown: core.shutdown.clone(),

@@ -367,6 +367,7 @@ mod tests {
             heartbeat: Duration::from_secs(3600),
             retry: Duration::from_secs(1),
             expires_in: Duration::from_secs(3600),
+            max_lifetime: None,
             close_timeout: Duration::from_secs(10),
         };
         let who = Subscriber {

@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
+use rand::Rng;
 use tokio::time::{Instant, Sleep};
 
 use crate::delivery::Delivery;
@@ -35,7 +36,7 @@ use crate::ident::{Principal, ProjectId};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
-use crate::protocol::{Close, Control, Dialect, GapReason};
+use crate::protocol::{jittered_retry_ms, Close, Control, Dialect, GapReason, ReconnectReason};
 use crate::setting::{self, Invalid};
 use serde::{Deserialize, Serialize};
 
@@ -202,6 +203,9 @@ pub struct StreamSettings {
     pub retry: Duration,
     /// Time until the token expires.
     pub expires_in: Duration,
+    /// The longest the stream lives before it is told to reconnect
+    /// (`stream.max_lifetime`), if bounded.
+    pub max_lifetime: Option<Duration>,
     /// How long a closing stream may take to end before its connection is dropped.
     pub close_timeout: Duration,
 }
@@ -215,6 +219,28 @@ const MAX_HORIZON: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 fn deadline_after(now: Instant, after: Duration) -> Instant {
     let after = after.min(MAX_HORIZON);
     now.checked_add(after).unwrap_or(now)
+}
+
+/// When a stream opened `now` ends by itself, and with what: the token's
+/// expiry, or a `reconnect` at a jittered point between 90% and 100% of its
+/// lifetime (so that streams opened together do not all come back together).
+fn end_of(now: Instant, settings: &StreamSettings) -> (Instant, Close) {
+    let expires = deadline_after(now, settings.expires_in);
+    let Some(lifetime) = settings.max_lifetime else {
+        return (expires, Close::TokenExpired);
+    };
+    let ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+    let jittered = rand::thread_rng().gen_range(ms - ms / 10..=ms);
+    let lifetime_end = deadline_after(now, Duration::from_millis(jittered));
+    if lifetime_end < expires {
+        let close = Close::Reconnect {
+            reason: ReconnectReason::MaxLifetime,
+            retry_ms: jittered_retry_ms(settings.retry),
+        };
+        (lifetime_end, close)
+    } else {
+        (expires, Close::TokenExpired)
+    }
 }
 
 /// Deliveries buffered in a stream's local metrics before they are flushed.
@@ -247,13 +273,16 @@ pub struct SseStream {
     seam: u64,
     /// The id of the last event written (what a `gap` names).
     last_written: u64,
-    /// One timer for both the next heartbeat and the token's expiry.
+    /// One timer for both the next heartbeat and the stream's end.
     timer: Pin<Box<Sleep>>,
     /// The task the timer will wake, once polled since its last reset.
     timer_armed_for: Option<std::task::Waker>,
     heartbeat_every: Duration,
     next_heartbeat: Instant,
-    expires_at: Instant,
+    /// When the stream ends by itself, and how: its token's expiry or its
+    /// lifetime, whichever comes first.
+    ends_at: Instant,
+    end: Close,
     done: bool,
     metrics: Arc<Metrics>,
     authorizer: Arc<Authorizer>,
@@ -316,7 +345,7 @@ pub fn new_stream(
     });
     let now = Instant::now();
     let next_heartbeat = deadline_after(now, settings.heartbeat);
-    let expires_at = deadline_after(now, settings.expires_in);
+    let (ends_at, end) = end_of(now, settings);
     metrics.connections.inc();
     let stream = SseStream {
         handle: handle.clone(),
@@ -330,11 +359,12 @@ pub fn new_stream(
         replay_tail: None,
         seam: 0,
         last_written: 0,
-        timer: Box::pin(tokio::time::sleep_until(next_heartbeat.min(expires_at))),
+        timer: Box::pin(tokio::time::sleep_until(next_heartbeat.min(ends_at))),
         timer_armed_for: None,
         heartbeat_every: settings.heartbeat,
         next_heartbeat,
-        expires_at,
+        ends_at,
+        end,
         done: false,
         delivered: metrics.events_delivered.local(),
         latency: metrics.delivery_latency.local(),
@@ -530,12 +560,12 @@ impl SseStream {
         self.timer_armed_for = None;
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            if now < self.expires_at {
+            if now < self.ends_at {
                 let heartbeat = now >= self.next_heartbeat;
                 if heartbeat {
                     self.next_heartbeat = deadline_after(now, self.heartbeat_every);
                 }
-                let next = self.next_heartbeat.min(self.expires_at);
+                let next = self.next_heartbeat.min(self.ends_at);
                 self.timer.as_mut().reset(next);
                 if heartbeat {
                     self.flush_metrics();
@@ -543,14 +573,14 @@ impl SseStream {
                 }
                 continue;
             }
-            self.handle.close(Close::TokenExpired);
+            self.handle.close(self.end.clone());
             // Another reason may have won the race; end with whichever did.
             let reason = self
                 .handle
                 .close
                 .lock()
                 .clone()
-                .unwrap_or(Close::TokenExpired);
+                .unwrap_or_else(|| self.end.clone());
             return self.finish(reason);
         }
         self.timer_armed_for = Some(cx.waker().clone());
@@ -636,6 +666,11 @@ pub struct StreamConfig {
     /// its connection is dropped (a client that stopped reading).
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
+    /// The longest a stream stays open before it is told to `reconnect`
+    /// (jittered down to 90%), so that streams spread over instances added
+    /// since; `0s` keeps streams open for as long as their token lasts.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
 }
 
 impl Default for StreamConfig {
@@ -646,6 +681,7 @@ impl Default for StreamConfig {
             queue_frames: 1024,
             replay_buffer: 10_000,
             close_timeout: Duration::from_secs(10),
+            max_lifetime: Duration::ZERO,
         }
     }
 }
@@ -671,7 +707,25 @@ impl StreamConfig {
             self.close_timeout,
             Duration::ZERO,
             setting::MAX_DURATION,
-        )
+        )?;
+        setting::duration(
+            "stream.max_lifetime",
+            self.max_lifetime,
+            Duration::ZERO,
+            setting::MAX_DURATION,
+        )?;
+        if !self.max_lifetime.is_zero() && self.max_lifetime < Duration::from_secs(1) {
+            return Err(setting::invalid(
+                "stream.max_lifetime",
+                "must be 0s (unbounded) or at least 1s",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `max_lifetime` as a bound, if one is set.
+    pub fn lifetime(&self) -> Option<Duration> {
+        (!self.max_lifetime.is_zero()).then_some(self.max_lifetime)
     }
 }
 
@@ -709,6 +763,7 @@ mod tests {
             heartbeat: Duration::from_secs(3600),
             retry: Duration::from_secs(1),
             expires_in: Duration::from_secs(3600),
+            max_lifetime: None,
             close_timeout: Duration::from_secs(10),
         };
         let interest = Interest {

@@ -119,6 +119,8 @@ pub struct StreamDefaults {
     pub retry: std::time::Duration,
     /// How long a closing stream may take before its connection is dropped.
     pub close_timeout: std::time::Duration,
+    /// The longest a stream stays open, if bounded.
+    pub max_lifetime: Option<std::time::Duration>,
 }
 
 /// Everything opening a stream needs.
@@ -191,6 +193,7 @@ impl Subscriptions {
             retry: self.streams.retry,
             expires_in: caller.remaining(),
             close_timeout: self.streams.close_timeout,
+            max_lifetime: self.streams.max_lifetime,
         };
         // A registration an open stream already holds is shared, not copied.
         let interests = interests

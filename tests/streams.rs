@@ -242,6 +242,33 @@ async fn stream_ends_when_the_token_expires(t: Transport) {
 }
 }
 
+#[tokio::test]
+async fn streams_are_told_to_reconnect_at_their_lifetime() {
+    let h = HeraldBuilder::new()
+        .env("STREAM__MAX_LIFETIME", "1s")
+        .env("STREAM__REPLAY_BUFFER", "100")
+        .start();
+    let token = token_for("reader", HOUR);
+    let mut s = h.subscribe(&token, &all_created("p1")).await;
+    let first = publish_paths(&h, &["/a"]).await;
+    let seen = s.until_end().await;
+    let events: Vec<_> = seen.iter().filter(|e| !e.is_meta()).collect();
+    assert_eq!(events[0].id, Some(first[0].to_string()));
+    let last = events.last().expect("a reconnect before the end");
+    assert_eq!(last.event.as_deref(), Some("reconnect"));
+    assert_eq!(last.json()["reason"], "max_lifetime");
+    assert!(last.retry.is_some(), "a reconnect carries its retry: hint");
+    assert_eq!(
+        h.metric("herald_streams_closed_total{reason=\"reconnect\"}")
+            .await,
+        1.0
+    );
+    // The client comes back where it left off and misses nothing.
+    let missed = publish_paths(&h, &["/b"]).await;
+    let mut s = subscribe_resuming(&h, &first[0].to_string(), &all_created("p1")).await;
+    assert_eq!(s.next_event().await.id, Some(missed[0].to_string()));
+}
+
 transport_tests! {
 async fn idle_streams_get_heartbeats(t: Transport) {
     let h = HeraldBuilder::new().transport(t)

@@ -219,6 +219,9 @@ pub enum ReconnectReason {
     BusReconnected,
     /// The bus dropped messages; the replay stream has them.
     BusOverflow,
+    /// The stream reached `stream.max_lifetime` (so that streams spread over
+    /// instances added since they opened).
+    MaxLifetime,
 }
 
 impl ReconnectReason {
@@ -229,6 +232,7 @@ impl ReconnectReason {
             ReconnectReason::BusUnavailable => "bus_unavailable",
             ReconnectReason::BusReconnected => "bus_reconnected",
             ReconnectReason::BusOverflow => "bus_overflow",
+            ReconnectReason::MaxLifetime => "max_lifetime",
         }
     }
 
@@ -236,6 +240,9 @@ impl ReconnectReason {
         match self {
             ReconnectReason::Draining => {
                 "this instance is shutting down; reconnect with Last-Event-ID"
+            }
+            ReconnectReason::MaxLifetime => {
+                "this stream reached its lifetime; reconnect with Last-Event-ID"
             }
             ReconnectReason::BusUnavailable => {
                 "this instance cannot serve the stream now; reconnect with Last-Event-ID"
