@@ -37,10 +37,18 @@ pub enum PathError {
 }
 
 fn split_checked(s: &str) -> Result<impl Iterator<Item = &str>, PathError> {
+    split_within(s, MAX_PATH_LEN, MAX_SEGMENTS)
+}
+
+fn split_within(
+    s: &str,
+    max_len: usize,
+    max_segments: usize,
+) -> Result<impl Iterator<Item = &str>, PathError> {
     if !s.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
-    if s.len() > MAX_PATH_LEN {
+    if s.len() > max_len {
         return Err(PathError::TooLong);
     }
     if s.chars().any(char::is_control) {
@@ -60,7 +68,7 @@ fn split_checked(s: &str) -> Result<impl Iterator<Item = &str>, PathError> {
             return Err(PathError::DotSegment);
         }
     }
-    if count > MAX_SEGMENTS {
+    if count > max_segments {
         return Err(PathError::TooManySegments);
     }
     Ok(Some(body.split('/')).into_iter().flatten())
@@ -159,8 +167,18 @@ impl PathPattern {
     /// Parses a pattern exactly as written: `/apps` matches only `/apps`.
     /// This is the policy-file reading.
     pub fn parse_exact(s: &str) -> Result<Self, PathError> {
+        Self::from_split(split_checked(s)?)
+    }
+
+    /// Parses what [`as_str`](Self::as_str) rendered: a subscription's
+    /// pattern may be a path of the full length with `/**` added.
+    pub fn parse_rendered(s: &str) -> Result<Self, PathError> {
+        Self::from_split(split_within(s, MAX_PATH_LEN + 3, MAX_SEGMENTS + 1)?)
+    }
+
+    fn from_split<'a>(split: impl Iterator<Item = &'a str>) -> Result<Self, PathError> {
         let mut segs = Vec::new();
-        for seg in split_checked(s)? {
+        for seg in split {
             segs.push(match seg {
                 "*" => Seg::Any,
                 "**" => Seg::AnyDeep,
@@ -179,10 +197,9 @@ impl PathPattern {
     pub fn parse_subscription(s: &str) -> Result<Self, PathError> {
         let p = Self::parse_exact(s)?;
         if p.segs().iter().all(|s| matches!(s, Seg::Lit(_))) {
+            // Every path a publisher may use can be subscribed to: the
+            // implied `**` may be one segment past MAX_SEGMENTS.
             let mut segs = p.segs().to_vec();
-            if segs.len() >= MAX_SEGMENTS {
-                return Err(PathError::TooManySegments);
-            }
             segs.push(Seg::AnyDeep);
             return Ok(Self::from_segs(segs));
         }
@@ -316,7 +333,8 @@ impl<'a> PathSegments<'a> {
 
 /// Greedy wildcard matching over sequences, with `Seg::AnyDeep` as the
 /// many-token wildcard of `pat`. At most len(pat) * len(text) calls of
-/// `single`, and both are at most [`MAX_SEGMENTS`] long; with the linear
+/// `single`, and both are at most [`MAX_SEGMENTS`] (+ 1 for a pattern's
+/// implied `**`) long; with the linear
 /// [`glob_match`] inside `single`, a match costs at most about
 /// `MAX_SEGMENTS * 2 * MAX_PATH_LEN` byte comparisons, whatever the input.
 fn seq_match<T>(pat: &[Seg], text: &[T], single: impl Fn(&Seg, &T) -> bool) -> bool {

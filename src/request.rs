@@ -9,7 +9,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::event::EventType;
+use crate::event::{EventType, EVENT_TYPES};
 use crate::ident::{EnvSlug, ProjectId};
 use crate::interest::Interest;
 use crate::path::PathPattern;
@@ -137,7 +137,7 @@ pub struct SubscribeRequest {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct SubscribeBody {
     project_id: String,
-    register: Vec<RegisterBody>,
+    register: Vec<Object<RegisterBody>>,
 }
 
 #[derive(Deserialize)]
@@ -145,7 +145,36 @@ struct SubscribeBody {
 struct RegisterBody {
     event: String,
     #[serde(default)]
-    conditions: Option<Conditions>,
+    conditions: Option<Object<Conditions>>,
+}
+
+/// A struct read only from a JSON object. serde's derived `Deserialize`
+/// also takes a struct's fields from an array, in order (`[null, "/x"]` as
+/// `conditions`): no client should have a second spelling of a request.
+struct Object<T>(T);
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            v @ Value::Object(_) => T::deserialize(v).map(Object).map_err(D::Error::custom),
+            other => Err(D::Error::custom(format!(
+                "expected an object, found {}",
+                kind_of(&other)
+            ))),
+        }
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -175,14 +204,16 @@ impl SubscribeRequest {
         semantics: PathSemantics,
         limits: SubscribeLimits,
     ) -> Result<Self, RequestError> {
-        let body: SubscribeBody = serde_json::from_value(parse_json(body)?).map_err(|e| {
+        let Object(body) = serde_json::from_value(parse_json(body)?).map_err(|e| {
             RequestError::new(RequestErrorKind::InvalidRequest, "body", e.to_string())
         })?;
         Self::build(body, semantics, limits)
     }
 
     /// Parses the GET form: `projectId`, `event` (repeatable),
-    /// `environmentSlug`, `secretPath`, and repeatable `register` JSON objects.
+    /// `environmentSlug`, `secretPath`, and repeatable `register` JSON
+    /// registrations (or arrays of them). Without `event` or `register`, every
+    /// event type, with the shared conditions.
     pub fn from_query(
         query: &[(String, String)],
         semantics: PathSemantics,
@@ -196,22 +227,22 @@ impl SubscribeRequest {
             environment_slug: get("environmentSlug"),
             secret_path: get("secretPath"),
         };
+        let shared = |event: &str| {
+            Object(RegisterBody {
+                event: event.to_owned(),
+                conditions: Some(Object(conditions())),
+            })
+        };
         let mut register = Vec::new();
         for (k, v) in query {
             match k.as_str() {
-                "event" => register.push(RegisterBody {
-                    event: v.clone(),
-                    conditions: Some(conditions()),
-                }),
-                "register" => register.push(serde_json::from_str(v).map_err(|e| {
-                    RequestError::new(
-                        RequestErrorKind::InvalidRequest,
-                        format!("register[{}]", register.len()),
-                        e.to_string(),
-                    )
-                })?),
+                "event" => register.push(shared(v)),
+                "register" => query_registrations(v, &mut register)?,
                 _ => {}
             }
+        }
+        if !query.iter().any(|(k, _)| k == "event" || k == "register") {
+            register.extend(EVENT_TYPES.iter().map(|t| shared(t.name)));
         }
         Self::build(
             SubscribeBody {
@@ -250,7 +281,7 @@ impl SubscribeRequest {
         let mut interests: Vec<Interest> = Vec::with_capacity(body.register.len());
         let mut pattern_bytes = 0usize;
         let budget = limits.max_registration_bytes;
-        for (i, r) in body.register.into_iter().enumerate() {
+        for (i, Object(r)) in body.register.into_iter().enumerate() {
             let it = interest(i, r, semantics)?;
             // Identical registrations are one: a client can never get an event twice.
             if interests.contains(&it) {
@@ -275,6 +306,27 @@ impl SubscribeRequest {
     }
 }
 
+/// One `register` query value: a registration, or an array of them, as JSON.
+fn query_registrations(v: &str, out: &mut Vec<Object<RegisterBody>>) -> Result<(), RequestError> {
+    let invalid = |at: usize, e: serde_json::Error| {
+        RequestError::new(
+            RequestErrorKind::InvalidRequest,
+            format!("register[{at}]"),
+            e.to_string(),
+        )
+    };
+    match serde_json::from_str::<Value>(v).map_err(|e| invalid(out.len(), e))? {
+        Value::Array(items) => {
+            for item in items {
+                let r = serde_json::from_value(item).map_err(|e| invalid(out.len(), e))?;
+                out.push(r);
+            }
+        }
+        one => out.push(serde_json::from_value(one).map_err(|e| invalid(out.len(), e))?),
+    }
+    Ok(())
+}
+
 fn interest(i: usize, r: RegisterBody, semantics: PathSemantics) -> Result<Interest, RequestError> {
     let field = |f: &str| format!("register[{i}].{f}");
     let event_type = EventType::parse(&r.event).ok_or_else(|| {
@@ -288,7 +340,7 @@ fn interest(i: usize, r: RegisterBody, semantics: PathSemantics) -> Result<Inter
             ),
         )
     })?;
-    let c = r.conditions.unwrap_or_default();
+    let c = r.conditions.map(|Object(c)| c).unwrap_or_default();
     let env = match c.environment_slug.as_deref() {
         None | Some("*") => None,
         Some(e) => Some(EnvSlug::parse(e).map_err(|err| {
@@ -385,6 +437,16 @@ mod tests {
                 RequestErrorKind::InvalidSecretPath,
             ),
         ];
+        // A struct's fields never come from an array (serde's second spelling).
+        for body in [
+            r#"["p",[{"event":"secret:created"}]]"#,
+            r#"{"projectId":"p","register":[["secret:created"]]}"#,
+            r#"{"projectId":"p","register":[{"event":"secret:created","conditions":[null,null]}]}"#,
+            r#"{"projectId":"p","register":[{"event":"secret:created","conditions":"x"}]}"#,
+        ] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e.kind, RequestErrorKind::InvalidRequest, "{body}");
+        }
         for (body, field, kind) in cases {
             let e = parse(body).unwrap_err();
             assert_eq!((e.field.as_str(), e.kind), (field, kind), "{body}");
@@ -402,6 +464,43 @@ mod tests {
         // Repeats are one registration.
         let twice = r#"{"projectId":"p","register":[{"event":"secret:created"},{"event":"secret:create"}]}"#;
         assert_eq!(parse(twice).unwrap().interests.len(), 1);
+    }
+
+    #[test]
+    fn query_registrations_come_one_by_one_or_as_an_array() {
+        let q = |pairs: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            SubscribeRequest::from_query(&pairs, PathSemantics::FolderAndBelow, LIMITS)
+        };
+        let one = r#"{"event":"secret:created"}"#;
+        let many = r#"[{"event":"secret:updated"},{"event":"secret:deleted","conditions":{"secretPath":"/a"}}]"#;
+        let got = q(&[("projectId", "p"), ("register", one), ("register", many)]).unwrap();
+        let paths: Vec<&str> = got.interests.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["/**", "/**", "/a/**"]);
+        let e = q(&[
+            ("projectId", "p"),
+            ("register", one),
+            ("register", r#"[{"event":1}]"#),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.kind),
+            ("register[1]", RequestErrorKind::InvalidRequest)
+        );
+        // Neither `event` nor `register`: every event type.
+        let all = q(&[("projectId", "p"), ("secretPath", "/a")]).unwrap();
+        assert_eq!(all.interests.len(), EVENT_TYPES.len());
+        assert!(all.interests.iter().all(|i| i.path.as_str() == "/a/**"));
+        let eleven = format!("[{}]", [one; 11].join(","));
+        let e = q(&[("projectId", "p"), ("register", &eleven)]).unwrap_err();
+        assert_eq!(
+            e.kind,
+            RequestErrorKind::InvalidRegistrations,
+            "repeats count before they merge"
+        );
     }
 
     #[test]

@@ -46,14 +46,17 @@ fn f_env_match(req: Dynamic, pol: Dynamic, eft: Dynamic) -> Dynamic {
 
 fn f_path_match(req: Dynamic, pol: Dynamic, eft: Dynamic) -> Dynamic {
     let (req, pol) = (dyn_str(&req), dyn_str(&pol));
+    let deny = dyn_str(&eft) == "deny";
     let Ok(pol) = PathPattern::parse_exact(&pol) else {
+        // The policy loader refuses such lines; never reached with a loaded policy.
         return false.into();
     };
     if let Some(pat) = req.strip_prefix(PATTERN_MARK) {
-        let Ok(pat) = PathPattern::parse_exact(pat) else {
-            return false.into();
+        // A request herald cannot read is denied: every deny rule applies, no allow.
+        let Ok(pat) = PathPattern::parse_rendered(pat) else {
+            return deny.into();
         };
-        return if dyn_str(&eft) == "deny" {
+        return if deny {
             pol.covers(&pat)
         } else {
             pol.overlaps(&pat)
@@ -62,7 +65,7 @@ fn f_path_match(req: Dynamic, pol: Dynamic, eft: Dynamic) -> Dynamic {
     }
     match SecretPath::parse(&req) {
         Ok(p) => pol.matches(&p).into(),
-        Err(_) => false.into(),
+        Err(_) => deny.into(),
     }
 }
 

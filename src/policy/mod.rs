@@ -663,6 +663,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_longest_paths_are_judged_like_any_other() {
+        let set = PolicySet::compile(&PolicySource::shipped(), 1)
+            .await
+            .unwrap();
+        let sub = id("dev-subscriber");
+        // 32 segments, 1024 bytes: a subscription adds `/**` past both bounds.
+        let deep = |top: &str| {
+            let mut path = format!("/{top}{}", format!("/{}", "a".repeat(31)).repeat(30));
+            let last = 1024 - path.len() - 1;
+            path.push('/');
+            path.push_str(&"z".repeat(last));
+            path
+        };
+        let (open, internal) = (deep("apps"), deep("internal"));
+        for path in [&open, &internal] {
+            assert_eq!((path.len(), SecretPath::parse(path).is_ok()), (1024, true));
+        }
+        let ask =
+            |path: &str| set.may_subscribe(&sub, &p("p1"), &interest("secret:created", None, path));
+        assert!(ask(&open));
+        assert!(!ask(&internal));
+        assert!(!ask(&format!("/internal{}", "/x".repeat(31))));
+        assert!(decide(&set, "dev-subscriber", "p1", "prod", &open));
+        assert!(!decide(&set, "dev-subscriber", "p1", "prod", &internal));
+    }
+
+    #[tokio::test]
     async fn domains_roles_and_env_patterns() {
         let set = PolicySet::compile(
             &src("p, role:r, *, secret:*, subscribe, prod, /apps/**, allow\n\
