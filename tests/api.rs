@@ -820,51 +820,32 @@ async fn admin_endpoints_and_metrics_exposition() {
             "{name} missing from /metrics"
         );
     }
-    match which("promtool") {
-        Some(promtool) => {
-            let mut child = std::process::Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            let msg = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(
-                out.status.success() && msg.trim().is_empty(),
-                "promtool check metrics: {msg}"
-            );
-        }
-        None => {
-            assert!(
-                std::env::var_os("REQUIRE_TEST_TOOLS").is_none(),
-                "promtool is required (apt-get install prometheus)"
-            );
-            eprintln!(
-                "promtool not installed; skipping the exposition lint (scripts/test installs it)"
-            );
-        }
+    if let Some(promtool) = tool("promtool", "apt-get install prometheus") {
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let msg = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && msg.trim().is_empty(),
+            "promtool check metrics: {msg}"
+        );
     }
-}
-
-fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(bin))
-        .find(|p| p.is_file())
 }
 
 #[tokio::test]

@@ -6,30 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::repo_path;
-
-fn tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-        .or_else(|| {
-            ["/usr/sbin", "/sbin"]
-                .iter()
-                .map(|d| std::path::Path::new(d).join(name))
-                .find(|p| p.is_file())
-        });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("REQUIRE_TEST_TOOLS").is_none(),
-            "{name} is required (apt-get install {package}); scripts/test installs it"
-        );
-        eprintln!("{name} not installed; skipping (scripts/test installs it)");
-    }
-    found
-}
+use common::{repo_path, tool};
 
 fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().expect("run tool");
@@ -45,7 +22,7 @@ fn run(cmd: &mut Command) -> (bool, String) {
 
 #[test]
 fn haproxy_config_is_valid() {
-    let Some(haproxy) = tool("haproxy", "haproxy") else {
+    let Some(haproxy) = tool("haproxy", "apt-get install haproxy") else {
         return;
     };
     let (ok, out) = run(Command::new(haproxy)
@@ -58,7 +35,7 @@ fn haproxy_config_is_valid() {
 
 #[test]
 fn prometheus_config_and_alert_rules_are_valid() {
-    let Some(promtool) = tool("promtool", "prometheus") else {
+    let Some(promtool) = tool("promtool", "apt-get install prometheus") else {
         return;
     };
     let (ok, out) = run(Command::new(&promtool)

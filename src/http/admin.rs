@@ -21,6 +21,9 @@ use crate::policy::Authorizer;
 use crate::router::Router;
 use crate::shutdown::Shutdown;
 
+/// The OpenAPI 3.1 document of the public API, served at `/openapi.yaml`.
+pub const OPENAPI: &str = include_str!("openapi.yaml");
+
 /// The admin listener's handler.
 pub struct Admin {
     /// Metrics to render.
@@ -74,6 +77,12 @@ impl Handler for Admin {
                 resp
             }
             "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+            "/openapi.yaml" => {
+                let mut resp = Response::new(HttpBody::full(OPENAPI));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+                resp
+            }
             "/readyz" => self.readyz(),
             "/admin/connections" => self.connections(),
             "/admin/policy" => json_response(StatusCode::OK, &json!(self.authorizer.status())),

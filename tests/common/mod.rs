@@ -124,6 +124,27 @@ macro_rules! transport_tests {
 pub const SUBSCRIBE: &str = "/api/v1/events/subscribe/project-events";
 pub const PUBLISH: &str = "/api/v1/events/publish";
 
+/// A tool on `PATH` (or in /usr/sbin, /sbin). When it is missing the test
+/// skips, unless `REQUIRE_TEST_TOOLS` is set (as `scripts/test` sets it,
+/// after installing every tool): then it fails, saying how to get it.
+pub fn tool(name: &str, how_to_install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("REQUIRE_TEST_TOOLS").is_none(),
+            "{name} is required ({how_to_install}); scripts/test installs it"
+        );
+        eprintln!("{name} not installed; skipping ({how_to_install}; scripts/test installs it)");
+    }
+    found
+}
+
 pub fn repo_path(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
