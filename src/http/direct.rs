@@ -220,6 +220,31 @@ fn parse_head(buf: &[u8], is_stream: &impl Fn(&Method, &str) -> bool) -> Parsed 
     }
 }
 
+/// What the direct reader makes of the bytes of a request head.
+#[derive(Debug)]
+pub enum Probe {
+    /// Not a complete head yet.
+    Partial,
+    /// Left to hyper.
+    Hyper,
+    /// Served here: the request's head, the head's length in bytes, and
+    /// the body length it declares.
+    Serve(Box<http::request::Parts>, usize, u64),
+}
+
+/// The direct reader's verdict on `buf` for the public API's routes, for
+/// tests that hold it to hyper's.
+#[doc(hidden)]
+pub fn probe_head(buf: &[u8]) -> Probe {
+    match parse_head(buf, &super::api::is_stream) {
+        Parsed::Partial => Probe::Partial,
+        Parsed::Other => Probe::Hyper,
+        Parsed::Stream(req, head_len, declared) => {
+            Probe::Serve(Box::new(req.into_parts().0), head_len, declared)
+        }
+    }
+}
+
 /// A `Content-Length` value: one to nineteen ASCII digits (httparse has
 /// already trimmed the optional whitespace around it), as hyper reads it.
 fn content_length(value: &[u8]) -> Option<u64> {

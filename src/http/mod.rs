@@ -274,16 +274,9 @@ async fn serve_connection<H: Handler>(parts: ConnectionParts<H>) {
     }
 }
 
-/// Accepts and serves connections until `shutdown` reaches `Phase::Stopped`,
-/// then waits up to `deadline` for open connections to finish.
-pub async fn serve<H: Handler>(
-    listener: TcpListener,
-    handler: Arc<H>,
-    opts: ServeOptions,
-    shutdown: Shutdown,
-    deadline: Duration,
-) {
-    let graceful = GracefulShutdown::new();
+/// hyper as herald configures it for every connection it serves (also the
+/// reference the direct reader is tested against).
+pub fn connection_builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -296,7 +289,20 @@ pub async fn serve<H: Handler>(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    builder
+}
+
+/// Accepts and serves connections until `shutdown` reaches `Phase::Stopped`,
+/// then waits up to `deadline` for open connections to finish.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    opts: ServeOptions,
+    shutdown: Shutdown,
+    deadline: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(connection_builder(&opts));
     let tasks = TaskTracker::new();
     let stopped = shutdown.reached(Phase::Stopped);
     tokio::pin!(stopped);
