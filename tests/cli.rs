@@ -257,3 +257,84 @@ async fn dev_mode_prints_working_tokens_and_binds_loopback() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `section.key` for every `key = value` line of a TOML text, commented
+/// (`# key = …`) or not, with the value when it is not commented.
+fn documented_keys(text: &str) -> Vec<(String, Option<String>)> {
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.to_owned();
+            continue;
+        }
+        let (commented, body) = match line.strip_prefix('#') {
+            Some(rest) => (true, rest.trim()),
+            None => (false, line),
+        };
+        let Some((key, value)) = body.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            continue;
+        }
+        let value = value
+            .split(" #")
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        out.push((format!("{section}.{key}"), (!commented).then_some(value)));
+    }
+    out
+}
+
+#[test]
+fn the_example_config_shows_every_key_with_its_default() {
+    let out = herald()
+        .args(["config", "print"])
+        .env_remove("HERALD_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let example = std::fs::read_to_string(repo_path("herald.toml")).unwrap();
+    let documented = documented_keys(&example);
+    let mut missing = Vec::new();
+    for (section, table) in &printed {
+        let Some(table) = table.as_table() else {
+            continue;
+        };
+        for (key, default) in table {
+            let name = format!("{section}.{key}");
+            match documented.iter().find(|(k, _)| *k == name) {
+                None => missing.push(name),
+                Some((_, Some(shown))) => {
+                    let shown: toml::Value = toml::from_str::<toml::Table>(&format!("v = {shown}"))
+                        .unwrap_or_else(|e| panic!("herald.toml {name}: {e}"))["v"]
+                        .clone();
+                    // Durations may be spelled differently ("24h", "1day").
+                    let as_duration = |v: &toml::Value| {
+                        v.as_str().and_then(|s| humantime::parse_duration(s).ok())
+                    };
+                    if as_duration(&shown).is_some() && as_duration(&shown) == as_duration(default)
+                    {
+                        continue;
+                    }
+                    assert_eq!(
+                        &shown, default,
+                        "herald.toml shows {name} with another value than its default"
+                    );
+                }
+                Some((_, None)) => {} // an optional key, shown commented
+            }
+        }
+    }
+    assert!(missing.is_empty(), "herald.toml does not show {missing:?}");
+}
