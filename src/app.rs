@@ -146,7 +146,16 @@ async fn core(config: &Config, policy: &PolicySource) -> anyhow::Result<Core> {
         )
         .await?;
         let interval = config.nats.presence_interval;
-        let cluster = Arc::new(Cluster::new(instance_id.clone(), interval));
+        let bounds = crate::cluster::PresenceBounds {
+            per_identity_project: config.limits.connections_per_identity_project,
+            per_identity: config.limits.connections_per_identity,
+        };
+        let cluster = Arc::new(Cluster::new(
+            instance_id.clone(),
+            interval,
+            bounds,
+            metrics.clone(),
+        ));
         (Bus::Nats(bus), Some(cluster))
     };
     let cap = crate::rlimit::stream_cap(&config.limits, crate::rlimit::current());

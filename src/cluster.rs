@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::ident::{Principal, ProjectId};
 use crate::limits::{ConnectionLimiter, Elsewhere};
+use crate::metrics::Metrics;
 use crate::policy::Authorizer;
 use crate::router::Router;
 
@@ -52,19 +53,82 @@ pub struct Cluster {
     peers: Mutex<HashMap<String, Peer>>,
     interval: Duration,
     changed: Notify,
+    bounds: PresenceBounds,
+    metrics: Arc<Metrics>,
+}
+
+/// What herald believes of an announcement: no honest instance has more
+/// streams of one identity than the limits it enforces itself, so a claim
+/// beyond them is a forgery (or a misconfigured peer) and is not believed at
+/// all, rather than locking the identity out everywhere.
+#[derive(Clone, Copy, Debug)]
+pub struct PresenceBounds {
+    /// `limits.connections_per_identity_project`.
+    pub per_identity_project: usize,
+    /// `limits.connections_per_identity`.
+    pub per_identity: usize,
 }
 
 /// Announcements larger than this are ignored (a bound on what a peer can make us parse).
 const MAX_PRESENCE_BYTES: usize = 4 * 1024 * 1024;
+/// Most peers remembered (a forger inventing instance ids cannot grow the map).
+const MAX_PEERS: usize = 1024;
+/// Longest instance id, version and fingerprint believed.
+const MAX_FIELD_LEN: usize = 128;
+
+/// Why an announcement was ignored (`herald_presence_rejected_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PresenceRejection {
+    /// Larger than [`MAX_PRESENCE_BYTES`].
+    Oversized,
+    /// Not an announcement.
+    Malformed,
+    /// A field out of shape (an id, a version, an identity, a project).
+    BadField,
+    /// More streams than any instance enforcing the limits can have.
+    OverLimit,
+    /// A new instance id while [`MAX_PEERS`] are remembered.
+    TooManyPeers,
+}
+
+impl PresenceRejection {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            PresenceRejection::Oversized => "oversized",
+            PresenceRejection::Malformed => "malformed",
+            PresenceRejection::BadField => "bad_field",
+            PresenceRejection::OverLimit => "over_limit",
+            PresenceRejection::TooManyPeers => "too_many_peers",
+        }
+    }
+
+    /// Every label.
+    pub const LABELS: &'static [&'static str] = &[
+        "oversized",
+        "malformed",
+        "bad_field",
+        "over_limit",
+        "too_many_peers",
+    ];
+}
 
 impl Cluster {
     /// A view with no peers yet.
-    pub fn new(instance_id: String, interval: Duration) -> Self {
+    pub fn new(
+        instance_id: String,
+        interval: Duration,
+        bounds: PresenceBounds,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Metrics::preset(&metrics.presence_rejected, PresenceRejection::LABELS);
         Self {
             instance_id,
             peers: Mutex::new(HashMap::new()),
             interval,
             changed: Notify::new(),
+            bounds,
+            metrics,
         }
     }
 
@@ -108,19 +172,32 @@ impl Cluster {
         self.changed.notify_one();
     }
 
-    /// Records a peer's announcement.
+    /// Records a peer's announcement, if it is believable.
     pub fn observe(&self, payload: &[u8]) {
+        if let Err(why) = self.believe(payload) {
+            tracing::debug!(reason = why.label(), "ignored a presence announcement");
+            self.metrics
+                .presence_rejected
+                .with_label_values(&[why.label()])
+                .inc();
+        }
+    }
+
+    fn believe(&self, payload: &[u8]) -> Result<(), PresenceRejection> {
         if payload.len() > MAX_PRESENCE_BYTES {
-            return;
+            return Err(PresenceRejection::Oversized);
         }
-        let Ok(p) = serde_json::from_slice::<Presence>(payload) else {
-            tracing::debug!("ignored a malformed presence announcement");
-            return;
-        };
+        let p = serde_json::from_slice::<Presence>(payload)
+            .map_err(|_| PresenceRejection::Malformed)?;
         if p.id == self.instance_id {
-            return;
+            return Ok(());
         }
-        self.peers.lock().insert(
+        self.check(&p)?;
+        let mut peers = self.live_peers();
+        if !peers.contains_key(&p.id) && peers.len() >= MAX_PEERS {
+            return Err(PresenceRejection::TooManyPeers);
+        }
+        peers.insert(
             p.id.clone(),
             Peer {
                 presence: p,
@@ -128,6 +205,40 @@ impl Cluster {
                 seen_at: SystemTime::now(),
             },
         );
+        Ok(())
+    }
+
+    /// Whether an announcement is one an instance enforcing the same limits
+    /// could make (time linear in its size).
+    fn check(&self, p: &Presence) -> Result<(), PresenceRejection> {
+        let short = |s: &str| !s.is_empty() && s.len() <= MAX_FIELD_LEN;
+        let id_ok = short(&p.id)
+            && p.id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !id_ok || !short(&p.version) || p.policy_fingerprint.len() > MAX_FIELD_LEN {
+            return Err(PresenceRejection::BadField);
+        }
+        let mut per_identity: HashMap<&str, usize> = HashMap::new();
+        let mut total = 0usize;
+        for (identity, project, n) in &p.streams {
+            if Principal::parse(identity).is_err() || ProjectId::parse(project).is_err() {
+                return Err(PresenceRejection::BadField);
+            }
+            if *n > self.bounds.per_identity_project {
+                return Err(PresenceRejection::OverLimit);
+            }
+            let sum = per_identity.entry(identity).or_default();
+            *sum = sum.saturating_add(*n);
+            if *sum > self.bounds.per_identity {
+                return Err(PresenceRejection::OverLimit);
+            }
+            total = total.saturating_add(*n);
+        }
+        if total > p.connections {
+            return Err(PresenceRejection::OverLimit);
+        }
+        Ok(())
     }
 
     /// The admin view: this instance and every live peer, and whether their

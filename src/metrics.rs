@@ -32,6 +32,16 @@ pub struct Metrics {
     pub nats_subscriptions: IntGauge,
     /// 1 while connected to NATS (0 with the embedded bus).
     pub nats_connected: IntGauge,
+    /// Times herald found the NATS link not delivering, by reason.
+    pub nats_link_failures: IntCounterVec,
+    /// JetStream acknowledgements that said "duplicate" (a retried publish).
+    pub replay_duplicate_acks: IntCounter,
+    /// Streams waiting for a replay slot.
+    pub replays_waiting: IntGauge,
+    /// Replay reads, by how they read (`direct`, `consumer`, `message`).
+    pub replay_reads: IntCounterVec,
+    /// Presence announcements ignored, by reason.
+    pub presence_rejected: IntCounterVec,
     /// Token refusals, by reason.
     pub auth_failures: IntCounterVec,
     /// Permission denials, by stage (`subscribe`, `delivery`, `publish`).
@@ -142,7 +152,39 @@ impl Metrics {
                 "herald_nats_subscriptions",
                 "NATS subscriptions held by this instance.",
             ),
-            nats_connected: gauge(&r, "herald_nats_connected", "1 while connected to NATS."),
+            nats_connected: gauge(
+                &r,
+                "herald_nats_connected",
+                "1 while the NATS link delivers, as herald's own check observes it.",
+            ),
+            nats_link_failures: counter_vec(
+                &r,
+                "herald_nats_link_failures_total",
+                "Times the NATS link was found not delivering, by reason.",
+                "reason",
+            ),
+            replay_duplicate_acks: counter(
+                &r,
+                "herald_replay_duplicate_acks_total",
+                "JetStream acknowledgements of a publish that were duplicates.",
+            ),
+            replays_waiting: gauge(
+                &r,
+                "herald_replays_waiting",
+                "Resuming streams waiting for a replay slot.",
+            ),
+            replay_reads: counter_vec(
+                &r,
+                "herald_replay_reads_total",
+                "Replay reads, by method.",
+                "method",
+            ),
+            presence_rejected: counter_vec(
+                &r,
+                "herald_presence_rejected_total",
+                "Presence announcements ignored, by reason.",
+                "reason",
+            ),
             auth_failures: counter_vec(
                 &r,
                 "herald_auth_failures_total",
@@ -219,6 +261,9 @@ impl Metrics {
                 "too_large",
                 "bad_subject",
                 "subject_mismatch",
+                "missing_sequence",
+                "bad_sequence",
+                "stale_sequence",
             ],
         );
         zero(&m.auth_failures, crate::auth::AuthError::REASONS);

@@ -62,6 +62,37 @@ pub enum Push {
     Closed,
 }
 
+/// A resume ready to be written into a stream (see `bus::plan_resume`):
+/// built where the retained events are read, applied by the stream itself,
+/// so that it can be read while the stream is already open.
+#[derive(Debug)]
+pub struct Resumed {
+    /// The id the resume starts after (what its opening `gap` names).
+    pub from: u64,
+    /// A control event written first (`gap`: unknown id, expired, ...).
+    pub open: Option<Control>,
+    /// Live events up to this id are the resume's (skipped when queued);
+    /// `None` leaves live delivery as it is (an unknown id, a bare `gap`).
+    pub seam: Option<u64>,
+    /// The retained events the stream may see, in order.
+    pub events: Vec<Queued>,
+    /// A control event written after them (the replay stopped short).
+    pub tail: Option<Control>,
+}
+
+impl Resumed {
+    /// Only a control event: nothing retained to write.
+    pub fn control(from: u64, control: Control) -> Self {
+        Self {
+            from,
+            open: Some(control),
+            seam: None,
+            events: Vec::new(),
+            tail: None,
+        }
+    }
+}
+
 /// Told when a stream is asked to close and when it has ended, so that the
 /// connection carrying it can be dropped if it does not end in time (its
 /// client stopped reading, so it cannot write its closing event). The
@@ -97,6 +128,13 @@ pub struct StreamHandle {
     signalled: AtomicBool,
     waker: AtomicWaker,
     last_dispatched: AtomicU64,
+    /// The id of the last event written (kept by the writer): where an
+    /// in-place resume starts.
+    written: AtomicU64,
+    /// Set while a resume is being read: live events wait in the queue.
+    resuming: AtomicBool,
+    /// The resume, once read.
+    resumed: Mutex<Option<Resumed>>,
     close_timeout: Duration,
     watch: Option<Arc<dyn CloseWatch>>,
     metrics: Arc<Metrics>,
@@ -170,6 +208,29 @@ impl StreamHandle {
         *self.gap.lock() = Some(reason);
         self.signalled.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// Holds live events in the queue until [`resume_with`](Self::resume_with):
+    /// a resume is being read. Returns whether this call started the hold.
+    pub fn pause(&self) -> bool {
+        !self.resuming.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether live events are held for a resume.
+    pub fn is_paused(&self) -> bool {
+        self.resuming.load(Ordering::Acquire)
+    }
+
+    /// Hands the stream its resume; it writes it, then the held live events.
+    pub fn resume_with(&self, resumed: Resumed) {
+        *self.resumed.lock() = Some(resumed);
+        self.waker.wake();
+    }
+
+    /// The id of the last event the stream wrote (or the id it resumed
+    /// from); 0 before either.
+    pub fn position(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
     }
 
     /// Whether a close was requested.
@@ -339,6 +400,9 @@ pub fn new_stream(
         signalled: AtomicBool::new(false),
         waker: AtomicWaker::new(),
         last_dispatched: AtomicU64::new(0),
+        written: AtomicU64::new(0),
+        resuming: AtomicBool::new(false),
+        resumed: Mutex::new(None),
         close_timeout: settings.close_timeout,
         watch,
         metrics: metrics.clone(),
@@ -400,7 +464,51 @@ impl SseStream {
     /// live delivery has no duplicate.
     pub fn set_seam(&mut self, seq: u64) {
         self.seam = self.seam.max(seq);
-        self.last_written = self.last_written.max(seq);
+        self.set_written(self.last_written.max(seq));
+    }
+
+    /// The client has every event up to `id` (its `Last-Event-ID`): a
+    /// resume is being read, and a close meanwhile names `id`.
+    pub fn start_after(&mut self, id: u64) {
+        self.set_written(id);
+    }
+
+    fn set_written(&mut self, seq: u64) {
+        self.last_written = seq;
+        self.handle.written.store(seq, Ordering::Release);
+    }
+
+    /// Writes a resume: its opening control, the retained events this
+    /// stream has not written yet, its tail; live events it covers are
+    /// skipped. Live delivery, held for it, goes on.
+    pub fn apply_resume(&mut self, r: Resumed) {
+        let written = self.last_written.max(r.from);
+        if let Some(c) = &r.open {
+            self.open_with(c, r.from);
+        }
+        if let Some(seam) = r.seam {
+            self.set_seam(seam.max(r.from));
+            self.replay
+                .extend(r.events.into_iter().filter(|e| e.delivery.seq > written));
+            if let Some(t) = r.tail {
+                self.after_replay(t);
+            }
+        }
+        self.handle.resuming.store(false, Ordering::Release);
+    }
+
+    /// Takes a resume handed over by [`StreamHandle::resume_with`]; `true`
+    /// while live events are still held for one.
+    fn poll_paused(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.handle.resuming.load(Ordering::Acquire) {
+            return false;
+        }
+        self.handle.waker.register(cx.waker());
+        let Some(r) = self.handle.resumed.lock().take() else {
+            return true;
+        };
+        self.apply_resume(r);
+        false
     }
 
     /// Keeps `guard` alive as long as the stream.
@@ -481,7 +589,7 @@ impl SseStream {
                 .inc();
             return None;
         }
-        self.last_written = d.seq;
+        self.set_written(d.seq);
         self.delivered.inc();
         self.latency.observe(d.accepted_at.elapsed().as_secs_f64());
         self.unflushed += 1;
@@ -528,7 +636,8 @@ impl SseStream {
         let closing = self.handle.close.lock().clone();
         if let Some(reason) = closing {
             self.handle.signalled.store(true, Ordering::Release); // terminal
-            if reason.flushes_queue() {
+                                                                  // Held events are not flushed: their resume was not written.
+            if reason.flushes_queue() && !self.handle.resuming.load(Ordering::Acquire) {
                 while let Some(f) = self.next_queued() {
                     if let Some(item) = self.deliver_live(f) {
                         return Some(Poll::Ready(Some(item)));
@@ -594,12 +703,16 @@ impl SseStream {
         if self.done {
             return Poll::Ready(None);
         }
+        let paused = self.poll_paused(cx);
         if let Some(item) = self.poll_resume() {
             return Poll::Ready(Some(item));
         }
         loop {
             if let Some(ready) = self.poll_signals() {
                 return ready;
+            }
+            if paused {
+                break; // live events wait for the resume
             }
             match self.next_queued_or_register(cx) {
                 Some(f) => {

@@ -231,12 +231,92 @@ async fn after_a_nats_outage_clients_resume_without_loss() {
         "the client caught up after the outage"
     );
     let seen = client.stop().await;
-    let (events, _) = seen.deduped();
-    let ids: Vec<u64> = events.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<u64> = seen.events.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, acked, "every acknowledged event once, in order");
+    assert_eq!(seen.connects, 1, "the stream resumed in place");
+    assert!(seen.controls.is_empty(), "{:?}", seen.controls);
+}
+
+/// The instance's own link is cut while another instance goes on storing
+/// events: when the link is back, the instance's streams get what they
+/// missed, in order, on the connection they have (no `reconnect`, no `gap`,
+/// no duplicate).
+#[tokio::test]
+async fn an_instance_whose_link_was_cut_resumes_its_streams_in_place() {
+    use common::eventsource::EventSource;
+    use common::nats::CutLink;
+    let nats = NatsServer::start_jetstream();
+    let link = CutLink::start(nats.client_port).await;
+    let a = HeraldBuilder::new()
+        .env("NATS__URLS", &urls_env(&[link.url()]))
+        .env("NATS__PRESENCE_INTERVAL", "200ms")
+        .env("NATS__LIVENESS_INTERVAL", "200ms")
+        .env("NATS__LIVENESS_TIMEOUT", "1s")
+        .env("REPLAY__ENABLED", "true")
+        .start();
+    a.wait_ready(200).await;
+    let b = replaying(&nats, &[]).await;
+    let client = EventSource::start(a.url(SUBSCRIBE), token_for("reader", HOUR), all_p1());
+    a.wait_metric("herald_connections", 1.0).await;
+    // A steady publisher on the other instance, across the cut and the
+    // restore: what arrives live right after the link is back must not
+    // overtake what was missed.
+    let w = token_for("writer", HOUR);
+    let acked = std::sync::Mutex::new(Vec::new());
+    let (done_tx, mut done) = tokio::sync::watch::channel(false);
+    let publisher = async {
+        let mut i = 0;
+        while !*done.borrow_and_update() {
+            let v = b
+                .publish(
+                    &w,
+                    &event("secret:created", "p1", "prod", &format!("/e/{i}")),
+                )
+                .await;
+            acked
+                .lock()
+                .unwrap()
+                .push(v["events"][0]["sequence"].as_u64().unwrap());
+            i += 1;
+            let _ = tokio::time::timeout(Duration::from_millis(20), done.changed()).await;
+        }
+    };
+    let count = || acked.lock().unwrap().len();
+    let until = |n: usize| async move {
+        eventually(WAIT, "the publisher is stuck", || async {
+            (count() >= n).then_some(())
+        })
+        .await
+    };
+    let control = async {
+        until(3).await;
+        assert!(client.wait_for(3, WAIT).await);
+        link.cut();
+        a.wait_ready(503).await;
+        let at_cut = count();
+        until(at_cut + 5).await;
+        link.restore();
+        a.wait_ready(200).await;
+        let at_restore = count();
+        until(at_restore + 5).await;
+        done_tx.send_replace(true);
+    };
+    tokio::join!(publisher, control);
+    let acked = acked.into_inner().unwrap();
     assert!(
-        seen.controls.iter().any(|(k, _)| k == "reconnect"),
-        "streams were told to reconnect and resume"
+        client.wait_for(acked.len(), WAIT).await,
+        "the client got what it missed"
+    );
+    let seen = client.stop().await;
+    let ids: Vec<u64> = seen.events.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, acked, "every event once, in order");
+    assert_eq!(seen.connects, 1, "on the same connection");
+    assert!(seen.controls.is_empty(), "{:?}", seen.controls);
+    assert!(a.metric("herald_replayed_events_total").await >= 5.0);
+    assert_eq!(
+        a.metric("herald_streams_closed_total{reason=\"reconnect\"}")
+            .await,
+        0.0
     );
 }
 
@@ -297,4 +377,59 @@ async fn resume_control_events_are_the_same_on_both_buses() {
     let v: Value = serde_json::from_str(&unknown.1).unwrap();
     assert_eq!(v["reason"], "unknown_id");
     assert_eq!(v["lastEventId"], "N");
+}
+
+/// Thirty clients resume at once on an instance that reads one replay at a
+/// time: every stream opens at once, each gets what it missed, in order,
+/// with nothing else (no `reconnect` for a client that only had to wait),
+/// and no consumer outlives its read.
+#[tokio::test]
+async fn resumes_wait_their_turn_and_leave_no_consumer_behind() {
+    let nats = NatsServer::start_jetstream();
+    let h = replaying(
+        &nats,
+        &[
+            ("REPLAY__MAX_CONCURRENT_READS", "1"),
+            ("LIMITS__CONNECTIONS_PER_IDENTITY_PROJECT", "30"),
+            ("LIMITS__SUBSCRIBE_BURST", "30"),
+        ],
+    )
+    .await;
+    let w = token_for("writer", HOUR);
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        let v = h
+            .publish(&w, &event("secret:created", "p1", "prod", &format!("/{i}")))
+            .await;
+        seqs.push(v["events"][0]["sequence"].as_u64().unwrap());
+    }
+    let from = seqs[0].to_string();
+    let opened = futures_util::future::join_all((0..30).map(|_| resume(&h, &from))).await;
+    let want: Vec<String> = (1..10).map(|i| format!("/{i}")).collect();
+    for mut s in opened {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let ev = s.next_event().await;
+            assert_eq!(ev.event.as_deref(), Some("secret:created"), "{ev:?}");
+            got.push(path_of(&ev));
+        }
+        assert_eq!(got, want);
+    }
+    assert_eq!(
+        h.metric("herald_replay_reads_total{method=\"consumer\"}")
+            .await,
+        30.0
+    );
+    assert_eq!(h.metric("herald_replays_waiting").await, 0.0);
+    eventually(
+        Duration::from_secs(5),
+        "replay consumers were left on the server",
+        || async {
+            let v = nats.monitor("/jsz?streams=true").await;
+            let count =
+                v["account_details"][0]["stream_detail"][0]["state"]["consumer_count"].as_u64()?;
+            (count == 0).then_some(())
+        },
+    )
+    .await;
 }

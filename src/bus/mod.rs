@@ -10,6 +10,7 @@
 //!   only to the subjects its streams need.
 
 pub mod embedded;
+pub mod link;
 pub mod nats;
 pub mod replay;
 
@@ -24,7 +25,7 @@ use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::protocol::{Control, GapReason};
 use crate::router::Router;
-use crate::stream::{Queued, SseStream};
+use crate::stream::{Queued, Resumed, SseStream, StreamHandle};
 
 /// The result of publishing one event.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -209,12 +210,50 @@ pub struct Retained {
     pub through: u64,
 }
 
-/// Writes a resume from `after` into a stream, the same way on every bus:
-/// the `gap` its position calls for, then the retained events the stream may
-/// see ([`Router::admits`], the one delivery predicate), then a `gap` when
-/// the read stopped short; and the seam, so that live events the replay
-/// covers are not written twice. The stream is registered with the router
-/// before `retained` was read, so nothing after `through` is missed.
+/// Plans a resume from `after` for a stream, the same way on every bus: the
+/// `gap` its position calls for, then the retained events the stream may see
+/// ([`Router::admits`], the one delivery predicate), then a `gap` when the
+/// read stopped short; and the seam, so that live events the replay covers
+/// are not written twice. The stream was registered with the router before
+/// `retained` was read, so nothing after `through` is missed; it writes the
+/// plan itself ([`SseStream::apply_resume`]), at once or once read.
+pub fn plan_resume(
+    handle: &StreamHandle,
+    after: u64,
+    retained: Retained,
+    router: &Router,
+    metrics: &Metrics,
+) -> Resumed {
+    let open = match retained.position {
+        Position::Unknown => return Resumed::control(after, Control::Gap(GapReason::UnknownId)),
+        Position::Expired => Some(Control::Gap(GapReason::Expired)),
+        Position::Known => None,
+    };
+    // Read before deciding: an event is never tagged newer than its decision.
+    let generation = router.policy_generation();
+    let events: Vec<Queued> = retained
+        .events
+        .into_iter()
+        .filter(|d| d.seq > after && router.admits(handle, d))
+        .map(|delivery| Queued {
+            delivery,
+            generation,
+        })
+        .collect();
+    metrics.replayed_events.inc_by(events.len() as u64);
+    Resumed {
+        from: after,
+        open,
+        seam: Some(after.max(retained.through)),
+        events,
+        tail: retained
+            .truncated
+            .then_some(Control::Gap(GapReason::TooFarBehind)),
+    }
+}
+
+/// [`plan_resume`], written into `stream` now (a bus that reads what it
+/// retains without waiting).
 pub fn resume(
     stream: &mut SseStream,
     after: u64,
@@ -222,31 +261,8 @@ pub fn resume(
     router: &Router,
     metrics: &Metrics,
 ) {
-    match retained.position {
-        Position::Unknown => {
-            stream.open_with(&Control::Gap(GapReason::UnknownId), after);
-            return;
-        }
-        Position::Expired => stream.open_with(&Control::Gap(GapReason::Expired), after),
-        Position::Known => {}
-    }
-    stream.set_seam(after.max(retained.through));
-    // Read before deciding: an event is never tagged newer than its decision.
-    let generation = router.policy_generation();
-    let mut replayed = 0u64;
-    for d in retained.events {
-        if router.admits(stream.handle(), &d) {
-            stream.push_replay(Queued {
-                delivery: d,
-                generation,
-            });
-            replayed += 1;
-        }
-    }
-    metrics.replayed_events.inc_by(replayed);
-    if retained.truncated {
-        stream.after_replay(Control::Gap(GapReason::TooFarBehind));
-    }
+    let plan = plan_resume(stream.handle(), after, retained, router, metrics);
+    stream.apply_resume(plan);
 }
 
 /// The first sequence number of a process: the current time in microseconds.

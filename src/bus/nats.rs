@@ -21,7 +21,6 @@
 //! NATS slow-consumer event (the client dropped messages) is a `gap` too.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,14 +41,19 @@ use crate::metrics::Metrics;
 use crate::protocol::{jittered_retry_ms, Close, Control, GapReason, ReconnectReason};
 use crate::router::Router;
 use crate::setting::{self, invalid, Invalid, Secret};
-use crate::stream::SseStream;
+use crate::stream::{Resumed, SseStream, StreamHandle};
 use crate::subject::SubjectPrefix;
 use crate::subject::{self, Kind};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use super::link::{Link, LinkFailure, Liveness, Missed};
 use super::replay::Replay;
 use super::{first_sequence, BusError, BusErrorKind, Position, Published, Retained};
+
+/// How long a resume is retried (JetStream electing a leader, say) before
+/// its stream is told to reconnect.
+const RESUME_PATIENCE: Duration = Duration::from_secs(30);
 
 /// One NATS subscription shared by every stream that needs its subject.
 struct SubEntry {
@@ -62,11 +66,9 @@ struct DispatchState {
     next_seq: u64,
 }
 
-/// Connection state shared with the client's event callback.
-struct Link {
-    connected: AtomicBool,
-    ever_connected: AtomicBool,
-    /// With replay, streams resume after an outage instead of getting `gap`.
+/// How streams hear that they may have missed events.
+struct Telling {
+    /// With replay, streams resume instead of getting `gap`.
     replay: bool,
     /// The base of the `retry:` hint streams told to reconnect get.
     retry: Duration,
@@ -81,6 +83,7 @@ pub struct NatsBus {
     /// `herald_events_received_total{source="nats"}`, resolved once.
     received: prometheus::IntCounter,
     link: Arc<Link>,
+    telling: Telling,
     subs: Mutex<HashMap<String, SubEntry>>,
     dispatch: Mutex<DispatchState>,
     max_event_bytes: usize,
@@ -115,18 +118,15 @@ impl NatsBus {
         max_event_bytes: usize,
         retry: Duration,
     ) -> Result<Arc<NatsBus>, BusError> {
-        let link = Arc::new(Link {
-            connected: AtomicBool::new(false),
-            ever_connected: AtomicBool::new(false),
-            replay: replay_cfg.enabled,
-            retry,
-        });
+        let link = Arc::new(Link::new(metrics.clone()));
         let mut opts = ConnectOptions::new()
             .name(format!("{}-{instance}", cfg.name))
             .retry_on_initial_connect()
             .max_reconnects(None)
             .subscription_capacity(cfg.subscription_capacity)
             .connection_timeout(cfg.request_timeout)
+            .ping_interval(cfg.ping_interval)
+            .custom_inbox_prefix(&cfg.inbox_prefix)
             .require_tls(cfg.require_tls);
         if let Some(t) = &cfg.token {
             opts = opts.token(t.expose().to_owned());
@@ -150,11 +150,9 @@ impl NatsBus {
             opts = opts.add_client_certificate(c.clone(), k.clone());
         }
         let cb_link = link.clone();
-        let cb_router = router.clone();
-        let cb_metrics = metrics.clone();
         opts = opts.event_callback(move |ev| {
-            let (link, router, metrics) = (cb_link.clone(), cb_router.clone(), cb_metrics.clone());
-            async move { on_client_event(ev, &link, &router, &metrics) }
+            let link = cb_link.clone();
+            async move { on_client_event(ev, &link) }
         });
         let client = opts.connect(cfg.urls.clone()).await.map_err(|e| {
             BusError::with_source(BusErrorKind::Connect, e).doing(format!("{:?}", cfg.urls))
@@ -165,6 +163,11 @@ impl NatsBus {
                 replay_cfg.clone(),
                 cfg.prefix.as_str(),
                 cfg.request_timeout,
+                super::replay::ReplayMetrics {
+                    duplicate_acks: metrics.replay_duplicate_acks.clone(),
+                    waiting: metrics.replays_waiting.clone(),
+                    read_by: metrics.replay_reads.clone(),
+                },
             ))
         });
         let tasks = TaskTracker::new();
@@ -189,7 +192,13 @@ impl NatsBus {
                 }
             });
         }
-        Ok(Arc::new(NatsBus {
+        let liveness = Liveness::new(
+            cfg.prefix.as_str(),
+            instance,
+            cfg.liveness_interval,
+            cfg.liveness_timeout,
+        );
+        let bus = Arc::new(NatsBus {
             replay,
             client,
             prefix: cfg.prefix.to_string(),
@@ -197,6 +206,10 @@ impl NatsBus {
             received: metrics.events_received.with_label_values(&["nats"]),
             metrics,
             link,
+            telling: Telling {
+                replay: replay_cfg.enabled,
+                retry,
+            },
             subs: Mutex::new(HashMap::new()),
             dispatch: Mutex::new(DispatchState {
                 next_seq: first_sequence(),
@@ -205,7 +218,73 @@ impl NatsBus {
             request_timeout: cfg.request_timeout,
             tasks,
             stop,
-        }))
+        });
+        if bus.replay.is_some() {
+            // From the moment the link stops delivering, streams hold what
+            // arrives until their resume (read once it delivers again) is
+            // written: nothing newer overtakes what they missed.
+            let me = Arc::downgrade(&bus);
+            bus.link.on_down(move || {
+                if let Some(bus) = me.upgrade() {
+                    for c in bus.router.connections() {
+                        c.pause();
+                    }
+                }
+            });
+        }
+        let me = bus.clone();
+        bus.tasks.spawn(liveness.run(
+            bus.client.clone(),
+            bus.link.clone(),
+            bus.stop.clone(),
+            move |missed| me.tell_missed(missed),
+        ));
+        Ok(bus)
+    }
+
+    /// Tells every stream it may have missed events. With replay, after an
+    /// outage each resumes in place from the replay stream (no reconnect);
+    /// after the client dropped messages it reconnects and resumes from its
+    /// last id. Without replay, `gap`.
+    fn tell_missed(self: &Arc<Self>, missed: Missed) {
+        let streams = self.router.connections();
+        let (reconnect, gap, what) = match missed {
+            Missed::Outage => (
+                ReconnectReason::BusReconnected,
+                GapReason::BusReconnected,
+                "the NATS link delivers again",
+            ),
+            Missed::Overflow => (
+                ReconnectReason::BusOverflow,
+                GapReason::BusOverflow,
+                "the NATS client dropped messages",
+            ),
+        };
+        if self.telling.replay && missed == Missed::Outage {
+            tracing::info!(
+                streams = streams.len(),
+                "{what}; open streams resume in place from the replay stream"
+            );
+            for c in streams {
+                self.spawn_resume(c, None);
+            }
+        } else if self.telling.replay {
+            tracing::info!(
+                streams = streams.len(),
+                "{what}; open streams reconnect and resume from the replay stream"
+            );
+            for c in streams {
+                c.close(Close::Reconnect {
+                    reason: reconnect,
+                    retry_ms: jittered_retry_ms(self.telling.retry),
+                });
+            }
+        } else {
+            tracing::info!(streams = streams.len(), "{what}; open streams get gap");
+            for c in streams {
+                c.notify_gap(gap);
+            }
+        }
     }
 
     /// Stops every task of the bus (subscriptions, set-up) and waits for
@@ -235,9 +314,11 @@ impl NatsBus {
         &self.prefix
     }
 
-    /// Whether the client is connected now.
+    /// Whether the link delivers: the client is connected and herald's own
+    /// last check passed.
     pub fn is_connected(&self) -> bool {
-        self.link.connected.load(Ordering::Acquire)
+        self.link.is_healthy()
+            && self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// Whether publishes and new streams can be served: connected, and with
@@ -345,13 +426,69 @@ impl NatsBus {
         let Some(after) = resume_from else {
             return Ok(());
         };
-        let Some(replay) = &self.replay else {
+        if self.replay.is_none() {
             stream.open_with(&Control::Gap(GapReason::ReplayUnavailable), after);
             return Ok(());
-        };
-        let retained = self.retained(replay, &conn.project, after).await?;
-        super::resume(stream, after, retained, &self.router, &self.metrics);
+        }
+        // The stream opens now and holds live events while its resume is
+        // read (replay reads are bounded; it may wait its turn).
+        stream.start_after(after);
+        self.spawn_resume(conn, Some(after));
         Ok(())
+    }
+
+    /// Reads and hands a stream its resume, in a task: from `client_id` (a
+    /// new stream's `Last-Event-ID`) or, in place, from the last event the
+    /// stream wrote. The stream holds live events meanwhile.
+    fn spawn_resume(self: &Arc<Self>, handle: Arc<StreamHandle>, client_id: Option<u64>) {
+        handle.pause();
+        let bus = self.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = bus.stop.cancelled() => {}
+                _ = bus.resume_stream(&handle, client_id) => {}
+            }
+        });
+    }
+
+    async fn resume_stream(&self, handle: &Arc<StreamHandle>, client_id: Option<u64>) {
+        let Some(replay) = &self.replay else {
+            return;
+        };
+        let after = client_id.unwrap_or_else(|| handle.position());
+        if after == 0 {
+            // In place, but the stream never wrote an event: there is no
+            // point to resume from. It may have missed some.
+            handle.resume_with(Resumed::control(0, Control::Gap(GapReason::BusReconnected)));
+            return;
+        }
+        let give_up = tokio::time::Instant::now() + RESUME_PATIENCE;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if handle.is_closing() {
+                return;
+            }
+            let e = match self.retained(replay, &handle.project, after).await {
+                Ok(retained) => {
+                    let plan =
+                        super::plan_resume(handle, after, retained, &self.router, &self.metrics);
+                    handle.resume_with(plan);
+                    return;
+                }
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() + backoff >= give_up {
+                tracing::warn!(error = %e, stream = handle.id, "cannot read a resume; the stream is told to reconnect");
+                handle.close(Close::Reconnect {
+                    reason: ReconnectReason::BusUnavailable,
+                    retry_ms: jittered_retry_ms(self.telling.retry),
+                });
+                return;
+            }
+            tracing::debug!(error = %e, stream = handle.id, "cannot read a resume yet; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 
     /// The retained events of `project` after `after`, read from the replay
@@ -403,32 +540,60 @@ impl NatsBus {
         let (tx, rx) = watch::channel(false);
         let bus = self.clone();
         let task = self.tasks.spawn(async move {
-            let mut sub = match bus.client.subscribe(subj.clone()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(subject = %subj, error = %e, "NATS subscribe failed");
-                    return;
-                }
-            };
-            let _ = tx.send(true);
+            let mut retry = Duration::from_millis(50);
             loop {
-                let msg = tokio::select! {
+                match bus.client.subscribe(subj.clone()).await {
+                    Ok(sub) => {
+                        let _ = tx.send(true);
+                        retry = Duration::from_millis(50);
+                        if bus.deliver(sub).await.is_break() {
+                            return;
+                        }
+                        // The message stream ended while streams still need
+                        // it: count it, take the subscription again, and tell
+                        // the project's streams what they may have missed.
+                        tracing::warn!(subject = %subj, "a NATS subscription ended; subscribing again");
+                        bus.link.failed(LinkFailure::SubscriptionEnded);
+                        let _ = tx.send(false);
+                    }
+                    Err(e) => {
+                        tracing::error!(subject = %subj, error = %e, "NATS subscribe failed; retrying");
+                    }
+                }
+                tokio::select! {
                     _ = bus.stop.cancelled() => return,
-                    m = sub.next() => m,
-                };
-                let Some(msg) = msg else { return };
-                let seq = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
-                    .and_then(|v| v.as_str().parse::<u64>().ok());
-                bus.on_message(&msg.subject, &msg.payload, seq);
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(Duration::from_secs(2));
             }
         });
         SubEntry {
             refs: 0,
             ready: rx,
             task,
+        }
+    }
+
+    /// Feeds one subscription's messages to the router until it ends
+    /// (`Continue`) or the bus stops (`Break`).
+    async fn deliver(&self, mut sub: async_nats::Subscriber) -> std::ops::ControlFlow<()> {
+        let mut order = SequenceGuard::default();
+        loop {
+            let msg = tokio::select! {
+                _ = self.stop.cancelled() => return std::ops::ControlFlow::Break(()),
+                m = sub.next() => m,
+            };
+            let Some(msg) = msg else {
+                return std::ops::ControlFlow::Continue(());
+            };
+            let seq = msg
+                .headers
+                .as_ref()
+                // The server appends its own header after whatever the
+                // producer sent: the last one is the stream's.
+                .and_then(|h| h.get_last(async_nats::header::NATS_SEQUENCE))
+                .map(|v| v.as_str());
+            self.on_message(&msg.subject, &msg.payload, seq, &mut order);
         }
     }
 
@@ -461,51 +626,55 @@ impl NatsBus {
             .inc();
     }
 
-    /// Checks one message and dispatches it.
-    /// Checks one message: the subject decodes, the envelope validates and
-    /// agrees with the subject. Anything else is counted and dropped.
+    /// Checks one message (see [`decode_message`]); anything else is
+    /// counted by reason and dropped.
     fn check(&self, kind: Kind, subj: &str, payload: &[u8]) -> Option<Event> {
-        let Some(key) = subject::decode_subject(&self.prefix, kind, subj) else {
-            self.reject("bad_subject");
-            return None;
-        };
-        let value: serde_json::Value = match serde_json::from_slice(payload) {
-            Ok(v) => v,
-            Err(_) => {
-                self.reject("malformed");
-                return None;
+        match decode_message(&self.prefix, kind, subj, payload, self.max_event_bytes) {
+            Ok(ev) => Some(ev),
+            Err(reason) => {
+                if reason == "subject_mismatch" {
+                    tracing::debug!(
+                        subject = subj,
+                        "event envelope disagrees with its subject; dropped"
+                    );
+                }
+                self.reject(reason);
+                None
             }
-        };
-        let ev = match Event::from_json(value, self.max_event_bytes) {
-            Ok(e) => e,
-            Err(e) => {
-                self.reject(e.kind.label());
-                return None;
-            }
-        };
-        if ev.key != key {
-            tracing::debug!(
-                subject = subj,
-                "event envelope disagrees with its subject; dropped"
-            );
-            self.reject("subject_mismatch");
-            return None;
         }
-        Some(ev)
     }
 
-    /// One live message: checked, numbered (or carrying its stream sequence),
-    /// dispatched.
-    fn on_message(&self, subj: &str, payload: &[u8], stream_seq: Option<u64>) {
+    /// One live message: checked, numbered (or carrying its stream sequence,
+    /// which must move forward on its subscription), dispatched.
+    fn on_message(
+        &self,
+        subj: &str,
+        payload: &[u8],
+        sequence: Option<&str>,
+        order: &mut SequenceGuard,
+    ) {
         let Some(ev) = self.check(self.live_kind(), subj, payload) else {
             return;
         };
+        let stream_seq = if self.replay.is_some() {
+            let Some(raw) = sequence else {
+                return self.reject("missing_sequence");
+            };
+            let Some(seq) = raw.trim().parse::<u64>().ok().filter(|s| *s > 0) else {
+                return self.reject("bad_sequence");
+            };
+            if let Err(reason) = order.admit(seq) {
+                return self.reject(reason);
+            }
+            Some(seq)
+        } else {
+            None
+        };
         // Numbering and dispatch under one lock: every stream sees increasing ids.
         let mut st = self.dispatch.lock();
-        let seq = match (&self.replay, stream_seq) {
-            (Some(_), Some(s)) => s,
-            (Some(_), None) => return self.reject("missing_sequence"),
-            (None, _) => {
+        let seq = match stream_seq {
+            Some(s) => s,
+            None => {
                 let s = st.next_seq;
                 st.next_seq += 1;
                 s
@@ -518,65 +687,80 @@ impl NatsBus {
     }
 }
 
-fn on_client_event(ev: NatsEvent, link: &Link, router: &Router, metrics: &Metrics) {
+/// One message from NATS as an event: the subject must decode, the payload
+/// be within `max_event_bytes` as sent (it is not even parsed otherwise),
+/// the envelope validate and agree with the subject (project, environment,
+/// type, path). The error is the reason it is counted under
+/// (`herald_events_rejected_total{reason}`).
+pub fn decode_message(
+    prefix: &str,
+    kind: Kind,
+    subject: &str,
+    payload: &[u8],
+    max_event_bytes: usize,
+) -> Result<Event, &'static str> {
+    let key = subject::decode_subject(prefix, kind, subject).ok_or("bad_subject")?;
+    if payload.len() > max_event_bytes {
+        return Err("too_large");
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload).map_err(|_| "malformed")?;
+    let ev = Event::from_json(value, max_event_bytes).map_err(|e| e.kind.label())?;
+    if ev.key != key {
+        return Err("subject_mismatch");
+    }
+    Ok(ev)
+}
+
+/// The stream sequences one subscription has seen: each must be larger than
+/// the last (JetStream republishes in order), so a repeat or an old message
+/// is dropped. A mark that every message has been behind for
+/// [`REANCHOR_AFTER`] is taken for a forgery (a producer with the right to
+/// publish on `{prefix}.rp.>` sending a huge `Nats-Sequence`) and moved, so
+/// that one message cannot silence a project for good.
+#[derive(Default)]
+pub struct SequenceGuard {
+    last: u64,
+    behind_since: Option<std::time::Instant>,
+}
+
+/// How long every message may be behind the mark before it moves.
+const REANCHOR_AFTER: Duration = Duration::from_secs(5);
+
+impl SequenceGuard {
+    /// Admits `seq`, or says why not.
+    pub fn admit(&mut self, seq: u64) -> Result<(), &'static str> {
+        if seq > self.last {
+            self.last = seq;
+            self.behind_since = None;
+            return Ok(());
+        }
+        let since = *self
+            .behind_since
+            .get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= REANCHOR_AFTER {
+            tracing::warn!(
+                mark = self.last,
+                seq,
+                "every message has been behind the sequence mark for 5s; moving the mark"
+            );
+            self.last = seq;
+            self.behind_since = None;
+            return Ok(());
+        }
+        Err("stale_sequence")
+    }
+}
+
+fn on_client_event(ev: NatsEvent, link: &Link) {
     match ev {
-        NatsEvent::Connected => {
-            link.connected.store(true, Ordering::Release);
-            metrics.nats_connected.set(1);
-            if link.ever_connected.swap(true, Ordering::AcqRel) {
-                if link.replay {
-                    // The stream kept everything: clients resume with Last-Event-ID.
-                    tracing::info!("reconnected to NATS; open streams reconnect and resume from the replay stream");
-                    for c in router.connections() {
-                        c.close(Close::Reconnect {
-                            reason: ReconnectReason::BusReconnected,
-                            retry_ms: jittered_retry_ms(link.retry),
-                        });
-                    }
-                } else {
-                    tracing::info!("reconnected to NATS; open streams get gap for the outage");
-                    for c in router.connections() {
-                        c.notify_gap(GapReason::BusReconnected);
-                    }
-                }
-            } else {
-                tracing::info!("connected to NATS");
-            }
-        }
-        NatsEvent::Disconnected => {
-            link.connected.store(false, Ordering::Release);
-            metrics.nats_connected.set(0);
-            tracing::warn!("disconnected from NATS");
-        }
-        NatsEvent::SlowConsumer(sid) => {
-            // The client dropped messages of a subscription: every stream may
-            // have missed one.
-            metrics
-                .events_dropped
-                .with_label_values(&["nats_slow_consumer"])
-                .inc();
-            if link.replay {
-                // The stream has them: every stream reconnects and resumes.
-                tracing::warn!(sid, "NATS slow consumer: messages were dropped; streams resume from the replay stream");
-                for c in router.connections() {
-                    c.close(Close::Reconnect {
-                        reason: ReconnectReason::BusOverflow,
-                        retry_ms: jittered_retry_ms(link.retry),
-                    });
-                }
-            } else {
-                tracing::warn!(
-                    sid,
-                    "NATS slow consumer: messages were dropped; streams get gap"
-                );
-                for c in router.connections() {
-                    c.notify_gap(GapReason::BusOverflow);
-                }
-            }
-        }
+        // Healthy once herald's own check passes (at once, asked here).
+        NatsEvent::Connected => link.reconnected(),
+        NatsEvent::Disconnected => link.failed(LinkFailure::Disconnected),
+        NatsEvent::SlowConsumer(_) => link.overflowed(),
         other => tracing::info!(event = %other, "NATS client event"),
     }
 }
+
 /// `[nats]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -613,6 +797,20 @@ pub struct NatsConfig {
     /// How often this instance announces itself to the others.
     #[serde(with = "humantime_serde")]
     pub presence_interval: Duration,
+    /// The client's PING interval (a dead link is noticed by the client
+    /// after about three of them; herald's own check is faster).
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How often herald checks that the link delivers (a round trip and a
+    /// canary through its own subscription).
+    #[serde(with = "humantime_serde")]
+    pub liveness_interval: Duration,
+    /// The longest such a check may take before the link counts as down.
+    #[serde(with = "humantime_serde")]
+    pub liveness_timeout: Duration,
+    /// Prefix of the reply subjects herald's requests use (grant herald
+    /// `subscribe` on `{inbox_prefix}.>`, and nobody else).
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -633,6 +831,10 @@ impl Default for NatsConfig {
             subscription_capacity: 65_536,
             request_timeout: Duration::from_secs(5),
             presence_interval: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(10),
+            liveness_interval: Duration::from_secs(1),
+            liveness_timeout: Duration::from_secs(2),
+            inbox_prefix: "_INBOX_herald".into(),
         }
     }
 }
@@ -653,6 +855,36 @@ impl NatsConfig {
             Duration::from_millis(50),
             setting::MAX_DURATION,
         )?;
+        for (key, d, min) in [
+            (
+                "nats.ping_interval",
+                self.ping_interval,
+                Duration::from_secs(1),
+            ),
+            (
+                "nats.liveness_interval",
+                self.liveness_interval,
+                Duration::from_millis(50),
+            ),
+            (
+                "nats.liveness_timeout",
+                self.liveness_timeout,
+                Duration::from_millis(50),
+            ),
+        ] {
+            setting::duration(key, d, min, setting::MAX_DURATION)?;
+        }
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !self.inbox_prefix.split('.').all(token_ok) {
+            return Err(invalid(
+                "nats.inbox_prefix",
+                "must be dot-separated tokens of A-Z a-z 0-9 _ -",
+            ));
+        }
         for u in &self.urls {
             if !(u.starts_with("nats://")
                 || u.starts_with("tls://")

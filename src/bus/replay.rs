@@ -52,22 +52,100 @@ pub struct Fetched {
 
 /// The replay stream.
 pub struct Replay {
+    client: Client,
     js: jetstream::Context,
     cfg: ReplayConfig,
     prefix: String,
     ready: AtomicBool,
     timeout: Duration,
+    duplicate_acks: prometheus::IntCounter,
+    /// At most `replay.max_concurrent_reads` reads at once (each holds a
+    /// consumer on the server while it runs); the others wait, in order.
+    reads: tokio::sync::Semaphore,
+    waiting: prometheus::IntGauge,
+    read_by: prometheus::IntCounterVec,
+}
+
+/// The metrics a [`Replay`] keeps.
+pub struct ReplayMetrics {
+    /// `herald_replay_duplicate_acks_total`.
+    pub duplicate_acks: prometheus::IntCounter,
+    /// `herald_replays_waiting`.
+    pub waiting: prometheus::IntGauge,
+    /// `herald_replay_reads_total{method}`.
+    pub read_by: prometheus::IntCounterVec,
+}
+
+/// Counts a waiting read for as long as it waits.
+struct Waiting<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The oldest nats-server replay runs on: 2.11.0 has the clustered dedupe
+/// fix (nats-server #6486: before it, a publish retried across a leader
+/// change could be acknowledged as a duplicate without being stored, a 202
+/// for a lost event; no 2.10 release has it).
+pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 11, 0);
+
+/// `major.minor.patch` of a server version string (`2.15.1`, `v2.12.0-RC.1`).
+pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let v = v.trim().trim_start_matches('v');
+    let core = v.split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 impl Replay {
-    /// A handle; call [`ensure_stream`](Self::ensure_stream) before use.
-    pub fn new(client: Client, cfg: ReplayConfig, prefix: &str, timeout: Duration) -> Self {
+    /// The replay stream of `cfg`, reached through `client`; call
+    /// [`ensure_stream`](Self::ensure_stream) before use.
+    pub fn new(
+        client: Client,
+        cfg: ReplayConfig,
+        prefix: &str,
+        timeout: Duration,
+        metrics: ReplayMetrics,
+    ) -> Self {
+        for m in ["consumer", "none"] {
+            metrics.read_by.with_label_values(&[m]);
+        }
         Self {
-            js: jetstream::new(client),
+            js: jetstream::new(client.clone()),
+            client,
+            reads: tokio::sync::Semaphore::new(cfg.max_concurrent_reads),
             cfg,
             prefix: prefix.to_owned(),
             ready: AtomicBool::new(false),
             timeout,
+            duplicate_acks: metrics.duplicate_acks,
+            waiting: metrics.waiting,
+            read_by: metrics.read_by,
+        }
+    }
+
+    /// Refuses servers older than [`MIN_SERVER_VERSION`].
+    fn check_server_version(&self) -> Result<(), BusError> {
+        let version = self.client.server_info().version;
+        let (a, b, c) = MIN_SERVER_VERSION;
+        match parse_version(&version) {
+            Some(v) if v >= MIN_SERVER_VERSION => Ok(()),
+            _ => Err(BusError::new(BusErrorKind::ReplayNotReady).doing(format!(
+                "replay needs nats-server {a}.{b}.{c} or newer (exact JetStream dedupe); this server is {version:?}"
+            ))),
         }
     }
 
@@ -79,6 +157,7 @@ impl Replay {
     /// Creates the stream, or checks an existing one captures and republishes
     /// what herald needs.
     pub async fn ensure_stream(&self) -> Result<(), BusError> {
+        self.check_server_version()?;
         let capture = subject::kind_filter(&self.prefix, Kind::Events);
         let republish = subject::kind_filter(&self.prefix, Kind::Republished);
         let config = stream::Config {
@@ -140,81 +219,109 @@ impl Replay {
         let ack = tokio::time::timeout(self.timeout, store)
             .await
             .map_err(|_| BusError::new(BusErrorKind::Timeout).doing("storing an event"))??;
+        if ack.duplicate {
+            // The id was stored before (a retried publish): the earlier
+            // sequence is the event's. Sequence 0 would mean nothing is stored.
+            self.duplicate_acks.inc();
+            if ack.sequence == 0 {
+                return Err(BusError::new(BusErrorKind::Publish)
+                    .doing("storing an event: a duplicate acknowledgement without a sequence"));
+            }
+        }
         Ok(ack.sequence)
     }
 
-    /// Reads the events of `project` stored after sequence `after`.
+    /// Reads the events of `project` stored after sequence `after`, once
+    /// one of the `replay.max_concurrent_reads` slots is free (reads are
+    /// served in the order they asked).
     pub async fn fetch(&self, project: &ProjectId, after: u64) -> Result<Fetched, BusError> {
+        let permit = {
+            let _waiting = Waiting::new(&self.waiting);
+            self.reads.acquire().await
+        };
+        let _permit = permit.map_err(|_| BusError::new(BusErrorKind::Replay).doing("closing"))?;
+        tokio::time::timeout(self.timeout * 4, self.read(project, after))
+            .await
+            .map_err(|_| BusError::new(BusErrorKind::Timeout).doing("reading a replay"))?
+    }
+
+    async fn read(&self, project: &ProjectId, after: u64) -> Result<Fetched, BusError> {
         let unavailable = |e: Box<dyn std::error::Error + Send + Sync>| {
             BusError::with_source(BusErrorKind::Replay, e)
         };
-        let read = async {
-            let mut stream = self
-                .js
-                .get_stream(&self.cfg.stream)
-                .await
-                .map_err(|e| unavailable(e.into()))?;
-            let state = stream
-                .info()
-                .await
-                .map_err(|e| unavailable(e.into()))?
-                .state
-                .clone();
-            let expired = after.saturating_add(1) < state.first_sequence;
-            let mut fetched = Fetched {
-                events: Vec::new(),
-                expired,
-                truncated: false,
-                unknown: after > state.last_sequence,
-                through: state.last_sequence,
-            };
-            if after >= state.last_sequence || state.messages == 0 {
-                return Ok(fetched);
-            }
-            let start = after.saturating_add(1).max(state.first_sequence);
-            let filter = subject::project_subject(&self.prefix, Kind::Events, project);
-            let consumer = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: filter,
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: start,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable(e.into()))?;
-            if consumer.cached_info().num_pending == 0 {
-                return Ok(fetched); // nothing of this project after the resume point
-            }
-            let mut messages = consumer
-                .messages()
-                .await
-                .map_err(|e| unavailable(e.into()))?;
-            while let Some(m) = messages.next().await {
-                let m = m.map_err(|e| unavailable(e.into()))?;
-                let info = m.info().map_err(&unavailable)?;
-                let (seq, pending) = (info.stream_sequence, info.pending);
-                if seq > state.last_sequence {
-                    break; // live delivery covers everything after the snapshot
-                }
-                fetched.events.push(StoredEvent {
-                    seq,
-                    subject: m.subject.to_string(),
-                    payload: m.payload.clone(),
-                });
-                if fetched.events.len() >= self.cfg.max_events {
-                    fetched.truncated = pending > 0;
-                    break;
-                }
-                if pending == 0 || seq >= state.last_sequence {
-                    break;
-                }
-            }
-            Ok(fetched)
-        };
-        tokio::time::timeout(self.timeout * 4, read)
+        // Getting the stream reads its state: one request, not two.
+        let stream = self
+            .js
+            .get_stream(&self.cfg.stream)
             .await
-            .map_err(|_| BusError::new(BusErrorKind::Timeout).doing("reading a replay"))?
+            .map_err(|e| unavailable(e.into()))?;
+        let state = stream.cached_info().state.clone();
+        let mut fetched = Fetched {
+            events: Vec::new(),
+            expired: after.saturating_add(1) < state.first_sequence,
+            truncated: false,
+            unknown: after > state.last_sequence,
+            through: state.last_sequence,
+        };
+        if after >= state.last_sequence || state.messages == 0 {
+            self.read_by.with_label_values(&["none"]).inc();
+            return Ok(fetched);
+        }
+        self.read_by.with_label_values(&["consumer"]).inc();
+        let start = after.saturating_add(1).max(state.first_sequence);
+        let filter = subject::project_subject(&self.prefix, Kind::Events, project);
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(e.into()))?;
+        let name = consumer.cached_info().name.clone();
+        let read = self.read_consumer(consumer, &state, &mut fetched).await;
+        // Done with it now: left to expire, a consumer would count against
+        // the stream's consumer limit for another 30 s.
+        if let Err(e) = stream.delete_consumer(&name).await {
+            tracing::debug!(consumer = %name, error = %e, "could not delete a replay consumer; it expires by itself");
+        }
+        read.map_err(unavailable)?;
+        Ok(fetched)
+    }
+
+    async fn read_consumer(
+        &self,
+        consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+        state: &stream::State,
+        fetched: &mut Fetched,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(()); // nothing of this project after the resume point
+        }
+        let mut messages = consumer.messages().await?;
+        while let Some(m) = messages.next().await {
+            let m = m?;
+            let info = m.info()?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > state.last_sequence {
+                break; // live delivery covers everything after the snapshot
+            }
+            fetched.events.push(StoredEvent {
+                seq,
+                subject: m.subject.to_string(),
+                payload: m.payload.clone(),
+            });
+            if fetched.events.len() >= self.cfg.max_events {
+                fetched.truncated = pending > 0;
+                break;
+            }
+            if pending == 0 || seq >= state.last_sequence {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 /// `[replay]`
@@ -237,6 +344,8 @@ pub struct ReplayConfig {
     pub duplicate_window: Duration,
     /// Most events replayed to one resuming stream; beyond that it gets `gap`.
     pub max_events: usize,
+    /// Most replay reads at once on this instance; the others wait in order.
+    pub max_concurrent_reads: usize,
 }
 
 impl Default for ReplayConfig {
@@ -249,6 +358,7 @@ impl Default for ReplayConfig {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             max_events: 100_000,
+            max_concurrent_reads: 32,
         }
     }
 }
@@ -288,6 +398,28 @@ impl ReplayConfig {
         if self.max_bytes < 1024 * 1024 {
             return Err(invalid("replay.max_bytes", "must be at least 1 MiB"));
         }
-        setting::at_least("replay.max_events", self.max_events, 1)
+        setting::at_least("replay.max_events", self.max_events, 1)?;
+        if !(1..=4096).contains(&self.max_concurrent_reads) {
+            return Err(invalid(
+                "replay.max_concurrent_reads",
+                "must be between 1 and 4096",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions_are_read_and_compared() {
+        assert_eq!(parse_version("2.15.1"), Some((2, 15, 1)));
+        assert_eq!(parse_version("v2.12.0-RC.1"), Some((2, 12, 0)));
+        assert_eq!(parse_version("2.11"), Some((2, 11, 0)));
+        assert_eq!(parse_version("garbage"), None);
+        assert!(parse_version("2.10.29").unwrap() < MIN_SERVER_VERSION);
+        assert!(parse_version("2.11.0").unwrap() >= MIN_SERVER_VERSION);
     }
 }

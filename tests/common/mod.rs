@@ -674,6 +674,25 @@ impl SseClient {
         }
     }
 
+    /// The next message or comment, if one arrives within `within` (`None`
+    /// on silence or at the end of the stream).
+    pub async fn next_within(&mut self, within: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(ev) = self.parser.next() {
+                return Some(ev);
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return None,
+                Ok(Some(Ok(b))) => self.parser.push(&b),
+                Ok(Some(Err(_))) | Ok(None) => self.ended = true,
+            }
+        }
+    }
+
     /// The next real message (skips comments and bare `retry:` hints).
     pub async fn next_event(&mut self) -> SseEvent {
         loop {

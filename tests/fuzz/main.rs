@@ -62,4 +62,6 @@ fuzz_tests!(
     token_claims,
     signed_tokens,
     nats_subjects,
+    nats_messages,
+    stream_sequences,
 );
