@@ -67,6 +67,9 @@ pub enum Push {
 /// so that it can be read while the stream is already open.
 #[derive(Debug)]
 pub struct Resumed {
+    /// The hold it ends ([`StreamHandle::pause`]): a plan read for an
+    /// earlier hold is superseded and dropped.
+    pub generation: u64,
     /// The id the resume starts after (what its opening `gap` names).
     pub from: u64,
     /// A control event written first (`gap`: unknown id, expired, ...).
@@ -82,8 +85,9 @@ pub struct Resumed {
 
 impl Resumed {
     /// Only a control event: nothing retained to write.
-    pub fn control(from: u64, control: Control) -> Self {
+    pub fn control(generation: u64, from: u64, control: Control) -> Self {
         Self {
+            generation,
             from,
             open: Some(control),
             seam: None,
@@ -133,6 +137,8 @@ pub struct StreamHandle {
     written: AtomicU64,
     /// Set while a resume is being read: live events wait in the queue.
     resuming: AtomicBool,
+    /// Counts holds: each [`pause`](StreamHandle::pause) starts a new one.
+    pauses: AtomicU64,
     /// The resume, once read.
     resumed: Mutex<Option<Resumed>>,
     close_timeout: Duration,
@@ -210,10 +216,26 @@ impl StreamHandle {
         self.waker.wake();
     }
 
-    /// Holds live events in the queue until [`resume_with`](Self::resume_with):
-    /// a resume is being read. Returns whether this call started the hold.
-    pub fn pause(&self) -> bool {
-        !self.resuming.swap(true, Ordering::AcqRel)
+    /// Holds live events in the queue until [`resume_with`](Self::resume_with)
+    /// hands over a resume read for this hold (or a later one): a resume is
+    /// being read. Returns the hold's generation.
+    pub fn pause(&self) -> u64 {
+        // Counted before the flag is raised: a plan the stream takes while
+        // the flag is up is judged against this hold or a newer one.
+        let generation = self.pauses.fetch_add(1, Ordering::AcqRel) + 1;
+        self.resuming.store(true, Ordering::Release);
+        generation
+    }
+
+    /// The latest hold's generation.
+    pub fn pauses(&self) -> u64 {
+        self.pauses.load(Ordering::Acquire)
+    }
+
+    /// Whether the stream is closing or gone: nothing more is worth
+    /// reading for it.
+    pub fn is_finished(&self) -> bool {
+        self.is_closing() || self.queue.lock().ended
     }
 
     /// Whether live events are held for a resume.
@@ -402,6 +424,7 @@ pub fn new_stream(
         last_dispatched: AtomicU64::new(0),
         written: AtomicU64::new(0),
         resuming: AtomicBool::new(false),
+        pauses: AtomicU64::new(0),
         resumed: Mutex::new(None),
         close_timeout: settings.close_timeout,
         watch,
@@ -482,6 +505,10 @@ impl SseStream {
     /// stream has not written yet, its tail; live events it covers are
     /// skipped. Live delivery, held for it, goes on.
     pub fn apply_resume(&mut self, r: Resumed) {
+        if r.generation < self.handle.pauses() {
+            // Read for an earlier hold: the newer one's plan covers it.
+            return;
+        }
         let written = self.last_written.max(r.from);
         if let Some(c) = &r.open {
             self.open_with(c, r.from);
@@ -495,6 +522,10 @@ impl SseStream {
             }
         }
         self.handle.resuming.store(false, Ordering::Release);
+        // A hold that began meanwhile stays.
+        if self.handle.pauses() > r.generation {
+            self.handle.resuming.store(true, Ordering::Release);
+        }
     }
 
     /// Takes a resume handed over by [`StreamHandle::resume_with`]; `true`
@@ -948,6 +979,102 @@ mod tests {
             Some(3),
             "event 2 was dropped"
         );
+    }
+
+    /// The next item if one is ready now.
+    fn ready_now(s: &mut SseStream) -> Option<Option<Bytes>> {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        match s.poll_item(&mut cx) {
+            Poll::Ready(Some(Item::Event(d))) => Some(Some(d.encoded(s.dialect()).frame().clone())),
+            Poll::Ready(Some(Item::Frame(b))) => Some(Some(b)),
+            Poll::Ready(Some(Item::Heartbeat)) => {
+                Some(Some(Bytes::from_static(s.dialect().heartbeat())))
+            }
+            Poll::Ready(None) => Some(None),
+            Poll::Pending => None,
+        }
+    }
+
+    fn plan(generation: u64, from: u64, through: u64, events: Vec<Queued>) -> Resumed {
+        Resumed {
+            generation,
+            from,
+            open: None,
+            seam: Some(through),
+            events,
+            tail: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_writes_its_resume_before_what_arrived_live() {
+        let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 8).await;
+        let _retry = next_data(&mut f.stream).await;
+        assert_eq!(f.handle.push(queued(1, "/", 1)), Push::Queued);
+        assert_eq!(id_of(&next_data(&mut f.stream).await.unwrap()), Some(1));
+        // The link fails; 2 and 3 are missed; 4 and 5 arrive live after it
+        // is back, before the resume is read: held.
+        let hold = f.handle.pause();
+        assert_eq!(f.handle.push(queued(4, "/", 1)), Push::Queued);
+        assert_eq!(f.handle.push(queued(5, "/", 1)), Push::Queued);
+        assert!(ready_now(&mut f.stream).is_none(), "held");
+        assert_eq!(f.handle.position(), 1);
+        // The resume (read after 4 was stored) has 2, 3 and 4.
+        f.handle.resume_with(plan(
+            hold,
+            1,
+            4,
+            vec![queued(2, "/", 1), queued(3, "/", 1), queued(4, "/", 1)],
+        ));
+        let mut ids = Vec::new();
+        while let Some(Some(b)) = ready_now(&mut f.stream) {
+            ids.push(id_of(&b).unwrap());
+        }
+        assert_eq!(ids, vec![2, 3, 4, 5], "in order, once");
+        assert_eq!(f.handle.position(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_resume_read_for_an_earlier_hold_is_dropped() {
+        let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 8).await;
+        let _retry = next_data(&mut f.stream).await;
+        let first = f.handle.pause();
+        // A second outage before the first resume was read.
+        let second = f.handle.pause();
+        assert!(second > first);
+        f.handle
+            .resume_with(plan(first, 0, 2, vec![queued(2, "/", 1)]));
+        assert!(ready_now(&mut f.stream).is_none(), "still held");
+        assert_eq!(f.handle.push(queued(9, "/", 1)), Push::Queued);
+        f.handle.resume_with(plan(
+            second,
+            0,
+            3,
+            vec![queued(2, "/", 1), queued(3, "/", 1)],
+        ));
+        let mut ids = Vec::new();
+        while let Some(Some(b)) = ready_now(&mut f.stream) {
+            ids.push(id_of(&b).unwrap());
+        }
+        assert_eq!(ids, vec![2, 3, 9]);
+    }
+
+    #[tokio::test]
+    async fn a_close_while_held_does_not_flush_what_waits_for_the_resume() {
+        let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 8).await;
+        let _retry = next_data(&mut f.stream).await;
+        f.handle.pause();
+        assert_eq!(f.handle.push(queued(7, "/", 1)), Push::Queued);
+        f.handle.close(Close::Reconnect {
+            reason: ReconnectReason::Draining,
+            retry_ms: 1000,
+        });
+        let last = next_data(&mut f.stream).await.unwrap();
+        let last = String::from_utf8(last.to_vec()).unwrap();
+        assert!(last.contains("event: reconnect"), "{last:?}");
+        assert!(!last.contains("id: 7"), "{last:?}");
+        assert!(next_data(&mut f.stream).await.is_none());
     }
 
     #[tokio::test]

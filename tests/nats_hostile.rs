@@ -515,3 +515,58 @@ async fn the_shipped_nats_permissions_let_a_producer_publish_only_its_events() {
     assert_eq!(h.metric("herald_nats_connected").await, 1.0);
     assert_eq!(h.metric("herald_cluster_instances").await, 1.0);
 }
+
+/// A producer's own headers are stored with its events, and a replay read
+/// returns them before the server's: a forged `Nats-Sequence` or
+/// `Nats-Subject` among them cannot stop, reorder or redirect a resume.
+#[tokio::test]
+async fn headers_stored_with_events_cannot_steer_a_resume() {
+    let nats = NatsServer::start_jetstream();
+    let h = ready(on_nats(&nats).env("REPLAY__ENABLED", "true")).await;
+    let writer = token_for("writer", HOUR);
+    let first = h
+        .publish(&writer, &event("secret:created", "p1", "prod", "/first"))
+        .await;
+    let from = first["events"][0]["sequence"].as_u64().unwrap();
+    let mut producer = RawProducer::connect(nats.client_port, None).await;
+    let forged: [&[u8]; 3] = [
+        b"Nats-Sequence: 999999999",
+        b"Nats-Sequence: 1",
+        b"Nats-Subject: herald.ev.p2.prod.secret:created.x.~",
+    ];
+    for (i, header) in forged.iter().enumerate() {
+        let name = format!("forged{i}");
+        producer
+            .publish_with_headers(
+                &subject("p1", &name),
+                &[header],
+                &payload("p1", &format!("/{name}")),
+            )
+            .await;
+    }
+    producer.sync().await.unwrap();
+    h.publish(&writer, &event("secret:created", "p1", "prod", "/last"))
+        .await;
+    let r = h
+        .http
+        .post(h.url(SUBSCRIBE))
+        .bearer_auth(token_for("reader", HOUR))
+        .header("last-event-id", from.to_string())
+        .json(&all_created("p1"))
+        .send()
+        .await
+        .unwrap();
+    let mut s = SseClient::open(r).await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let ev = s.next_event().await;
+        assert_eq!(ev.event.as_deref(), Some("secret:created"), "{ev:?}");
+        got.push(
+            ev.json()["secretpath"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    assert_eq!(got, ["/forged0", "/forged1", "/forged2", "/last"]);
+}

@@ -183,11 +183,20 @@ async fn a_long_resume_replays_everything() {
             })
             .collect();
         h.publish(&w, &json!(batch)).await;
+        // Another project's events in between: not this stream's.
+        h.publish(&w, &event("secret:created", "p2", "prod", "/other"))
+            .await;
     }
+    // More than one Direct Get batch (256).
     let mut s = resume(&h, &seq0.to_string()).await;
     for i in 1..=300 {
         assert_eq!(path_of(&s.next_event().await), format!("/{i}"));
     }
+    assert_eq!(
+        h.metric("herald_replay_reads_total{method=\"direct\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -385,10 +394,21 @@ async fn resume_control_events_are_the_same_on_both_buses() {
 /// and no consumer outlives its read.
 #[tokio::test]
 async fn resumes_wait_their_turn_and_leave_no_consumer_behind() {
+    resumes_in_turn("consumer").await;
+}
+
+/// The same with Direct Get reads (the default): no consumer at all.
+#[tokio::test]
+async fn resumes_read_with_direct_gets_need_no_consumer() {
+    resumes_in_turn("direct").await;
+}
+
+async fn resumes_in_turn(method: &str) {
     let nats = NatsServer::start_jetstream();
     let h = replaying(
         &nats,
         &[
+            ("REPLAY__READ_METHOD", method),
             ("REPLAY__MAX_CONCURRENT_READS", "1"),
             ("LIMITS__CONNECTIONS_PER_IDENTITY_PROJECT", "30"),
             ("LIMITS__SUBSCRIBE_BURST", "30"),
@@ -415,11 +435,14 @@ async fn resumes_wait_their_turn_and_leave_no_consumer_behind() {
         }
         assert_eq!(got, want);
     }
-    assert_eq!(
-        h.metric("herald_replay_reads_total{method=\"consumer\"}")
-            .await,
-        30.0
-    );
+    let reads = |m: &str| format!("herald_replay_reads_total{{method=\"{m}\"}}");
+    assert_eq!(h.metric(&reads(method)).await, 30.0);
+    let other = if method == "direct" {
+        "consumer"
+    } else {
+        "direct"
+    };
+    assert_eq!(h.metric(&reads(other)).await, 0.0);
     assert_eq!(h.metric("herald_replays_waiting").await, 0.0);
     eventually(
         Duration::from_secs(5),

@@ -81,6 +81,9 @@ pub struct Link {
     overflowed: AtomicBool,
     /// Asks the liveness check to run now (after a reconnect).
     check_now: Notify,
+    /// Connections the client had made when last noticed (see
+    /// [`Link::notice_reconnects`]).
+    connects: std::sync::atomic::AtomicU64,
     /// Called when a link that had delivered stops (see [`Link::on_down`]).
     on_down: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     metrics: Arc<Metrics>,
@@ -96,6 +99,7 @@ impl Link {
             outage: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
             check_now: Notify::new(),
+            connects: std::sync::atomic::AtomicU64::new(0),
             on_down: std::sync::OnceLock::new(),
             metrics,
         }
@@ -105,6 +109,28 @@ impl Link {
     /// once, before anything else of the outage happens). Set once.
     pub fn on_down(&self, f: impl Fn() + Send + Sync + 'static) {
         let _ = self.on_down.set(Box::new(f));
+    }
+
+    /// Whether an outage began that streams have not been told the end of
+    /// (a recovery will tell every open stream).
+    pub fn outage_pending(&self) -> bool {
+        self.outage.load(Ordering::Acquire)
+    }
+
+    /// Looks at how many connections the client has made: a new one since
+    /// last time is an outage, noticed here even when the client's own
+    /// event saying so comes later (it is sent on a channel that may be
+    /// full, and handled in another task).
+    pub fn notice_reconnects(&self, stats: &async_nats::Statistics) {
+        let now = stats.connects.load(Ordering::Relaxed);
+        // Read first: on the hot path this is two loads of unshared lines.
+        if self.connects.load(Ordering::Acquire) == now {
+            return;
+        }
+        let before = self.connects.swap(now, Ordering::AcqRel);
+        if before != 0 && before != now {
+            self.failed(LinkFailure::Disconnected);
+        }
     }
 
     /// Whether the link delivers, as last observed.
@@ -162,6 +188,12 @@ impl Link {
                 .nats_link_failures
                 .with_label_values(&[LinkFailure::SlowConsumer.label()])
                 .inc();
+            // Hold what arrives from now on: what was dropped is newer than
+            // what the client had queued before it, so a resume from what
+            // streams wrote last covers it.
+            if let Some(f) = self.on_down.get() {
+                f();
+            }
             self.check_now.notify_one();
         }
     }
@@ -211,12 +243,15 @@ impl Liveness {
     ) {
         let mut canary: Option<async_nats::Subscriber> = None;
         let mut nonce: u64 = 0;
+        let stats = client.statistics();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(self.interval) => {}
                 _ = link.check_now.notified() => {}
             }
+            // A reconnect nothing else told of is an outage too.
+            link.notice_reconnects(&stats);
             if client.connection_state() != State::Connected {
                 if link.is_healthy() {
                     link.failed(LinkFailure::Disconnected);
@@ -235,6 +270,8 @@ impl Liveness {
             match checked {
                 Ok(Ok(())) => {
                     if link.recovered() {
+                        // The resumes after the outage cover any drop too.
+                        link.overflowed.store(false, Ordering::Release);
                         on_missed(Missed::Outage);
                     } else if link.overflowed.swap(false, Ordering::AcqRel) {
                         on_missed(Missed::Overflow);

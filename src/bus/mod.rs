@@ -219,29 +219,33 @@ pub struct Retained {
 /// plan itself ([`SseStream::apply_resume`]), at once or once read.
 pub fn plan_resume(
     handle: &StreamHandle,
+    hold: u64,
     after: u64,
     retained: Retained,
     router: &Router,
     metrics: &Metrics,
 ) -> Resumed {
     let open = match retained.position {
-        Position::Unknown => return Resumed::control(after, Control::Gap(GapReason::UnknownId)),
+        Position::Unknown => {
+            return Resumed::control(hold, after, Control::Gap(GapReason::UnknownId))
+        }
         Position::Expired => Some(Control::Gap(GapReason::Expired)),
         Position::Known => None,
     };
     // Read before deciding: an event is never tagged newer than its decision.
-    let generation = router.policy_generation();
+    let policy = router.policy_generation();
     let events: Vec<Queued> = retained
         .events
         .into_iter()
         .filter(|d| d.seq > after && router.admits(handle, d))
         .map(|delivery| Queued {
             delivery,
-            generation,
+            generation: policy,
         })
         .collect();
     metrics.replayed_events.inc_by(events.len() as u64);
     Resumed {
+        generation: hold,
         from: after,
         open,
         seam: Some(after.max(retained.through)),
@@ -261,7 +265,15 @@ pub fn resume(
     router: &Router,
     metrics: &Metrics,
 ) {
-    let plan = plan_resume(stream.handle(), after, retained, router, metrics);
+    let generation = stream.handle().pauses();
+    let plan = plan_resume(
+        stream.handle(),
+        generation,
+        after,
+        retained,
+        router,
+        metrics,
+    );
     stream.apply_resume(plan);
 }
 

@@ -21,6 +21,7 @@
 //! NATS slow-consumer event (the client dropped messages) is a `gap` too.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,16 @@ use super::link::{Link, LinkFailure, Liveness, Missed};
 use super::replay::Replay;
 use super::{first_sequence, BusError, BusErrorKind, Position, Published, Retained};
 
+/// Where a resume starts.
+#[derive(Clone, Copy, Debug)]
+enum ResumeFrom {
+    /// After the client's `Last-Event-ID`.
+    Client(u64),
+    /// In place, after the last event the stream wrote; a stream with no
+    /// such point gets `gap` with this reason.
+    InPlace(GapReason),
+}
+
 /// How long a resume is retried (JetStream electing a leader, say) before
 /// its stream is told to reconnect.
 const RESUME_PATIENCE: Duration = Duration::from_secs(30);
@@ -59,6 +70,9 @@ const RESUME_PATIENCE: Duration = Duration::from_secs(30);
 struct SubEntry {
     refs: usize,
     ready: watch::Receiver<bool>,
+    /// With replay: the last stream sequence it dispatched (where a stream
+    /// that opens on it stands).
+    last: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -77,6 +91,8 @@ struct Telling {
 /// The NATS bus.
 pub struct NatsBus {
     client: Client,
+    /// The client's counters (connections made: see `Link::notice_reconnects`).
+    stats: Arc<async_nats::Statistics>,
     prefix: String,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
@@ -200,6 +216,7 @@ impl NatsBus {
         );
         let bus = Arc::new(NatsBus {
             replay,
+            stats: client.statistics(),
             client,
             prefix: cfg.prefix.to_string(),
             router,
@@ -248,36 +265,17 @@ impl NatsBus {
     /// last id. Without replay, `gap`.
     fn tell_missed(self: &Arc<Self>, missed: Missed) {
         let streams = self.router.connections();
-        let (reconnect, gap, what) = match missed {
-            Missed::Outage => (
-                ReconnectReason::BusReconnected,
-                GapReason::BusReconnected,
-                "the NATS link delivers again",
-            ),
-            Missed::Overflow => (
-                ReconnectReason::BusOverflow,
-                GapReason::BusOverflow,
-                "the NATS client dropped messages",
-            ),
+        let (gap, what) = match missed {
+            Missed::Outage => (GapReason::BusReconnected, "the NATS link delivers again"),
+            Missed::Overflow => (GapReason::BusOverflow, "the NATS client dropped messages"),
         };
-        if self.telling.replay && missed == Missed::Outage {
+        if self.telling.replay {
             tracing::info!(
                 streams = streams.len(),
                 "{what}; open streams resume in place from the replay stream"
             );
             for c in streams {
-                self.spawn_resume(c, None);
-            }
-        } else if self.telling.replay {
-            tracing::info!(
-                streams = streams.len(),
-                "{what}; open streams reconnect and resume from the replay stream"
-            );
-            for c in streams {
-                c.close(Close::Reconnect {
-                    reason: reconnect,
-                    retry_ms: jittered_retry_ms(self.telling.retry),
-                });
+                self.spawn_resume(c, ResumeFrom::InPlace(gap));
             }
         } else {
             tracing::info!(streams = streams.len(), "{what}; open streams get gap");
@@ -384,6 +382,7 @@ impl NatsBus {
         let conn = stream.handle().clone();
         let subjects = vec![self.live_subject(&conn.project)];
         let mut waits = Vec::new();
+        let mut lasts = Vec::new();
         {
             let mut subs = self.subs.lock();
             for s in &subjects {
@@ -392,6 +391,7 @@ impl NatsBus {
                     .or_insert_with(|| self.start_subscription(s.clone()));
                 entry.refs += 1;
                 waits.push(entry.ready.clone());
+                lasts.push(entry.last.clone());
             }
             self.metrics.nats_subscriptions.set(subs.len() as i64);
         }
@@ -399,9 +399,28 @@ impl NatsBus {
             bus: self.clone(),
             subjects,
         }));
-        let reg = self.router.add(conn.clone());
+        // Registered under the dispatch lock: every event after `stands_at`
+        // reaches the stream, so an in-place resume may start there.
+        let (reg, stands_at) = {
+            let _dispatch = self.dispatch.lock();
+            let at = lasts.iter().map(|l| l.load(Ordering::Acquire)).max();
+            (self.router.add(conn.clone()), at.unwrap_or(0))
+        };
         stream.hold(Box::new(reg));
+        if self.replay.is_some() {
+            stream.start_after(resume_from.unwrap_or(stands_at));
+        }
         if !self.is_connected() {
+            if self.replay.is_some() && self.link.outage_pending() {
+                // The recovery resumes every stream in place, this one too:
+                // it holds live events until then.
+                conn.pause();
+                if self.is_connected() {
+                    // The recovery may have looked at the streams already.
+                    self.spawn_resume(conn, ResumeFrom::InPlace(GapReason::BusReconnected));
+                }
+                return Ok(());
+            }
             stream.open_with(
                 &Control::Gap(GapReason::BusUnavailable),
                 resume_from.unwrap_or(0),
@@ -432,51 +451,68 @@ impl NatsBus {
         }
         // The stream opens now and holds live events while its resume is
         // read (replay reads are bounded; it may wait its turn).
-        stream.start_after(after);
-        self.spawn_resume(conn, Some(after));
+        self.spawn_resume(conn, ResumeFrom::Client(after));
         Ok(())
     }
 
     /// Reads and hands a stream its resume, in a task: from `client_id` (a
     /// new stream's `Last-Event-ID`) or, in place, from the last event the
-    /// stream wrote. The stream holds live events meanwhile.
-    fn spawn_resume(self: &Arc<Self>, handle: Arc<StreamHandle>, client_id: Option<u64>) {
-        handle.pause();
+    /// stream wrote. The stream holds live events meanwhile; a later hold
+    /// supersedes this one (its task gives up, its plan would be dropped).
+    fn spawn_resume(self: &Arc<Self>, handle: Arc<StreamHandle>, from: ResumeFrom) {
+        let generation = handle.pause();
         let bus = self.clone();
         self.tasks.spawn(async move {
             tokio::select! {
                 _ = bus.stop.cancelled() => {}
-                _ = bus.resume_stream(&handle, client_id) => {}
+                _ = bus.resume_stream(&handle, generation, from) => {}
             }
         });
     }
 
-    async fn resume_stream(&self, handle: &Arc<StreamHandle>, client_id: Option<u64>) {
+    async fn resume_stream(&self, handle: &Arc<StreamHandle>, generation: u64, from: ResumeFrom) {
         let Some(replay) = &self.replay else {
             return;
         };
-        let after = client_id.unwrap_or_else(|| handle.position());
-        if after == 0 {
-            // In place, but the stream never wrote an event: there is no
-            // point to resume from. It may have missed some.
-            handle.resume_with(Resumed::control(0, Control::Gap(GapReason::BusReconnected)));
-            return;
-        }
-        let give_up = tokio::time::Instant::now() + RESUME_PATIENCE;
+        let after = match from {
+            ResumeFrom::Client(id) => id,
+            ResumeFrom::InPlace(gap) => match handle.position() {
+                // The stream has no point to resume from (it opened on a
+                // new subscription and wrote nothing): it may have missed some.
+                0 => {
+                    handle.resume_with(Resumed::control(generation, 0, Control::Gap(gap)));
+                    return;
+                }
+                at => at,
+            },
+        };
+        let wanted = || !handle.is_finished() && handle.pauses() == generation;
+        // Time with the link down does not count: waiting serves the stream.
+        let mut give_up = tokio::time::Instant::now() + RESUME_PATIENCE;
         let mut backoff = Duration::from_millis(100);
         loop {
-            if handle.is_closing() {
+            if !wanted() {
                 return;
             }
-            let e = match self.retained(replay, &handle.project, after).await {
-                Ok(retained) => {
-                    let plan =
-                        super::plan_resume(handle, after, retained, &self.router, &self.metrics);
+            let e = match self.retained(replay, &handle.project, after, &wanted).await {
+                Ok(Some(retained)) => {
+                    let plan = super::plan_resume(
+                        handle,
+                        generation,
+                        after,
+                        retained,
+                        &self.router,
+                        &self.metrics,
+                    );
                     handle.resume_with(plan);
                     return;
                 }
+                Ok(None) => return,
                 Err(e) => e,
             };
+            if !self.is_connected() {
+                give_up = tokio::time::Instant::now() + RESUME_PATIENCE;
+            }
             if tokio::time::Instant::now() + backoff >= give_up {
                 tracing::warn!(error = %e, stream = handle.id, "cannot read a resume; the stream is told to reconnect");
                 handle.close(Close::Reconnect {
@@ -498,8 +534,11 @@ impl NatsBus {
         replay: &Replay,
         project: &ProjectId,
         after: u64,
-    ) -> Result<Retained, BusError> {
-        let fetched = replay.fetch(project, after).await?;
+        wanted: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<Retained>, BusError> {
+        let Some(fetched) = replay.fetch(project, after, wanted).await? else {
+            return Ok(None);
+        };
         let position = if fetched.unknown {
             Position::Unknown
         } else if fetched.expired {
@@ -515,12 +554,12 @@ impl NatsBus {
                 Some(Arc::new(Delivery::new(stored.seq, ev)))
             })
             .collect();
-        Ok(Retained {
+        Ok(Some(Retained {
             position,
             events,
             truncated: fetched.truncated,
             through: fetched.through,
-        })
+        }))
     }
 
     /// Where live events of a project arrive: the event subjects themselves, or
@@ -538,7 +577,9 @@ impl NatsBus {
 
     fn start_subscription(self: &Arc<Self>, subj: String) -> SubEntry {
         let (tx, rx) = watch::channel(false);
+        let last = Arc::new(AtomicU64::new(0));
         let bus = self.clone();
+        let dispatched = last.clone();
         let task = self.tasks.spawn(async move {
             let mut retry = Duration::from_millis(50);
             loop {
@@ -546,7 +587,7 @@ impl NatsBus {
                     Ok(sub) => {
                         let _ = tx.send(true);
                         retry = Duration::from_millis(50);
-                        if bus.deliver(sub).await.is_break() {
+                        if bus.deliver(sub, &dispatched).await.is_break() {
                             return;
                         }
                         // The message stream ended while streams still need
@@ -570,13 +611,18 @@ impl NatsBus {
         SubEntry {
             refs: 0,
             ready: rx,
+            last,
             task,
         }
     }
 
     /// Feeds one subscription's messages to the router until it ends
     /// (`Continue`) or the bus stops (`Break`).
-    async fn deliver(&self, mut sub: async_nats::Subscriber) -> std::ops::ControlFlow<()> {
+    async fn deliver(
+        &self,
+        mut sub: async_nats::Subscriber,
+        dispatched: &AtomicU64,
+    ) -> std::ops::ControlFlow<()> {
         let mut order = SequenceGuard::default();
         loop {
             let msg = tokio::select! {
@@ -586,6 +632,10 @@ impl NatsBus {
             let Some(msg) = msg else {
                 return std::ops::ControlFlow::Continue(());
             };
+            // The client reconnected, and its event saying so may come
+            // later: the outage begins here, before anything that arrived
+            // after it is dispatched.
+            self.link.notice_reconnects(&self.stats);
             let seq = msg
                 .headers
                 .as_ref()
@@ -593,7 +643,7 @@ impl NatsBus {
                 // producer sent: the last one is the stream's.
                 .and_then(|h| h.get_last(async_nats::header::NATS_SEQUENCE))
                 .map(|v| v.as_str());
-            self.on_message(&msg.subject, &msg.payload, seq, &mut order);
+            self.on_message(&msg.subject, &msg.payload, seq, &mut order, dispatched);
         }
     }
 
@@ -652,6 +702,7 @@ impl NatsBus {
         payload: &[u8],
         sequence: Option<&str>,
         order: &mut SequenceGuard,
+        dispatched: &AtomicU64,
     ) {
         let Some(ev) = self.check(self.live_kind(), subj, payload) else {
             return;
@@ -683,6 +734,9 @@ impl NatsBus {
         self.received.inc();
         let d = Arc::new(Delivery::new(seq, ev));
         self.router.dispatch(&d);
+        if stream_seq.is_some() {
+            dispatched.store(seq, Ordering::Release);
+        }
         drop(st);
     }
 }

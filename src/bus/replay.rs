@@ -4,9 +4,10 @@
 //! The stream captures `{prefix}.ev.>` and republishes every stored message to
 //! `{prefix}.rp.>` with its stream sequence in the `Nats-Sequence` header:
 //! instances listen there, so live events carry the same sequence (the SSE
-//! `id`) on every instance, and a resume replays from the stream with an
-//! ordered consumer (one filter subject, which every server version honours)
-//! and then continues live, with no duplicate at the seam. Publishes go through
+//! `id`) on every instance, and a resume replays from the stream (batched
+//! Direct Get where the stream allows it, which needs no consumer and is
+//! served by any replica; else an ordered consumer, deleted once read) and
+//! then continues live, with no duplicate at the seam. Publishes go through
 //! JetStream and wait for its acknowledgement, with the event id as
 //! `Nats-Msg-Id`, so a 202 means stored, and a retried publish is stored once.
 
@@ -62,6 +63,8 @@ pub struct Replay {
     /// At most `replay.max_concurrent_reads` reads at once (each holds a
     /// consumer on the server while it runs); the others wait, in order.
     reads: tokio::sync::Semaphore,
+    /// Whether reads use Direct Get (the stream allows it, and it is asked for).
+    direct: AtomicBool,
     waiting: prometheus::IntGauge,
     read_by: prometheus::IntCounterVec,
 }
@@ -92,6 +95,45 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// How a Direct Get read ended.
+enum DirectRead {
+    /// Everything of the project up to the snapshot (or `max_events`).
+    Complete,
+    /// The replica that answered was behind: read on from `next`.
+    Lagged { next: u64 },
+}
+
+/// Deletes a replay consumer: at once when the read is done, or, should
+/// the read be cancelled (a time-out, shutdown), in a task of its own.
+struct ConsumerCleanup {
+    stream: Option<stream::Stream>,
+    name: String,
+}
+
+impl ConsumerCleanup {
+    async fn now(&mut self) {
+        if let Some(s) = self.stream.take() {
+            if let Err(e) = s.delete_consumer(&self.name).await {
+                tracing::debug!(consumer = %self.name, error = %e, "could not delete a replay consumer; it expires by itself");
+            }
+        }
+    }
+}
+
+impl Drop for ConsumerCleanup {
+    fn drop(&mut self) {
+        if let (Some(s), Ok(rt)) = (self.stream.take(), tokio::runtime::Handle::try_current()) {
+            let name = std::mem::take(&mut self.name);
+            rt.spawn(async move {
+                let _ = s.delete_consumer(&name).await;
+            });
+        }
+    }
+}
+
+/// Most messages one Direct Get request asks for.
+const DIRECT_GET_BATCH: usize = 256;
+
 /// The oldest nats-server replay runs on: 2.11.0 has the clustered dedupe
 /// fix (nats-server #6486: before it, a publish retried across a leader
 /// change could be acknowledged as a duplicate without being stored, a 202
@@ -120,13 +162,14 @@ impl Replay {
         timeout: Duration,
         metrics: ReplayMetrics,
     ) -> Self {
-        for m in ["consumer", "none"] {
+        for m in ["direct", "consumer", "none"] {
             metrics.read_by.with_label_values(&[m]);
         }
         Self {
             js: jetstream::new(client.clone()),
             client,
             reads: tokio::sync::Semaphore::new(cfg.max_concurrent_reads),
+            direct: AtomicBool::new(false),
             cfg,
             prefix: prefix.to_owned(),
             ready: AtomicBool::new(false),
@@ -140,6 +183,11 @@ impl Replay {
     /// Refuses servers older than [`MIN_SERVER_VERSION`].
     fn check_server_version(&self) -> Result<(), BusError> {
         let version = self.client.server_info().version;
+        if version.is_empty() {
+            return Err(
+                BusError::new(BusErrorKind::NotConnected).doing("reading the server's version")
+            );
+        }
         let (a, b, c) = MIN_SERVER_VERSION;
         match parse_version(&version) {
             Some(v) if v >= MIN_SERVER_VERSION => Ok(()),
@@ -167,6 +215,7 @@ impl Replay {
             max_bytes: self.cfg.max_bytes,
             num_replicas: self.cfg.replicas,
             duplicate_window: self.cfg.duplicate_window,
+            allow_direct: true,
             republish: Some(stream::Republish {
                 source: capture.clone(),
                 destination: republish.clone(),
@@ -194,6 +243,15 @@ impl Replay {
                 self.cfg.stream
             )));
         }
+        let direct = self.cfg.read_method == ReadMethod::Direct;
+        if direct && !info.config.allow_direct {
+            tracing::info!(
+                stream = %self.cfg.stream,
+                "the stream does not allow direct gets; resumes read it with consumers (set allow_direct on it to change that)"
+            );
+        }
+        self.direct
+            .store(direct && info.config.allow_direct, Ordering::Release);
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
@@ -234,15 +292,30 @@ impl Replay {
     /// Reads the events of `project` stored after sequence `after`, once
     /// one of the `replay.max_concurrent_reads` slots is free (reads are
     /// served in the order they asked).
-    pub async fn fetch(&self, project: &ProjectId, after: u64) -> Result<Fetched, BusError> {
+    /// `None` when, its turn come, the read is no longer `wanted` (the
+    /// stream ended, or a newer resume superseded it).
+    pub async fn fetch(
+        &self,
+        project: &ProjectId,
+        after: u64,
+        wanted: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<Fetched>, BusError> {
         let permit = {
             let _waiting = Waiting::new(&self.waiting);
             self.reads.acquire().await
         };
         let _permit = permit.map_err(|_| BusError::new(BusErrorKind::Replay).doing("closing"))?;
-        tokio::time::timeout(self.timeout * 4, self.read(project, after))
+        if !wanted() {
+            return Ok(None);
+        }
+        // Each Direct Get batch has its own time-out; the whole read is
+        // bounded by what the longest resume needs.
+        let batches = (self.cfg.max_events / DIRECT_GET_BATCH).min(1000) as u32 + 1;
+        let limit = self.timeout.saturating_mul(4 + batches);
+        tokio::time::timeout(limit, self.read(project, after))
             .await
             .map_err(|_| BusError::new(BusErrorKind::Timeout).doing("reading a replay"))?
+            .map(Some)
     }
 
     async fn read(&self, project: &ProjectId, after: u64) -> Result<Fetched, BusError> {
@@ -267,9 +340,29 @@ impl Replay {
             self.read_by.with_label_values(&["none"]).inc();
             return Ok(fetched);
         }
-        self.read_by.with_label_values(&["consumer"]).inc();
         let start = after.saturating_add(1).max(state.first_sequence);
         let filter = subject::project_subject(&self.prefix, Kind::Events, project);
+        let mut start = start;
+        if self.direct.load(Ordering::Acquire) {
+            self.read_by.with_label_values(&["direct"]).inc();
+            match self
+                .read_direct(&stream, &filter, start, &state, &mut fetched)
+                .await
+                .map_err(unavailable)?
+            {
+                DirectRead::Complete => return Ok(fetched),
+                // The replica that answered lagged behind the leader: the
+                // rest is read from the leader.
+                DirectRead::Lagged { next } => {
+                    tracing::debug!(
+                        next,
+                        "a direct get replica lagged; reading the rest with a consumer"
+                    );
+                    start = next;
+                }
+            }
+        }
+        self.read_by.with_label_values(&["consumer"]).inc();
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: filter,
@@ -280,15 +373,126 @@ impl Replay {
             })
             .await
             .map_err(|e| unavailable(e.into()))?;
-        let name = consumer.cached_info().name.clone();
+        // Done with it when the read is: left to expire, a consumer would
+        // count against the stream's consumer limit for another 30 s.
+        let mut cleanup = ConsumerCleanup {
+            stream: Some(stream),
+            name: consumer.cached_info().name.clone(),
+        };
         let read = self.read_consumer(consumer, &state, &mut fetched).await;
-        // Done with it now: left to expire, a consumer would count against
-        // the stream's consumer limit for another 30 s.
-        if let Err(e) = stream.delete_consumer(&name).await {
-            tracing::debug!(consumer = %name, error = %e, "could not delete a replay consumer; it expires by itself");
-        }
+        cleanup.now().await;
         read.map_err(unavailable)?;
         Ok(fetched)
+    }
+
+    /// Reads with batched Direct Get requests: `{"seq", "next_by_subj",
+    /// "batch"}`, answered by the stored messages (their sequence and
+    /// subject in headers) and an end-of-batch status (204) carrying how
+    /// many more match; 404 when none does.
+    async fn read_direct(
+        &self,
+        stream: &stream::Stream,
+        filter: &str,
+        start: u64,
+        state: &stream::State,
+        fetched: &mut Fetched,
+    ) -> Result<DirectRead, Box<dyn std::error::Error + Send + Sync>> {
+        let api = format!("$JS.API.DIRECT.GET.{}", self.cfg.stream);
+        let mut next = start;
+        loop {
+            let want = (self.cfg.max_events - fetched.events.len()).min(DIRECT_GET_BATCH);
+            let inbox = self.client.new_inbox();
+            let mut replies = self.client.subscribe(inbox.clone()).await?;
+            let request =
+                serde_json::json!({"seq": next, "next_by_subj": filter, "batch": want}).to_string();
+            self.client
+                .publish_with_reply(api.clone(), inbox, request.into())
+                .await?;
+            let mut more = 0u64;
+            let mut past_snapshot = false;
+            loop {
+                let reply = tokio::time::timeout(self.timeout, replies.next())
+                    .await
+                    .map_err(|_| "a direct get timed out")?
+                    .ok_or("a direct get's replies ended")?;
+                let headers = reply.headers.as_ref();
+                match reply.status.map(|s| s.as_u16()) {
+                    None => {}
+                    // End of batch: how many more match.
+                    Some(204) => {
+                        more = headers
+                            .and_then(|h| h.get_last("Nats-Num-Pending"))
+                            .and_then(|v| v.as_str().trim().parse().ok())
+                            .ok_or("a direct get's end of batch without Nats-Num-Pending")?;
+                        break;
+                    }
+                    Some(404) => break,
+                    Some(code) => return Err(format!("a direct get answered {code}").into()),
+                }
+                // The server appends its headers after the stored message's
+                // own (which a producer chose): the last value is the server's.
+                let headers = headers.ok_or("a direct get reply without headers")?;
+                let seq: u64 = headers
+                    .get_last(async_nats::header::NATS_SEQUENCE)
+                    .and_then(|v| v.as_str().trim().parse().ok())
+                    .ok_or("a direct get reply without its sequence")?;
+                if seq < next {
+                    return Err("a direct get reply went backwards".into());
+                }
+                let subject = headers
+                    .get_last(async_nats::header::NATS_SUBJECT)
+                    .ok_or("a direct get reply without its subject")?
+                    .as_str()
+                    .to_owned();
+                if seq > state.last_sequence {
+                    past_snapshot = true; // live delivery covers it
+                    break;
+                }
+                next = seq.saturating_add(1);
+                fetched.events.push(StoredEvent {
+                    seq,
+                    subject,
+                    payload: reply.payload,
+                });
+            }
+            if past_snapshot || next > state.last_sequence {
+                return Ok(DirectRead::Complete);
+            }
+            if more == 0 {
+                return self.confirm_with_leader(stream, filter, next, state).await;
+            }
+            if fetched.events.len() >= self.cfg.max_events {
+                fetched.truncated = true;
+                return Ok(DirectRead::Complete);
+            }
+        }
+    }
+
+    /// A direct get may be answered by a replica a little behind the
+    /// leader, whose "nothing more" would hide the newest events: the
+    /// leader says whether anything of the project lies between `next` and
+    /// the snapshot (one message get, no consumer).
+    async fn confirm_with_leader(
+        &self,
+        stream: &stream::Stream,
+        filter: &str,
+        next: u64,
+        state: &stream::State,
+    ) -> Result<DirectRead, Box<dyn std::error::Error + Send + Sync>> {
+        let found = stream
+            .raw_message_builder()
+            .sequence(next)
+            .next_by_subject(filter)
+            .send()
+            .await;
+        match found {
+            Ok(m) if m.sequence <= state.last_sequence => Ok(DirectRead::Lagged { next }),
+            Ok(_) => Ok(DirectRead::Complete),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(DirectRead::Complete)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn read_consumer(
@@ -324,6 +528,18 @@ impl Replay {
         Ok(())
     }
 }
+/// How a resume reads the replay stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadMethod {
+    /// Batched Direct Get (`$JS.API.DIRECT.GET`, nats-server 2.11+) where
+    /// the stream allows it (herald creates it so): no consumer, served by
+    /// any replica; otherwise a consumer.
+    Direct,
+    /// Always an ordered consumer, created and deleted per read.
+    Consumer,
+}
+
 /// `[replay]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -346,6 +562,8 @@ pub struct ReplayConfig {
     pub max_events: usize,
     /// Most replay reads at once on this instance; the others wait in order.
     pub max_concurrent_reads: usize,
+    /// How a resume reads the stream.
+    pub read_method: ReadMethod,
 }
 
 impl Default for ReplayConfig {
@@ -359,6 +577,7 @@ impl Default for ReplayConfig {
             duplicate_window: Duration::from_secs(120),
             max_events: 100_000,
             max_concurrent_reads: 32,
+            read_method: ReadMethod::Direct,
         }
     }
 }
