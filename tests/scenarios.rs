@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::eventsource::{EventSource, Seen};
-use common::haproxy::Haproxy;
-use common::nats::{free_low_port, urls_env, NatsCluster};
+use common::topology::Topology;
 use common::*;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -24,99 +23,6 @@ const HOUR: Duration = Duration::from_secs(3600);
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// How long clients may take to catch up after the last publish.
 const CATCH_UP: Duration = Duration::from_secs(60);
-
-struct Topology {
-    cluster: NatsCluster,
-    heralds: Vec<Option<Herald>>,
-    ports: Vec<(u16, u16)>,
-    lb: Haproxy,
-    extra: Vec<(String, String)>,
-}
-
-impl Topology {
-    async fn start(extra: &[(&str, &str)]) -> Topology {
-        let cluster = NatsCluster::start_jetstream().await;
-        let extra: Vec<(String, String)> = extra
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_low_port(), free_low_port())).collect();
-        let mut heralds = Vec::new();
-        for i in 0..3 {
-            heralds.push(Some(start_instance(&cluster, &ports, &extra, i).await));
-        }
-        let lb = Haproxy::start(&ports).await;
-        Topology {
-            cluster,
-            heralds,
-            ports,
-            lb,
-            extra,
-        }
-    }
-
-    async fn start_instance(&self, i: usize) -> Herald {
-        start_instance(&self.cluster, &self.ports, &self.extra, i).await
-    }
-
-    /// Waits until `n` streams are open across the live instances.
-    async fn wait_streams(&self, n: usize) {
-        eventually(WAIT, format!("{n} streams never opened"), || async {
-            let mut total = 0.0;
-            for h in self.heralds.iter().flatten() {
-                total += h.metric("herald_connections").await;
-            }
-            (total as usize == n).then_some(())
-        })
-        .await
-    }
-
-    /// Starts `n` clients and waits until all their streams are open.
-    async fn clients(&self, n: usize) -> Vec<EventSource> {
-        let c = self.client(n);
-        self.wait_streams(n).await;
-        c
-    }
-
-    fn client(&self, n: usize) -> Vec<EventSource> {
-        (0..n)
-            .map(|_| EventSource::start(self.lb.url(SUBSCRIBE), token_for("reader", HOUR), body()))
-            .collect()
-    }
-}
-
-async fn start_instance(
-    cluster: &NatsCluster,
-    ports: &[(u16, u16)],
-    extra: &[(String, String)],
-    i: usize,
-) -> Herald {
-    {
-        // Each instance prefers its own node and fails over to the others.
-        let mut urls = cluster.urls();
-        urls.rotate_left(i);
-        let (public, admin) = ports[i];
-        let mut b = HeraldBuilder::new()
-            .ports(public, admin)
-            .env("NATS__URLS", &urls_env(&urls))
-            .env("NATS__PRESENCE_INTERVAL", "500ms")
-            .env("REPLAY__ENABLED", "true")
-            .env("REPLAY__REPLICAS", "3")
-            .env("STREAM__RETRY", "300ms")
-            .env("LIMITS__CONNECTIONS_PER_IDENTITY_PROJECT", "1000")
-            .env("LIMITS__SUBSCRIBE_RATE", "10000")
-            .env("LIMITS__SUBSCRIBE_BURST", "10000")
-            .env("SHUTDOWN__GRACE", "2500ms")
-            .env("SHUTDOWN__DRAIN_WINDOW", "1s");
-        for (k, v) in extra {
-            b = b.env(k, v);
-        }
-        let h = b.start();
-        // The replay stream (R3) is set up once the cluster has a leader.
-        h.wait_ready_within(200, Duration::from_secs(30)).await;
-        h
-    }
-}
 
 fn body() -> Value {
     json!({"projectId": "p1", "register": [{"event": "secret:updated"}]})
@@ -236,7 +142,7 @@ fn p99(mut v: Vec<Duration>) -> Duration {
 async fn scenario_1_steady_state() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let t = Topology::start(&[]).await;
-    let clients = t.clients(200).await;
+    let clients = t.clients(vec![body(); 200]).await;
     let published = publish_all(t.lb.url(PUBLISH), 5000, 4, 50, Duration::from_millis(5)).await;
     assert_eq!(published.len(), 5000);
     let (dups, _) = assert_complete(clients, &published).await;
@@ -254,7 +160,7 @@ enum Victim {
 /// Kills `victim` while 1,000 events flow to 30 clients; prints what happened.
 async fn kill_mid_stream(name: &str, victim: Victim) {
     let mut t = Topology::start(&[]).await;
-    let clients = t.clients(30).await;
+    let clients = t.clients(vec![body(); 30]).await;
     let url = t.lb.url(PUBLISH);
     let publishing = tokio::spawn(publish_all(url, 1000, 2, 10, Duration::from_millis(20)));
     // Mid-stream: once events are flowing.
@@ -307,7 +213,7 @@ async fn scenario_2_sigkill_one_instance() {
 async fn scenario_3_rolling_restart() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut t = Topology::start(&[]).await;
-    let clients = t.clients(30).await;
+    let clients = t.clients(vec![body(); 30]).await;
     let url = t.lb.url(PUBLISH);
     let publishing = tokio::spawn(publish_all(url, 1500, 2, 5, Duration::from_millis(20)));
     for i in 0..3 {
@@ -342,7 +248,7 @@ async fn scenario_4_kill_one_nats_node() {
 async fn scenario_5_a_client_away_for_10s() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let t = Topology::start(&[]).await;
-    let mut clients = t.clients(2).await;
+    let mut clients = t.clients(vec![body(); 2]).await;
     let first = publish_all(t.lb.url(PUBLISH), 100, 1, 10, Duration::ZERO).await;
     assert!(clients[0].wait_for(100, WAIT).await);
     let away = clients.remove(0).stop().await;
@@ -385,7 +291,7 @@ async fn scenario_6_slow_client_resumes() {
         ("STREAM__CLOSE_TIMEOUT", "60s"),
     ])
     .await;
-    let clients = t.clients(3).await;
+    let clients = t.clients(vec![body(); 3]).await;
     clients[0]
         .paused
         .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -17,6 +17,8 @@ pub struct Seen {
     pub events: Vec<(u64, String)>,
     /// Control events (`reconnect`, `gap`, `error`) with their `data`.
     pub controls: Vec<(String, Value)>,
+    /// When each of `events` arrived.
+    pub arrived: Vec<Instant>,
     /// Connections made.
     pub connects: usize,
     /// When each connection's first event arrived.
@@ -111,6 +113,7 @@ impl EventSource {
                                     id,
                                     json["secretpath"].as_str().unwrap_or_default().to_owned(),
                                 ));
+                                g.arrived.push(Instant::now());
                             }
                             (None, Some(kind)) => s.lock().controls.push((kind, json)),
                             _ => {}

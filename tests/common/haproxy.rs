@@ -17,6 +17,11 @@ impl Haproxy {
     /// Starts haproxy in front of `backends` (public port, admin port) and
     /// waits until every backend is up in its health checks.
     pub async fn start(backends: &[(u16, u16)]) -> Haproxy {
+        Self::start_with(backends, 4096).await
+    }
+
+    /// [`start`](Self::start), taking up to `maxconn` connections.
+    pub async fn start_with(backends: &[(u16, u16)], maxconn: usize) -> Haproxy {
         let template =
             std::fs::read_to_string(repo_path("docker/haproxy.cfg")).expect("docker/haproxy.cfg");
         let port = free_low_port();
@@ -29,7 +34,7 @@ impl Haproxy {
             }
             // The production maxconn needs a raised file limit; tests need few.
             if t.starts_with("maxconn") {
-                cfg.push_str("    maxconn 4096\n");
+                cfg.push_str(&format!("    maxconn {maxconn}\n"));
                 continue;
             }
             if t == "bind :8080" {

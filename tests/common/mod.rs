@@ -12,6 +12,7 @@ pub mod eventsource;
 pub mod haproxy;
 pub mod nats;
 pub mod sse;
+pub mod topology;
 
 pub use sse::{Parser, SseEvent};
 
