@@ -190,7 +190,9 @@ pub fn decode_subject(prefix: &str, kind: Kind, subject: &str) -> Option<EventKe
     let mut tokens = rest.split('.');
     let project = ProjectId::parse(&decode_token(tokens.next()?)?).ok()?;
     let env = EnvSlug::parse(&decode_token(tokens.next()?)?).ok()?;
-    let event_type = EventType::parse(&decode_token(tokens.next()?)?)?;
+    let type_name = decode_token(tokens.next()?)?;
+    // Subjects spell the canonical name, never an alias.
+    let event_type = EventType::parse(&type_name).filter(|t| t.name() == type_name)?;
     let mut path = String::from("/");
     let mut last_was_term = false;
     for t in tokens {
@@ -201,10 +203,16 @@ pub fn decode_subject(prefix: &str, kind: Kind, subject: &str) -> Option<EventKe
             last_was_term = true;
             continue;
         }
+        // One spelling per key: an empty token, or one that decodes to
+        // a `/`, would spell a path the encoder spells otherwise.
+        let segment = decode_token(t)?;
+        if segment.is_empty() || segment.contains('/') {
+            return None;
+        }
         if path.len() > 1 {
             path.push('/');
         }
-        path.push_str(&decode_token(t)?);
+        path.push_str(&segment);
     }
     if !last_was_term {
         return None;
@@ -389,6 +397,11 @@ mod tests {
             "herald.ev.p%2E1.prod.secret:created.~",
             "herald.ev.p1.prod.secret:nope.~",
             "herald.ev.p1.prod.secret:created.%2E%2E.~",
+            // Another spelling of /apps/db: an empty token, an escaped `/`.
+            "herald.ev.p1.prod.secret:created..apps.db.~",
+            "herald.ev.p1.prod.secret:created.apps..db.~",
+            "herald.ev.p1.prod.secret:created.apps%2Fdb.~",
+            "herald.ev.p1.prod.secret:create.apps.db.~",
             "other.ev.p1.prod.secret:created.~",
         ] {
             assert!(decode_event_subject("herald", bad).is_none(), "{bad}");
