@@ -657,41 +657,37 @@ impl SseClient {
         }
     }
 
-    /// The next message or comment; `None` when the stream ended. Panics after `within`.
-    pub async fn next_raw(&mut self, within: Duration) -> Option<SseEvent> {
+    /// The next message or comment (`Ok(None)` when the stream ended), or
+    /// `Err` on silence for `within`.
+    async fn next_or_silence(&mut self, within: Duration) -> Result<Option<SseEvent>, ()> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(ev) = self.parser.next() {
-                return Some(ev);
+                return Ok(Some(ev));
             }
             if self.ended {
-                return None;
+                return Ok(None);
             }
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
-                Err(_) => panic!("no SSE message within {within:?}"),
+                Err(_) => return Err(()),
                 Ok(Some(Ok(b))) => self.parser.push(&b),
                 Ok(Some(Err(_))) | Ok(None) => self.ended = true,
             }
         }
     }
 
+    /// The next message or comment; `None` when the stream ended. Panics after `within`.
+    pub async fn next_raw(&mut self, within: Duration) -> Option<SseEvent> {
+        match self.next_or_silence(within).await {
+            Ok(ev) => ev,
+            Err(()) => panic!("no SSE message within {within:?}"),
+        }
+    }
+
     /// The next message or comment, if one arrives within `within` (`None`
     /// on silence or at the end of the stream).
     pub async fn next_within(&mut self, within: Duration) -> Option<SseEvent> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(ev) = self.parser.next() {
-                return Some(ev);
-            }
-            if self.ended {
-                return None;
-            }
-            match tokio::time::timeout_at(deadline, self.stream.next()).await {
-                Err(_) => return None,
-                Ok(Some(Ok(b))) => self.parser.push(&b),
-                Ok(Some(Err(_))) | Ok(None) => self.ended = true,
-            }
-        }
+        self.next_or_silence(within).await.unwrap_or(None)
     }
 
     /// The next real message (skips comments and bare `retry:` hints).
