@@ -16,7 +16,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header,
 use serde_json::{Map, Value};
 
 use crate::ident::{Principal, PrincipalError};
-use crate::setting::{self, Invalid, Secret};
+use crate::setting::{self, invalid, Invalid, Secret};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -159,7 +159,7 @@ pub fn hs_secret(cfg: &AuthConfig) -> Result<Option<Vec<u8>>, KeyError> {
 
 /// What a verified token's claims must satisfy (RFC 7519 types, herald's
 /// configured values).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ClaimRules {
     /// Required `iss`, compared exactly (a string, never an array).
     pub issuer: Option<String>,
@@ -167,6 +167,28 @@ pub struct ClaimRules {
     pub audience: Option<String>,
     /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
     pub leeway: u64,
+    /// The claim that names the identity (`sub` unless configured).
+    pub identity_claim: String,
+    /// Put before the identity the claim names.
+    pub identity_prefix: String,
+    /// Whether a token must carry `exp`.
+    pub require_exp: bool,
+    /// The oldest a token may be, from its `iat` (then required), in seconds.
+    pub max_token_age: Option<u64>,
+}
+
+impl Default for ClaimRules {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audience: None,
+            leeway: 0,
+            identity_claim: "sub".into(),
+            identity_prefix: String::new(),
+            require_exp: true,
+            max_token_age: None,
+        }
+    }
 }
 
 /// The claims herald takes from a verified token.
@@ -192,19 +214,37 @@ impl ClaimRules {
     /// Checks the claims of a token whose signature is verified, at `now`.
     pub fn check(&self, claims: &Value, now: u64) -> Result<Checked, AuthError> {
         let claims = claims.as_object().ok_or(AuthError::Malformed)?;
-        let exp = numeric_date(claims, "exp")?.ok_or(AuthError::MissingClaim("exp"))?;
-        if exp.saturating_add(self.leeway) <= now {
-            return Err(AuthError::Expired);
-        }
+        let exp = match numeric_date(claims, "exp")? {
+            None if self.require_exp => return Err(AuthError::MissingClaim("exp")),
+            e => e,
+        };
         if let Some(nbf) = numeric_date(claims, "nbf")? {
             if nbf > now.saturating_add(self.leeway) {
                 return Err(AuthError::NotYetValid);
             }
         }
-        if let Some(iat) = numeric_date(claims, "iat")? {
+        let iat = numeric_date(claims, "iat")?;
+        if let Some(iat) = iat {
             if iat > now.saturating_add(self.leeway) {
                 return Err(AuthError::NotYetValid);
             }
+        }
+        // The end of the token: its `exp`, and at most `max_token_age`
+        // after its `iat`; one of them always (see AuthConfig::validate).
+        let aged_out = match self.max_token_age {
+            Some(age) => Some(
+                iat.ok_or(AuthError::MissingClaim("iat"))?
+                    .saturating_add(age),
+            ),
+            None => None,
+        };
+        let expires_at = match (exp, aged_out) {
+            (Some(e), Some(a)) => e.min(a),
+            (Some(e), None) | (None, Some(e)) => e,
+            (None, None) => return Err(AuthError::MissingClaim("exp")),
+        };
+        if expires_at.saturating_add(self.leeway) <= now {
+            return Err(AuthError::Expired);
         }
         match claims.get("iss") {
             None if self.issuer.is_some() => return Err(AuthError::MissingClaim("iss")),
@@ -232,15 +272,26 @@ impl ClaimRules {
                 return Err(AuthError::Claims);
             }
         }
-        let sub = match claims.get("sub") {
-            None => return Err(AuthError::MissingClaim("sub")),
-            Some(Value::String(s)) => s,
-            Some(_) => return Err(AuthError::ClaimType("sub")),
+        let label = if self.identity_claim == "sub" {
+            "sub"
+        } else {
+            "identity"
         };
-        let subject = Principal::parse(sub).map_err(AuthError::Identity)?;
+        let name = match claims.get(&self.identity_claim) {
+            None => return Err(AuthError::MissingClaim(label)),
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(AuthError::ClaimType(label)),
+        };
+        // The claim's value is an identity by itself (never empty, never
+        // role-like), and stays one with the prefix.
+        let mut subject = Principal::parse(name).map_err(AuthError::Identity)?;
+        if !self.identity_prefix.is_empty() {
+            subject = Principal::parse(&format!("{}{name}", self.identity_prefix))
+                .map_err(AuthError::Identity)?;
+        }
         Ok(Checked {
             subject,
-            expires_at: exp,
+            expires_at,
         })
     }
 }
@@ -357,6 +408,10 @@ impl Verifier {
                 issuer: cfg.issuer.clone(),
                 audience: cfg.audience.clone(),
                 leeway: cfg.leeway.as_secs(),
+                identity_claim: cfg.identity_claim.clone(),
+                identity_prefix: cfg.identity_prefix.clone(),
+                require_exp: cfg.require_exp,
+                max_token_age: cfg.max_token_age.map(|d| d.as_secs()),
             },
         })
     }
@@ -506,6 +561,16 @@ pub struct AuthConfig {
     /// Clock skew tolerated on `exp`/`nbf`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
+    /// The claim naming the identity (`sub`; e.g. `identityId`).
+    pub identity_claim: String,
+    /// Put before every identity (e.g. `idp:`), so that identities of
+    /// different sources cannot collide.
+    pub identity_prefix: String,
+    /// Whether tokens must carry `exp`; `false` needs `max_token_age`.
+    pub require_exp: bool,
+    /// The oldest a token may be, from its `iat` (then required).
+    #[serde(with = "humantime_serde")]
+    pub max_token_age: Option<Duration>,
 }
 
 impl Default for AuthConfig {
@@ -518,6 +583,10 @@ impl Default for AuthConfig {
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(5),
+            identity_claim: "sub".into(),
+            identity_prefix: String::new(),
+            require_exp: true,
+            max_token_age: None,
         }
     }
 }
@@ -530,7 +599,57 @@ impl AuthConfig {
             self.leeway,
             Duration::ZERO,
             Duration::from_secs(600),
-        )
+        )?;
+        let claim = &self.identity_claim;
+        if claim.is_empty()
+            || claim.len() > 64
+            || !claim
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+        {
+            return Err(invalid(
+                "auth.identity_claim",
+                "must be a claim name: 1 to 64 of A-Z a-z 0-9 _ - . :",
+            ));
+        }
+        if ["exp", "nbf", "iat", "iss", "aud", "jti"].contains(&claim.as_str()) {
+            return Err(invalid(
+                "auth.identity_claim",
+                "must not be a registered claim other than sub",
+            ));
+        }
+        let prefix = &self.identity_prefix;
+        if prefix.len() > 64
+            || prefix
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+        {
+            return Err(invalid(
+                "auth.identity_prefix",
+                "must be at most 64 characters, without whitespace, control characters or commas",
+            ));
+        }
+        if !prefix.is_empty() && crate::ident::looks_like_role(&format!("{prefix}x")) {
+            return Err(invalid(
+                "auth.identity_prefix",
+                "would make every identity look like a role",
+            ));
+        }
+        if let Some(age) = self.max_token_age {
+            setting::duration(
+                "auth.max_token_age",
+                age,
+                Duration::from_secs(1),
+                setting::MAX_DURATION,
+            )?;
+        }
+        if !self.require_exp && self.max_token_age.is_none() {
+            return Err(invalid(
+                "auth.require_exp",
+                "tokens without exp need auth.max_token_age (the longest a token lives from its iat)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -650,7 +769,125 @@ mod tests {
             issuer: issuer.map(str::to_owned),
             audience: audience.map(str::to_owned),
             leeway: 5,
+            ..ClaimRules::default()
         }
+    }
+
+    #[test]
+    fn the_identity_comes_from_the_configured_claim_with_its_prefix() {
+        let r = ClaimRules {
+            identity_claim: "identityId".into(),
+            identity_prefix: "infisical:".into(),
+            ..rules(None, None)
+        };
+        let ok = r
+            .check(
+                &json!({"identityId": "0f3c", "sub": "ignored", "exp": NOW + 60}),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(ok.subject.as_str(), "infisical:0f3c");
+        for (claims, want) in [
+            (json!({"sub": "alice", "exp": NOW + 60}), "missing_claim"),
+            (json!({"identityId": 7, "exp": NOW + 60}), "claim_type"),
+            (json!({"identityId": ["a"], "exp": NOW + 60}), "claim_type"),
+            (json!({"identityId": "", "exp": NOW + 60}), "identity"),
+            (json!({"identityId": "a b", "exp": NOW + 60}), "identity"),
+        ] {
+            let got = r.check(&claims, NOW).unwrap_err();
+            assert_eq!(got.reason(), want, "{claims}");
+        }
+        // A prefix cannot be escaped into a role.
+        let bare = ClaimRules {
+            identity_claim: "identityId".into(),
+            ..rules(None, None)
+        };
+        assert!(bare
+            .check(&json!({"identityId": "role:admin", "exp": NOW + 60}), NOW)
+            .is_err());
+    }
+
+    #[test]
+    fn tokens_without_exp_live_up_to_the_maximum_age() {
+        let r = ClaimRules {
+            require_exp: false,
+            max_token_age: Some(3600),
+            ..rules(None, None)
+        };
+        let fresh = r.check(&json!({"sub": "a", "iat": NOW - 60}), NOW).unwrap();
+        assert_eq!(fresh.expires_at, NOW - 60 + 3600, "streams end at the age");
+        assert!(matches!(
+            r.check(&json!({"sub": "a", "iat": NOW - 3700}), NOW),
+            Err(AuthError::Expired)
+        ));
+        assert!(matches!(
+            r.check(&json!({"sub": "a"}), NOW),
+            Err(AuthError::MissingClaim("iat"))
+        ));
+        // With exp too, the earlier end wins.
+        let both = r
+            .check(&json!({"sub": "a", "iat": NOW, "exp": NOW + 60}), NOW)
+            .unwrap();
+        assert_eq!(both.expires_at, NOW + 60);
+        let capped = r
+            .check(&json!({"sub": "a", "iat": NOW, "exp": NOW + 99_999}), NOW)
+            .unwrap();
+        assert_eq!(capped.expires_at, NOW + 3600);
+        // Where exp is required, its absence is refused whatever the age.
+        let strict = ClaimRules {
+            max_token_age: Some(3600),
+            ..rules(None, None)
+        };
+        assert!(matches!(
+            strict.check(&json!({"sub": "a", "iat": NOW}), NOW),
+            Err(AuthError::MissingClaim("exp"))
+        ));
+    }
+
+    #[test]
+    fn claim_mapping_settings_are_checked() {
+        let base = AuthConfig::default();
+        assert!(base.validate().is_ok());
+        for bad in [
+            AuthConfig {
+                require_exp: false,
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                identity_claim: "exp".into(),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                identity_claim: String::new(),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                identity_claim: "a b".into(),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                identity_prefix: "role:".into(),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                identity_prefix: "a,b".into(),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                max_token_age: Some(Duration::ZERO),
+                ..AuthConfig::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let infisical = AuthConfig {
+            identity_claim: "identityId".into(),
+            identity_prefix: "infisical:".into(),
+            require_exp: false,
+            max_token_age: Some(Duration::from_secs(86400)),
+            ..AuthConfig::default()
+        };
+        assert!(infisical.validate().is_ok());
     }
 
     const NOW: u64 = 1_800_000_000;

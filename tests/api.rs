@@ -884,3 +884,60 @@ async fn streams_work_over_h2c() {
     assert_eq!(s.next_event().await.json()["secretpath"], "/apps/db");
     assert_eq!(s2.next_event().await.json()["secretpath"], "/apps/db");
 }
+
+/// Claim mapping, as for a machine-identity token without `exp`: the
+/// identity is `identityId` with a prefix, and the token lives up to
+/// `auth.max_token_age` from its `iat`.
+#[tokio::test]
+async fn identities_come_from_the_configured_claim_and_tokens_without_exp_age_out() {
+    let policy = format!(
+        "{}\np, infisical:m1, p1, secret:*, subscribe, *, /**, allow\np, infisical:w1, p1, secret:*, publish, *, /**, allow\n",
+        std::fs::read_to_string(repo_path("policies/policy.csv")).unwrap()
+    );
+    let h = HeraldBuilder::new()
+        .policy(&policy)
+        .config(&format!(
+            "[auth]\nhs_secret = \"{SECRET}\"\nidentity_claim = \"identityId\"\nidentity_prefix = \"infisical:\"\nrequire_exp = false\nmax_token_age = \"1h\"\n"
+        ))
+        .start();
+    let now = herald::auth::unix_now();
+    let body = registration("p1", "secret:created", None, None);
+    let cases = [
+        // Past its maximum age.
+        (
+            json!({"identityId": "m1", "iat": now - 3700}),
+            401,
+            "expired",
+        ),
+        // No iat to measure the age from.
+        (json!({"identityId": "m1"}), 401, "missing_claim"),
+        // `sub` is not the identity here.
+        (json!({"sub": "m1", "iat": now}), 401, "missing_claim"),
+        // Another identity: no grant.
+        (json!({"identityId": "m2", "iat": now}), 403, ""),
+    ];
+    for (claims, status, reason) in cases {
+        let (got, v) = refusal(&h, &signed(claims.clone())).await;
+        assert_eq!(got, status, "{claims}: {v}");
+        if !reason.is_empty() {
+            assert_eq!(v["error"]["details"]["reason"], reason, "{claims}: {v}");
+        }
+    }
+    let mut s = h
+        .subscribe(&signed(json!({"identityId": "m1", "iat": now})), &body)
+        .await;
+    h.publish(
+        &signed(json!({"identityId": "w1", "iat": now})),
+        &event("secret:created", "p1", "prod", "/a"),
+    )
+    .await;
+    assert_eq!(s.next_event().await.json()["secretpath"], "/a");
+    // A token naming its identity in `sub` names none here.
+    let r = h
+        .publish_raw(
+            &token_for("writer", HOUR),
+            &event("secret:created", "p1", "prod", "/b"),
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+}
