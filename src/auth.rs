@@ -52,7 +52,8 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 pub struct Caller {
     /// The identity policies name (the token's mapped claim, `sub` by default).
     pub identity: Principal,
-    /// When the token expires (`exp`), as a UNIX timestamp in seconds.
+    /// When the token expires (`exp`, or the end of its maximum age,
+    /// whichever is first), as a UNIX timestamp in seconds.
     pub expires_at: u64,
 }
 
@@ -196,7 +197,7 @@ impl Default for ClaimRules {
 pub struct Checked {
     /// The identity.
     pub subject: Principal,
-    /// `exp`.
+    /// The end of the token (`exp`, or of its maximum age).
     pub expires_at: u64,
 }
 
@@ -229,13 +230,24 @@ impl ClaimRules {
                 return Err(AuthError::NotYetValid);
             }
         }
-        // The end of the token: its `exp`, and at most `max_token_age`
-        // after its `iat`; one of them always (see AuthConfig::validate).
+        // The end of the token: its `exp` (with the leeway), and at most
+        // `max_token_age` after its `iat` (an `iat` in the future counts
+        // as now; no leeway on top); one of them always (see
+        // AuthConfig::validate).
+        if let Some(e) = exp {
+            if e.saturating_add(self.leeway) <= now {
+                return Err(AuthError::Expired);
+            }
+        }
         let aged_out = match self.max_token_age {
-            Some(age) => Some(
-                iat.ok_or(AuthError::MissingClaim("iat"))?
-                    .saturating_add(age),
-            ),
+            Some(age) => {
+                let born = iat.ok_or(AuthError::MissingClaim("iat"))?.min(now);
+                let end = born.saturating_add(age);
+                if end <= now {
+                    return Err(AuthError::Expired);
+                }
+                Some(end)
+            }
             None => None,
         };
         let expires_at = match (exp, aged_out) {
@@ -243,9 +255,6 @@ impl ClaimRules {
             (Some(e), None) | (None, Some(e)) => e,
             (None, None) => return Err(AuthError::MissingClaim("exp")),
         };
-        if expires_at.saturating_add(self.leeway) <= now {
-            return Err(AuthError::Expired);
-        }
         match claims.get("iss") {
             None if self.issuer.is_some() => return Err(AuthError::MissingClaim("iss")),
             None => {}
@@ -456,12 +465,56 @@ impl Verifier {
                 _ => AuthError::Malformed,
             }
         })?;
+        // The signature holds: now make sure each claim has one value (a
+        // parser reading the first of two would see another token).
+        if !claims_are_unique(token) {
+            return Err(AuthError::Malformed);
+        }
         let checked = self.rules.check(&data.claims, unix_now())?;
         Ok(Caller {
             identity: checked.subject,
             expires_at: checked.expires_at,
         })
     }
+}
+
+/// Whether the payload of `token` (already verified) names each claim
+/// once: `serde_json` keeps the last of repeated keys, and another reader of
+/// the same token could keep the first.
+fn claims_are_unique(token: &str) -> bool {
+    struct Unique;
+    impl<'de> Deserialize<'de> for Unique {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Unique;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Unique, A::Error> {
+                    let mut seen = std::collections::HashSet::new();
+                    while let Some(k) = m.next_key::<String>()? {
+                        if !seen.insert(k) {
+                            return Err(serde::de::Error::custom("a repeated claim"));
+                        }
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                    Ok(Unique)
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let Some(payload) = token.split('.').nth(1) else {
+        return false;
+    };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
+        return false;
+    };
+    serde_json::from_slice::<Unique>(&bytes).is_ok()
 }
 
 /// Seconds since the UNIX epoch.
@@ -620,19 +673,19 @@ impl AuthConfig {
         }
         let prefix = &self.identity_prefix;
         if prefix.len() > 64
-            || prefix
-                .chars()
-                .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+            || !prefix.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'/')
+            })
         {
             return Err(invalid(
                 "auth.identity_prefix",
-                "must be at most 64 characters, without whitespace, control characters or commas",
+                "must be at most 64 of A-Z a-z 0-9 _ - . : @ /",
             ));
         }
-        if !prefix.is_empty() && crate::ident::looks_like_role(&format!("{prefix}x")) {
+        if prefix.to_ascii_lowercase().starts_with("role") {
             return Err(invalid(
                 "auth.identity_prefix",
-                "would make every identity look like a role",
+                "would make identities look like roles",
             ));
         }
         if let Some(age) = self.max_token_age {
@@ -797,14 +850,76 @@ mod tests {
             let got = r.check(&claims, NOW).unwrap_err();
             assert_eq!(got.reason(), want, "{claims}");
         }
-        // A prefix cannot be escaped into a role.
+        // No value is a role, with or without the prefix.
         let bare = ClaimRules {
             identity_claim: "identityId".into(),
             ..rules(None, None)
         };
-        assert!(bare
-            .check(&json!({"identityId": "role:admin", "exp": NOW + 60}), NOW)
+        for v in ["role:admin", "ROLE:admin", "roles_x"] {
+            assert!(
+                bare.check(&json!({"identityId": v, "exp": NOW + 60}), NOW)
+                    .is_err(),
+                "{v}"
+            );
+            assert!(
+                r.check(&json!({"identityId": v, "exp": NOW + 60}), NOW)
+                    .is_err(),
+                "{v}"
+            );
+        }
+        let partial = ClaimRules {
+            identity_prefix: "rol".into(),
+            ..bare.clone()
+        };
+        assert!(partial
+            .check(&json!({"identityId": "e:admin", "exp": NOW + 60}), NOW)
             .is_err());
+    }
+
+    #[test]
+    fn a_claim_named_twice_is_refused() {
+        let token = |payload: &str| {
+            let b = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
+            format!("{}.{}.sig", b(r#"{"alg":"HS256"}"#), b(payload))
+        };
+        assert!(claims_are_unique(&token(r#"{"identityId":"a","exp":1}"#)));
+        for bad in [
+            r#"{"identityId":"a","identityId":"b"}"#,
+            r#"{"iat":1,"iat":2}"#,
+            r#"["not","an","object"]"#,
+            "not json",
+        ] {
+            assert!(!claims_are_unique(&token(bad)), "{bad}");
+        }
+        assert!(!claims_are_unique("no-dots"));
+        // Through the verifier, signature and all.
+        let v = Verifier::from_config(&AuthConfig {
+            hs_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
+            identity_claim: "identityId".into(),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let signer = Signer::hmac(Algorithm::HS256, b"0123456789abcdef0123456789abcdef").unwrap();
+        let good = signer
+            .sign(&json!({"identityId": "b", "exp": unix_now() + 60}))
+            .unwrap();
+        assert_eq!(v.verify(&good).unwrap().identity.as_str(), "b");
+        let header = good.split('.').next().unwrap();
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"identityId":"a","identityId":"b","exp":{}}}"#,
+            unix_now() + 60
+        ));
+        let signing_input = format!("{header}.{payload}");
+        let sig = jsonwebtoken::crypto::sign(
+            signing_input.as_bytes(),
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef").unwrap(),
+            Algorithm::HS256,
+        )
+        .unwrap();
+        assert!(matches!(
+            v.verify(&format!("{signing_input}.{sig}")),
+            Err(AuthError::Malformed)
+        ));
     }
 
     #[test]
@@ -824,6 +939,9 @@ mod tests {
             r.check(&json!({"sub": "a"}), NOW),
             Err(AuthError::MissingClaim("iat"))
         ));
+        // An iat in the future counts as now: no extra life.
+        let early = r.check(&json!({"sub": "a", "iat": NOW + 4}), NOW).unwrap();
+        assert_eq!(early.expires_at, NOW + 3600);
         // With exp too, the earlier end wins.
         let both = r
             .check(&json!({"sub": "a", "iat": NOW, "exp": NOW + 60}), NOW)
@@ -871,6 +989,14 @@ mod tests {
             },
             AuthConfig {
                 identity_prefix: "a,b".into(),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                identity_prefix: "Roles".into(),
+                ..AuthConfig::default()
+            },
+            AuthConfig {
+                identity_prefix: "a\"b".into(),
                 ..AuthConfig::default()
             },
             AuthConfig {
