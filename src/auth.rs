@@ -576,10 +576,23 @@ impl Signer {
         iss: Option<&str>,
         aud: Option<&str>,
     ) -> Result<String, SignError> {
+        self.mint_as("sub", sub, ttl, iss, aud)
+    }
+
+    /// [`mint`](Self::mint), the identity in `claim` (`auth.identity_claim`).
+    pub fn mint_as(
+        &self,
+        claim: &str,
+        sub: &str,
+        ttl: Duration,
+        iss: Option<&str>,
+        aud: Option<&str>,
+    ) -> Result<String, SignError> {
         Principal::parse(sub).map_err(|e| SignError::Subject(sub.to_owned(), e))?;
         let now = unix_now();
         let exp = now.saturating_add(ttl.as_secs());
-        let mut claims = serde_json::json!({"sub": sub, "iat": now, "exp": exp});
+        let mut claims = serde_json::json!({"iat": now, "exp": exp});
+        claims[claim] = sub.into();
         if let Some(i) = iss {
             claims["iss"] = i.into();
         }

@@ -75,7 +75,8 @@ enum TokenCmd {
 struct MintArgs {
     #[command(flatten)]
     cfg: ConfigArgs,
-    /// The subject (`sub` claim), the identity policies name.
+    /// The identity, put in `auth.identity_claim` (`sub` by default); policies
+    /// name it with `auth.identity_prefix` before it.
     #[arg(long)]
     sub: String,
     /// Lifetime, e.g. `1h`, `30m`.
@@ -265,10 +266,17 @@ fn mint(args: MintArgs) -> anyhow::Result<i32> {
     };
     let iss = iss.or(c.auth.issuer.clone());
     let aud = aud.or(c.auth.audience.clone());
+    let claim = &c.auth.identity_claim;
     println!(
         "{}",
-        signer.mint(&sub, ttl, iss.as_deref(), aud.as_deref())?
+        signer.mint_as(claim, &sub, ttl, iss.as_deref(), aud.as_deref())?
     );
+    if !c.auth.identity_prefix.is_empty() {
+        eprintln!(
+            "policies name this identity {}{sub} (auth.identity_prefix)",
+            c.auth.identity_prefix
+        );
+    }
     Ok(0)
 }
 

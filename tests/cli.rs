@@ -119,6 +119,33 @@ fn token_mint_prints_a_token_the_verifier_accepts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // With claim mapping, the identity goes in the configured claim.
+    let out = herald()
+        .current_dir(dir.path())
+        .args(["token", "mint", "--sub", "m1"])
+        .env("HERALD_AUTH__HS_SECRET", SECRET)
+        .env("HERALD_AUTH__IDENTITY_CLAIM", "identityId")
+        .env("HERALD_AUTH__IDENTITY_PREFIX", "infisical:")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("infisical:m1"));
+    let mapped = herald::auth::Verifier::from_config(&herald::config::AuthConfig {
+        hs_secret: Some(SECRET.into()),
+        identity_claim: "identityId".into(),
+        identity_prefix: "infisical:".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        mapped.verify(token.trim()).unwrap().identity.as_str(),
+        "infisical:m1"
+    );
     // Without a key it says what to set.
     let out = herald()
         .current_dir(dir.path())
