@@ -97,6 +97,18 @@ impl Resumed {
     }
 }
 
+/// One entry of a stream's resume part.
+#[derive(Debug)]
+enum Replayed {
+    /// A replayed event.
+    Event(Queued),
+    /// A control event, encoded already (a later resume's opening).
+    Frame(Bytes),
+    /// A control event naming the last event written before it (a replay
+    /// that stopped short).
+    Tail(Control),
+}
+
 /// Told when a stream is asked to close and when it has ended, so that the
 /// connection carrying it can be dropped if it does not end in time (its
 /// client stopped reading, so it cannot write its closing event). The
@@ -349,8 +361,9 @@ pub struct SseStream {
     /// What is written before anything else: the opening and the control
     /// events of a resume.
     preamble: VecDeque<Bytes>,
-    replay: VecDeque<Queued>,
-    replay_tail: Option<Control>,
+    /// The resumes' part after the preamble, in order: replayed events and
+    /// the control events between and after them.
+    replay: VecDeque<Replayed>,
     /// Queued events up to this id were written by the resume (or were the
     /// client's already): skipped, so the seam has no duplicate.
     seam: u64,
@@ -443,7 +456,6 @@ pub fn new_stream(
             .into_iter()
             .collect(),
         replay: VecDeque::new(),
-        replay_tail: None,
         seam: 0,
         last_written: 0,
         timer: Box::pin(tokio::time::sleep_until(next_heartbeat.min(ends_at))),
@@ -474,12 +486,12 @@ impl SseStream {
     /// Writes `control` after the replayed events (a replay that stopped
     /// short), naming the last of them.
     pub fn after_replay(&mut self, control: Control) {
-        self.replay_tail = Some(control);
+        self.replay.push_back(Replayed::Tail(control));
     }
 
     /// Appends a replayed event, written after the preamble and before live ones.
     pub fn push_replay(&mut self, event: Queued) {
-        self.replay.push_back(event);
+        self.replay.push_back(Replayed::Event(event));
     }
 
     /// The resume point: queued events up to `seq` are skipped (the client
@@ -511,12 +523,23 @@ impl SseStream {
         }
         let written = self.last_written.max(r.from);
         if let Some(c) = &r.open {
-            self.open_with(c, r.from);
+            if self.replay.is_empty() {
+                self.open_with(c, r.from);
+            } else {
+                // An earlier resume is still being written: this one's
+                // opening follows it.
+                let bytes = self.dialect.encode_control(c, r.from);
+                self.replay.push_back(Replayed::Frame(bytes));
+            }
         }
         if let Some(seam) = r.seam {
             self.set_seam(seam.max(r.from));
-            self.replay
-                .extend(r.events.into_iter().filter(|e| e.delivery.seq > written));
+            self.replay.extend(
+                r.events
+                    .into_iter()
+                    .filter(|e| e.delivery.seq > written)
+                    .map(Replayed::Event),
+            );
             if let Some(t) = r.tail {
                 self.after_replay(t);
             }
@@ -641,15 +664,21 @@ impl SseStream {
         if let Some(b) = self.preamble.pop_front() {
             return Some(Item::Frame(b));
         }
-        while let Some(f) = self.replay.pop_front() {
-            if let Some(item) = self.deliver(f) {
-                return Some(item);
+        while let Some(r) = self.replay.pop_front() {
+            match r {
+                Replayed::Event(f) => {
+                    if let Some(item) = self.deliver(f) {
+                        return Some(item);
+                    }
+                }
+                Replayed::Frame(b) => return Some(Item::Frame(b)),
+                // Names the last event written before it.
+                Replayed::Tail(c) => {
+                    return Some(Item::Frame(
+                        self.dialect.encode_control(&c, self.last_written),
+                    ))
+                }
             }
-        }
-        if let Some(c) = self.replay_tail.take() {
-            return Some(Item::Frame(
-                self.dialect.encode_control(&c, self.last_written),
-            ));
         }
         // Written out: an idle stream keeps no buffers.
         if self.preamble.capacity() > 0 || self.replay.capacity() > 0 {
@@ -1058,6 +1087,33 @@ mod tests {
             ids.push(id_of(&b).unwrap());
         }
         assert_eq!(ids, vec![2, 3, 9]);
+    }
+
+    #[tokio::test]
+    async fn a_second_resume_is_written_after_the_first_with_every_control() {
+        let mut f = fixture("p, a, *, *, subscribe, *, /**, allow\n", "a", 8).await;
+        let _retry = next_data(&mut f.stream).await;
+        // The first resume stopped short (a tail gap) and is not written
+        // yet when a second one, which found the id expired, arrives.
+        let first = f.handle.pause();
+        let mut a = plan(first, 0, 5, vec![queued(1, "/", 1), queued(2, "/", 1)]);
+        a.tail = Some(Control::Gap(GapReason::TooFarBehind));
+        f.stream.apply_resume(a);
+        let second = f.handle.pause();
+        let mut b = plan(second, 5, 7, vec![queued(6, "/", 1), queued(7, "/", 1)]);
+        b.open = Some(Control::Gap(GapReason::Expired));
+        f.handle.resume_with(b);
+        let mut seen = Vec::new();
+        while let Some(Some(bytes)) = ready_now(&mut f.stream) {
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            seen.push(match id_of(&bytes) {
+                Some(id) => id.to_string(),
+                None if text.contains("too_far_behind") => "tail".into(),
+                None if text.contains("expired") => "expired".into(),
+                None => text,
+            });
+        }
+        assert_eq!(seen, ["1", "2", "tail", "expired", "6", "7"]);
     }
 
     #[tokio::test]
