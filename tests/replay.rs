@@ -205,7 +205,7 @@ async fn after_a_nats_outage_clients_resume_without_loss() {
     let mut nats = NatsServer::start_jetstream();
     let h = replaying(&nats, &[("STREAM__RETRY", "200ms")]).await;
     let client = EventSource::start(h.url(SUBSCRIBE), token_for("reader", HOUR), all_p1());
-    h.wait_metric("herald_connections", 1.0).await;
+    assert!(client.wait_opened(1, WAIT).await);
     let w = token_for("writer", HOUR);
     let mut acked = Vec::new();
     for i in 0..5 {
@@ -266,7 +266,7 @@ async fn an_instance_whose_link_was_cut_resumes_its_streams_in_place() {
     a.wait_ready(200).await;
     let b = replaying(&nats, &[]).await;
     let client = EventSource::start(a.url(SUBSCRIBE), token_for("reader", HOUR), all_p1());
-    a.wait_metric("herald_connections", 1.0).await;
+    assert!(client.wait_opened(1, WAIT).await);
     // A steady publisher on the other instance, across the cut and the
     // restore: what arrives live right after the link is back must not
     // overtake what was missed.

@@ -21,6 +21,8 @@ pub struct Seen {
     pub arrived: Vec<Instant>,
     /// Connections made.
     pub connects: usize,
+    /// Streams opened (answered 200: the server had its interest in place).
+    pub opened: usize,
     /// When each connection's first event arrived.
     pub first_event_after_connect: Vec<Instant>,
 }
@@ -74,7 +76,10 @@ impl EventSource {
                 }
                 s.lock().connects += 1;
                 let resp = match req.send().await {
-                    Ok(r) if r.status() == 200 => r,
+                    Ok(r) if r.status() == 200 => {
+                        s.lock().opened += 1;
+                        r
+                    }
                     _ => {
                         tokio::select! {
                             _ = tokio::time::sleep(retry) => continue,
@@ -132,6 +137,16 @@ impl EventSource {
             task,
             paused,
         }
+    }
+
+    /// Waits until the client has had `n` streams opened (the first: it
+    /// receives what is published from now on).
+    pub async fn wait_opened(&self, n: usize, within: Duration) -> bool {
+        super::within(within, || async {
+            (self.seen.lock().opened >= n).then_some(())
+        })
+        .await
+        .is_some()
     }
 
     /// Waits until the client holds `want` distinct events; `false` if it

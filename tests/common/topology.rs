@@ -75,8 +75,12 @@ impl Topology {
             .into_iter()
             .map(|b| EventSource::start(self.lb.url(SUBSCRIBE), token_for("reader", HOUR), b))
             .collect();
-        self.wait_streams(n, WAIT.max(Duration::from_millis(20) * n as u32))
-            .await;
+        let within = WAIT.max(Duration::from_millis(20) * n as u32);
+        for client in &c {
+            // Open: each receives everything published from now on.
+            assert!(client.wait_opened(1, within).await, "a stream never opened");
+        }
+        self.wait_streams(n, within).await;
         c
     }
 }
