@@ -116,6 +116,25 @@ pub fn looks_like_role(name: &str) -> bool {
     word(b"role") || word(b"roles")
 }
 
+/// Characters that change how a name is shown without showing themselves
+/// (zero-width, joiners, direction overrides and isolates, the soft hyphen,
+/// the byte-order mark): two names that look the same in a log or an admin
+/// view must be the same name.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
+}
+
 /// Longest accepted principal, in bytes.
 pub const MAX_PRINCIPAL_LEN: usize = 256;
 
@@ -126,7 +145,7 @@ pub enum PrincipalError {
     Empty,
     #[error("must be at most {MAX_PRINCIPAL_LEN} bytes")]
     TooLong,
-    #[error("must not contain control characters, spaces or commas")]
+    #[error("must not contain control characters, spaces, commas or invisible characters")]
     BadChar,
     #[error("must not be or look like a role name (`role:…`)")]
     RoleLike,
@@ -164,7 +183,7 @@ impl Principal {
             return Err(PrincipalError::TooLong);
         }
         if s.chars()
-            .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+            .any(|c| c.is_control() || c.is_whitespace() || c == ',' || is_invisible(c))
         {
             return Err(PrincipalError::BadChar);
         }
@@ -237,8 +256,22 @@ mod tests {
                 "{bad}"
             );
         }
+        for invisible in [
+            "ali\u{200B}ce",
+            "alice\u{202E}",
+            "\u{FEFF}alice",
+            "al\u{00AD}ice",
+            "a\u{2066}b",
+        ] {
+            assert_eq!(
+                Principal::parse(invisible),
+                Err(PrincipalError::BadChar),
+                "{invisible:?}"
+            );
+        }
         for ok in [
             "alice",
+            "ünïcödé",
             "roleplay",
             "rolex",
             "svc:role:admin",
