@@ -102,7 +102,10 @@ async fn start_instance(
         .env("REPLAY__ENABLED", "true")
         .env("REPLAY__REPLICAS", "3")
         .env("STREAM__RETRY", "300ms")
-        .env("LIMITS__CONNECTIONS_PER_IDENTITY_PROJECT", "1000")
+        // Every client is `reader`: the per-identity limits (cluster-wide,
+        // through presence) are not what these scenarios measure.
+        .env("LIMITS__CONNECTIONS_PER_IDENTITY_PROJECT", "10000")
+        .env("LIMITS__CONNECTIONS_PER_IDENTITY", "10000")
         .env("LIMITS__SUBSCRIBE_RATE", "10000")
         .env("LIMITS__SUBSCRIBE_BURST", "10000")
         .env("SHUTDOWN__GRACE", "2500ms")
