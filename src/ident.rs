@@ -135,6 +135,11 @@ fn is_invisible(c: char) -> bool {
     )
 }
 
+/// Separates an identity from the roles its token's claims give it, in the
+/// subject policies are asked about ([`Principal::with_roles`]). No identity
+/// or role name holds it (it is a control character).
+pub const ROLE_SEPARATOR: char = '\n';
+
 /// Longest accepted principal, in bytes.
 pub const MAX_PRINCIPAL_LEN: usize = 256;
 
@@ -193,7 +198,36 @@ impl Principal {
         Ok(Self(Arc::from(s)))
     }
 
-    /// The identity as text.
+    /// The subject policies are asked about: this identity, acting also
+    /// as `roles` (from its token's claims; role names, `role:…`). `roles`
+    /// must be valid role names; they are kept sorted, once each.
+    pub fn with_roles(&self, roles: &[String]) -> Self {
+        if roles.is_empty() {
+            return self.clone();
+        }
+        let mut sorted: Vec<&str> = roles.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut s = String::from(self.identity());
+        for r in sorted {
+            s.push(ROLE_SEPARATOR);
+            s.push_str(r);
+        }
+        Self(Arc::from(s))
+    }
+
+    /// The identity alone (without roles from claims).
+    pub fn identity(&self) -> &str {
+        self.0.split(ROLE_SEPARATOR).next().unwrap_or_default()
+    }
+
+    /// The roles its token's claims give it (see [`with_roles`](Self::with_roles)).
+    pub fn claimed_roles(&self) -> impl Iterator<Item = &str> {
+        self.0.split(ROLE_SEPARATOR).skip(1)
+    }
+
+    /// The subject as text: the identity, and its claimed roles after a
+    /// [`ROLE_SEPARATOR`] each.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -205,8 +239,21 @@ impl Principal {
 }
 
 impl fmt::Display for Principal {
+    /// The identity, and its claimed roles in brackets.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.identity())?;
+        let mut roles = self.claimed_roles().peekable();
+        if roles.peek().is_some() {
+            f.write_str(" [")?;
+            for (i, r) in roles.enumerate() {
+                if i > 0 {
+                    f.write_str(" ")?;
+                }
+                f.write_str(r)?;
+            }
+            f.write_str("]")?;
+        }
+        Ok(())
     }
 }
 

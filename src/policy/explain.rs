@@ -81,12 +81,11 @@ impl std::fmt::Display for Explanation {
 impl PolicySet {
     /// Explains the decision for one concrete request.
     pub fn explain(&self, identity: &Principal, key: &EventKey, act: Action) -> Explanation {
-        let sub = identity.as_str();
         let (project, ty, env, path) = (&key.project, key.event_type, &key.env, &key.path);
         // casbin's matcher: g(sub, p.sub, project) || g(sub, p.sub, "*"): a chain of
         // links all in the project's domain, or all in the `*` domain.
-        let chains_project = self.reachable(sub, project.as_str());
-        let chains_any = self.reachable(sub, "*");
+        let chains_project = self.reachable(identity, project.as_str());
+        let chains_any = self.reachable(identity, "*");
         let mut denies = Vec::new();
         let mut allows = Vec::new();
         for (rule, &line) in self.parsed.rules.iter().zip(&self.parsed.rule_lines) {
@@ -125,14 +124,16 @@ impl PolicySet {
             denies,
             allows,
             file: self.policy_name.clone(),
-            request: format!("{sub} {} {key}", act.as_str()),
+            request: format!("{identity} {} {key}", act.as_str()),
         }
     }
 
     /// Every policy subject the identity `sub` acts as within `domain`, keyed
     /// as casbin names them (identities and roles apart), with the chain that
     /// leads there as the file writes it.
-    fn reachable(&self, sub: &str, domain: &str) -> HashMap<String, Vec<String>> {
+    /// Roles a token's claims give the identity are reached from it directly.
+    fn reachable(&self, identity: &Principal, domain: &str) -> HashMap<String, Vec<String>> {
+        let sub = identity.identity();
         let mut edges: HashMap<String, Vec<(String, &str, usize)>> = HashMap::new();
         for (l, &line) in self.parsed.links.iter().zip(&self.parsed.link_lines) {
             if l[2] == domain {
@@ -147,6 +148,12 @@ impl PolicySet {
         let start = casbin_identity(sub);
         out.insert(start.clone(), vec![sub.to_owned()]);
         let mut queue = VecDeque::from([start]);
+        for role in identity.claimed_roles() {
+            let chain = vec![sub.to_owned(), format!("{role} (from the token's claims)")];
+            if out.insert(casbin_name(role), chain).is_none() {
+                queue.push_back(casbin_name(role));
+            }
+        }
         while let Some(cur) = queue.pop_front() {
             let base = out.get(&cur).cloned().unwrap_or_default();
             for (role, shown, line) in edges.get(cur.as_str()).into_iter().flatten() {

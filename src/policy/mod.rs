@@ -18,6 +18,7 @@ pub mod explain;
 mod functions;
 mod parse;
 pub mod reload;
+mod roles;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -202,6 +203,14 @@ impl PolicySet {
                     format!("model does not compile: {e}"),
                 )]
             })?;
+        let rm = std::sync::Arc::new(parking_lot::RwLock::new(roles::ClaimedRoles::new()));
+        enforcer.set_role_manager(rm).map_err(|e| {
+            vec![Problem::new(
+                &src.model_name,
+                0,
+                format!("model does not compile: {e}"),
+            )]
+        })?;
         functions::register(&mut enforcer);
         if !parsed.rules.is_empty() {
             enforcer
@@ -722,6 +731,63 @@ mod tests {
             &p("p1"),
             &interest("secret:created", None, "/other")
         ));
+    }
+
+    #[tokio::test]
+    async fn claimed_roles_apply_with_the_identity_and_deny_still_wins() {
+        let set = PolicySet::compile(
+            &src("p, role:reader, *, secret:*, subscribe, *, /**, allow\n\
+                  p, role:auditor, *, secret:*, subscribe, *, /audit/**, allow\n\
+                  p, role:nosecrets, *, secret:*, subscribe, *, /internal/**, deny\n\
+                  g, role:lead, role:auditor, *\n\
+                  p, carol, p1, secret:*, subscribe, *, /carol/**, deny\n"),
+            1,
+        )
+        .await
+        .unwrap();
+        let carol = id("carol");
+        let with = |roles: &[&str]| {
+            carol.with_roles(&roles.iter().map(|r| r.to_string()).collect::<Vec<_>>())
+        };
+        let may = |who: &Principal, path: &str| {
+            set.decide(who, &key("p1", "prod", path), Action::Subscribe)
+        };
+        assert!(!may(&carol, "/x"), "no role, no grant");
+        assert!(may(&with(&["role:reader"]), "/x"));
+        // A claimed role's inherited roles apply too.
+        assert!(may(&with(&["role:lead"]), "/audit/log"));
+        assert!(!may(&with(&["role:lead"]), "/x"));
+        // Deny rules of the identity and of any claimed role win.
+        assert!(!may(&with(&["role:reader"]), "/carol/a"));
+        assert!(!may(
+            &with(&["role:reader", "role:nosecrets"]),
+            "/internal/a"
+        ));
+        assert!(may(&with(&["role:reader", "role:nosecrets"]), "/public"));
+        // The cache keys on the whole subject: the same identity with other
+        // roles gets its own answer.
+        let auth = Authorizer::new(
+            &src("p, role:reader, *, secret:*, subscribe, *, /**, allow\n"),
+            100,
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let k = key("p1", "prod", "/x");
+        assert!(auth.may_receive(&with(&["role:reader"]), &k));
+        assert!(!auth.may_receive(&carol, &k));
+        // explain shows where the role came from.
+        let ex = set.explain(
+            &with(&["role:lead"]),
+            &key("p1", "prod", "/audit/x"),
+            Action::Subscribe,
+        );
+        assert!(ex.allowed && ex.casbin_agrees, "{ex}");
+        assert!(
+            ex.to_string()
+                .contains("role:lead (from the token's claims)"),
+            "{ex}"
+        );
     }
 
     #[tokio::test]
