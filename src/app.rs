@@ -81,7 +81,8 @@ pub async fn start(
     verifier: Verifier,
     policy: PolicySource,
 ) -> anyhow::Result<Running> {
-    let core = core(&config, &policy).await?;
+    let core = core(&config, &policy, verifier.metrics()).await?;
+    let verifier = Arc::new(verifier);
     let public = listen(config.server.listen, "server.listen")?;
     let admin = listen(config.server.admin_listen, "server.admin_listen")?;
     let (public_addr, admin_addr) = (public.local_addr()?, admin.local_addr()?);
@@ -92,7 +93,7 @@ pub async fn start(
     };
     // Connections left after the drain get this much longer to finish.
     let close_deadline = Duration::from_secs(2);
-    let api = Arc::new(public_api(&config, &core, Arc::new(verifier)));
+    let api = Arc::new(public_api(&config, &core, verifier.clone()));
     let mut tasks = vec![
         tokio::spawn(http::serve(
             public,
@@ -103,13 +104,17 @@ pub async fn start(
         )),
         tokio::spawn(http::serve(
             admin,
-            Arc::new(admin_api(&core)),
+            Arc::new(admin_api(&core, verifier.clone())),
             opts,
             core.shutdown.clone(),
             close_deadline,
         )),
     ];
     tasks.extend(background(&config, &core, &policy));
+    tasks.extend(verifier.run(|| {
+        let s = core.shutdown.clone();
+        async move { s.reached(Phase::Stopped).await }
+    }));
     Ok(Running {
         public_addr,
         admin_addr,
@@ -120,8 +125,11 @@ pub async fn start(
 }
 
 /// Metrics, policy, router, bus, cluster view, limits.
-async fn core(config: &Config, policy: &PolicySource) -> anyhow::Result<Core> {
-    let metrics = Arc::new(Metrics::new());
+async fn core(
+    config: &Config,
+    policy: &PolicySource,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Core> {
     Metrics::preset(&metrics.subscriptions, SubscribeError::LABELS);
     Metrics::preset(&metrics.publishes, PublishError::LABELS);
     let authorizer = Authorizer::new(policy, config.policy.cache_size, metrics.clone())
@@ -223,8 +231,9 @@ fn public_api(config: &Config, core: &Core, verifier: Arc<Verifier>) -> Api {
 }
 
 /// The admin listener.
-fn admin_api(core: &Core) -> Admin {
+fn admin_api(core: &Core, verifier: Arc<Verifier>) -> Admin {
     Admin {
+        verifier,
         metrics: core.metrics.clone(),
         router: core.router.clone(),
         authorizer: core.authorizer.clone(),

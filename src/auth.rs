@@ -1,14 +1,25 @@
 //! Bearer tokens: JWT verification (and minting for operators and dev mode).
 //!
-//! Only the algorithms of an allow-list are accepted (HS256/384/512, RS256,
-//! ES256, EdDSA; never `none`), and each algorithm is verified only with a key of
-//! its own family, so an HS secret can never verify an RS token or the reverse.
-//! `exp` is required; `iss`/`aud` are required when configured. Every claim is
-//! checked with the type RFC 7519 gives it (a string `nbf` is refused, not
-//! ignored). The `sub` claim is the identity casbin sees, and it can never be a
-//! role name (DESIGN.md section 12).
+//! A token's `iss` picks its issuer block (`[auth]` alone, or one of
+//! `[[auth.issuers]]`), and only that block's keys are tried: keys are looked
+//! up by (issuer, `kid`), never by `kid` alone, and nothing in a token names
+//! where a key comes from. Only the algorithms of an allow-list are accepted
+//! (HS256/384/512, RS256, ES256, EdDSA; never `none`), and each algorithm is
+//! verified only with a key of its own family, so an HS secret can never
+//! verify an RS token or the reverse. Every claim is checked with the type
+//! RFC 7519 gives it (a string `nbf` is refused, not ignored). The mapped
+//! identity claim is the identity casbin sees, and it can never be a role
+//! name (DESIGN.md section 12); roles come only from a configured claim,
+//! through a configured map.
 
+pub mod fetch;
+pub mod introspect;
+pub mod keys;
+pub mod source;
+
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -16,8 +27,12 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header,
 use serde_json::{Map, Value};
 
 use crate::ident::{Principal, PrincipalError};
+use crate::metrics::Metrics;
 use crate::setting::{self, invalid, Invalid, Secret};
+use introspect::{IntrospectionConfig, Introspector};
+use keys::Key;
 use serde::{Deserialize, Serialize};
+use source::{Freshness, KeySource, Location, Why};
 use std::path::PathBuf;
 
 /// Parses a configured algorithm name from the allow-list.
@@ -50,11 +65,38 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// An authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    /// The identity policies name (the token's mapped claim, `sub` by default).
+    /// The identity (the token's mapped claim, `sub` by default): what
+    /// limits count and logs name.
     pub identity: Principal,
+    /// What policies are asked about: the identity, with the roles its
+    /// token's claims give it ([`Principal::with_roles`]).
+    pub subject: Principal,
     /// When the token expires (`exp`, or the end of its maximum age,
     /// whichever is first), as a UNIX timestamp in seconds.
     pub expires_at: u64,
+    /// For issuers with introspection: how a live stream re-checks the token.
+    pub recheck: Option<Recheck>,
+}
+
+/// A token to ask its provider about again, while its stream lives.
+#[derive(Clone, Debug)]
+pub struct Recheck {
+    /// The token.
+    pub token: Arc<str>,
+    /// Its issuer's provider.
+    pub introspector: Arc<Introspector>,
+}
+
+impl Caller {
+    /// A caller without roles or re-checks (tests, tools).
+    pub fn new(identity: Principal, expires_at: u64) -> Self {
+        Self {
+            subject: identity.clone(),
+            identity,
+            expires_at,
+            recheck: None,
+        }
+    }
 }
 
 impl Caller {
@@ -89,6 +131,14 @@ pub enum AuthError {
     Critical,
     #[error("the token's identity is not accepted: it {0}")]
     Identity(#[source] PrincipalError),
+    #[error("the token's issuer is not one herald accepts")]
+    Issuer,
+    #[error("the token names a key its issuer does not publish")]
+    UnknownKey,
+    #[error("the token is no longer active (its provider says so)")]
+    Inactive,
+    #[error("the token's provider cannot be asked now; try again")]
+    ProviderUnavailable,
 }
 
 impl AuthError {
@@ -106,6 +156,10 @@ impl AuthError {
             AuthError::Claims => "claims",
             AuthError::Critical => "critical_header",
             AuthError::Identity(_) => "identity",
+            AuthError::Issuer => "issuer",
+            AuthError::UnknownKey => "unknown_key",
+            AuthError::Inactive => "inactive",
+            AuthError::ProviderUnavailable => "provider_unavailable",
         }
     }
 
@@ -122,6 +176,10 @@ impl AuthError {
         "claims",
         "critical_header",
         "identity",
+        "issuer",
+        "unknown_key",
+        "inactive",
+        "provider_unavailable",
     ];
 }
 
@@ -140,6 +198,10 @@ pub enum KeyError {
     UnusableKey(String, &'static str),
     #[error("`auth.algorithms` lists {0:?} but no key of its family is configured")]
     NoKeyFor(String),
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    #[error("issuer {0}: {1}")]
+    InIssuer(String, Box<KeyError>),
 }
 
 /// The configured HS secret: `auth.hs_secret`, or the content of
@@ -176,6 +238,8 @@ pub struct ClaimRules {
     pub require_exp: bool,
     /// The oldest a token may be, from its `iat` (then required), in seconds.
     pub max_token_age: Option<u64>,
+    /// Claims a token must carry with exactly these string values.
+    pub required: BTreeMap<String, String>,
 }
 
 impl Default for ClaimRules {
@@ -188,6 +252,7 @@ impl Default for ClaimRules {
             identity_prefix: String::new(),
             require_exp: true,
             max_token_age: None,
+            required: BTreeMap::new(),
         }
     }
 }
@@ -281,6 +346,13 @@ impl ClaimRules {
                 return Err(AuthError::Claims);
             }
         }
+        for (name, want) in &self.required {
+            match claims.get(name) {
+                None => return Err(AuthError::MissingClaim("named in required_claims")),
+                Some(Value::String(v)) if v == want => {}
+                Some(_) => return Err(AuthError::Claims),
+            }
+        }
         let label = if self.identity_claim == "sub" {
             "sub"
         } else {
@@ -305,13 +377,6 @@ impl ClaimRules {
     }
 }
 
-/// Verifies bearer tokens.
-pub struct Verifier {
-    keys: Vec<(AlgorithmFamily, DecodingKey)>,
-    allowed: Vec<Algorithm>,
-    rules: ClaimRules,
-}
-
 fn read_file(path: &Path) -> Result<Vec<u8>, KeyError> {
     std::fs::read(path).map_err(|err| KeyError::Read {
         path: path.display().to_string(),
@@ -325,79 +390,132 @@ fn install_crypto() {
     let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
 }
 
-/// A public key from a PEM file, checked so that verifying with it cannot
-/// fail in ways a token could exploit: an Ed25519 key of exactly 32 bytes, a
-/// P-256 point, an RSA modulus of at least 2048 bits, and never a private key.
-fn public_key_from_pem(name: &str, pem: &[u8]) -> Result<(AlgorithmFamily, DecodingKey), KeyError> {
-    if std::str::from_utf8(pem).is_ok_and(|t| t.contains("PRIVATE KEY")) {
-        return Err(KeyError::UnusableKey(
-            name.to_owned(),
-            "is a private key; give herald the public key",
-        ));
-    }
-    let key = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
-        k
-    } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
-        k
-    } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
-        k
-    } else {
-        return Err(KeyError::BadPem(name.to_owned()));
-    };
-    let unusable = |why| KeyError::UnusableKey(name.to_owned(), why);
-    let family = key.family();
-    match family {
-        AlgorithmFamily::Ed => {
-            if key.try_get_as_bytes().map(<[u8]>::len).ok() != Some(32) {
-                return Err(unusable("an Ed25519 public key is 32 bytes"));
-            }
-        }
-        AlgorithmFamily::Ec => {
-            if key.try_get_as_bytes().map(<[u8]>::len).ok() != Some(65) {
-                return Err(unusable("only P-256 keys are accepted (ES256)"));
-            }
-        }
-        AlgorithmFamily::Rsa => {
-            let bits = jsonwebtoken::jwk::Jwk::from_decoding_key(&key, None)
-                .ok()
-                .and_then(|j| match j.algorithm {
-                    jsonwebtoken::jwk::AlgorithmParameters::RSA(p) => {
-                        base64::engine::general_purpose::URL_SAFE_NO_PAD
-                            .decode(p.n.as_bytes())
-                            .ok()
-                            .map(|n| n.iter().skip_while(|b| **b == 0).count() * 8)
-                    }
-                    _ => None,
-                });
-            if bits.is_none_or(|b| b < 2048) {
-                return Err(unusable("RSA keys must have at least 2048 bits"));
-            }
-        }
-        _ => return Err(KeyError::BadPem(name.to_owned())),
-    }
-    Ok((family, key))
+/// Roles from a claim: which claim, and which of its values give which role.
+#[derive(Clone, Debug)]
+struct RoleMap {
+    claim: String,
+    map: BTreeMap<String, String>,
 }
 
-impl Verifier {
-    /// Builds the verifier from `[auth]`.
-    pub fn from_config(cfg: &AuthConfig) -> Result<Self, KeyError> {
-        install_crypto();
+impl RoleMap {
+    /// The roles the claim's values map to (unmapped values give none). The
+    /// claim is a string or an array of strings; absent, it gives none.
+    fn roles(&self, claims: &Value) -> Result<Vec<String>, AuthError> {
+        let mapped = |v: &str| self.map.get(v).cloned();
+        match claims.get(&self.claim) {
+            None => Ok(Vec::new()),
+            Some(Value::String(v)) => Ok(mapped(v).into_iter().collect()),
+            Some(Value::Array(items)) => {
+                let mut out = Vec::new();
+                for item in items {
+                    let v = item.as_str().ok_or(AuthError::ClaimType("roles"))?;
+                    out.extend(mapped(v));
+                }
+                Ok(out)
+            }
+            Some(_) => Err(AuthError::ClaimType("roles")),
+        }
+    }
+}
+
+/// One issuer: its keys, algorithms, claim rules, roles and provider.
+struct Issuer {
+    /// The issuer, for logs and metric labels.
+    label: String,
+    /// The `iss` that picks this block (`None`: tokens without `iss`, or,
+    /// for a lone `[auth]` without `issuer`, any token).
+    issuer: Option<String>,
+    /// Configured keys (a secret, a PEM).
+    keys: Vec<Key>,
+    /// A key set that is refreshed.
+    source: Option<Arc<KeySource>>,
+    allowed: Vec<Algorithm>,
+    rules: ClaimRules,
+    roles: Option<RoleMap>,
+    introspector: Option<Arc<Introspector>>,
+}
+
+/// What a token's keys lookup found.
+enum Tried {
+    /// The first key that verified it (or why none did).
+    Done(Result<Value, AuthError>),
+    /// No key of that `kid` and algorithm.
+    NoKey,
+}
+
+impl Issuer {
+    fn from_config(
+        cfg: &AuthConfig,
+        issuer: Option<String>,
+        label: String,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, KeyError> {
         let mut keys = Vec::new();
         if let Some(s) = hs_secret(cfg)? {
             if s.len() < 32 {
                 return Err(KeyError::WeakSecret);
             }
             let key = DecodingKey::from_secret(&s).map_err(|_| KeyError::WeakSecret)?;
-            keys.push((AlgorithmFamily::Hmac, key));
+            keys.push(Key {
+                kid: None,
+                family: AlgorithmFamily::Hmac,
+                alg: None,
+                key,
+            });
         }
         if let Some(f) = &cfg.public_key_file {
             let pem = read_file(f)?;
-            keys.push(public_key_from_pem(&f.display().to_string(), &pem)?);
+            keys.push(keys::public_key_from_pem(&f.display().to_string(), &pem)?);
         }
-        if keys.is_empty() {
+        let location = match (&cfg.jwks_file, &cfg.jwks_url, cfg.discovery) {
+            (Some(f), None, false) => Some(Location::File(f.clone())),
+            (None, Some(u), false) => Some(Location::Url(cfg.jwks_url_parsed(u)?)),
+            (None, None, true) => match &cfg.issuer {
+                Some(i) => Some(Location::Discovery { issuer: i.clone() }),
+                None => {
+                    return Err(
+                        invalid("auth.discovery", "needs auth.issuer to discover from").into(),
+                    )
+                }
+            },
+            (None, None, false) => None,
+            _ => {
+                return Err(invalid(
+                    "auth.jwks_url",
+                    "give one key set: jwks_file, jwks_url or discovery",
+                )
+                .into())
+            }
+        };
+        let fetcher = || -> Result<fetch::Fetcher, KeyError> {
+            let ca = cfg.ca_file.as_deref().map(read_file).transpose()?;
+            fetch::Fetcher::new(cfg.fetch_timeout, MAX_FETCH_BYTES, ca.as_deref())
+                .map_err(|e| invalid("auth.ca_file", e).into())
+        };
+        let source = match location {
+            Some(loc) => Some(Arc::new(KeySource::new(
+                label.clone(),
+                loc,
+                fetcher()?,
+                Freshness {
+                    refresh_interval: cfg.refresh_interval,
+                    min_refresh_interval: cfg.min_refresh_interval,
+                    max_key_age: cfg.max_key_age,
+                },
+                cfg.fetch_timeout,
+                metrics.clone(),
+            ))),
+            None => None,
+        };
+        if keys.is_empty() && source.is_none() {
             return Err(KeyError::NoKey);
         }
-        let has_key = |a: Algorithm| keys.iter().any(|(f, _)| *f == a.family());
+        // A key set's families are known once it loads: it may verify any
+        // asymmetric algorithm (never HS: sets hold no secrets).
+        let has_key = |a: Algorithm| {
+            keys.iter().any(|k| k.family == a.family())
+                || (source.is_some() && a.family() != AlgorithmFamily::Hmac)
+        };
         let allowed: Vec<Algorithm> = if cfg.algorithms.is_empty() {
             ACCEPTED.into_iter().filter(|a| has_key(*a)).collect()
         } else {
@@ -410,52 +528,89 @@ impl Verifier {
             }
             v
         };
+        let introspector = match &cfg.introspection {
+            Some(i) => Some(Arc::new(Introspector::new(
+                label.clone(),
+                i.validate()?,
+                i.clone(),
+                fetcher()?,
+                metrics.clone(),
+            ))),
+            None => None,
+        };
+        let roles = cfg.roles_claim.as_ref().map(|claim| RoleMap {
+            claim: claim.clone(),
+            map: cfg.roles.clone(),
+        });
         Ok(Self {
-            keys,
-            allowed,
+            label,
             rules: ClaimRules {
-                issuer: cfg.issuer.clone(),
+                issuer: issuer.clone(),
                 audience: cfg.audience.clone(),
                 leeway: cfg.leeway.as_secs(),
                 identity_claim: cfg.identity_claim.clone(),
                 identity_prefix: cfg.identity_prefix.clone(),
                 require_exp: cfg.require_exp,
                 max_token_age: cfg.max_token_age.map(|d| d.as_secs()),
+                required: cfg.required_claims.clone(),
             },
+            issuer,
+            keys,
+            source,
+            allowed,
+            roles,
+            introspector,
         })
     }
 
-    /// Verifies a token and returns the identity it names.
-    ///
-    /// The library checks the signature (and `crit`, which it refuses unless
-    /// it is the one extension it implements; herald refuses every `crit`);
-    /// every claim is then checked by herald, with RFC 7519's types
-    /// ([`ClaimRules::check`]). Nothing in the header chooses a key but its
-    /// `alg` family: `kid`, `jku`, `x5u` and an embedded `jwk` are never used.
-    pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(AuthError::Malformed);
+    /// Tries the keys that may verify a token of `alg` naming `kid`: the
+    /// configured ones, and those of the set with that `kid`.
+    fn try_keys(&self, token: &str, alg: Algorithm, kid: Option<&str>) -> Tried {
+        let set = self.source.as_ref().map(|s| s.keys());
+        let of_set = set.as_deref().unwrap_or(&[]);
+        let mut tried = false;
+        let mut last = AuthError::Signature;
+        let configured = keys::candidates(&self.keys, alg, kid, true);
+        for key in configured.chain(keys::candidates(of_set, alg, kid, false)) {
+            tried = true;
+            match decode(token, alg, &key.key) {
+                Ok(claims) => return Tried::Done(Ok(claims)),
+                Err(e) => last = e,
+            }
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
-        if header.crit.is_some() {
-            return Err(AuthError::Critical);
+        if tried {
+            Tried::Done(Err(last))
+        } else {
+            Tried::NoKey
         }
-        if !self.allowed.contains(&header.alg) {
-            return Err(AuthError::Algorithm);
-        }
-        let key = self
-            .keys
-            .iter()
-            .find(|(f, _)| *f == header.alg.family())
-            .map(|(_, k)| k)
-            .ok_or(AuthError::Algorithm)?;
-        let mut v = Validation::new(header.alg);
-        // The claims are herald's to check, strictly (ClaimRules::check).
-        v.validate_exp = false;
-        v.validate_nbf = false;
-        v.validate_aud = false;
-        v.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<Value>(token, key, &v).map_err(|e| {
+    }
+
+    /// Whether the set could hold `kid` after a refresh: it is refreshed,
+    /// and does not hold it now.
+    fn may_refresh_for(&self, kid: Option<&str>) -> Option<&Arc<KeySource>> {
+        let kid = kid?;
+        let source = self.source.as_ref()?;
+        (!source.keys().iter().any(|k| k.kid.as_deref() == Some(kid))).then_some(source)
+    }
+}
+
+/// Claims with settings of their own.
+const REGISTERED: [&str; 6] = ["exp", "nbf", "iat", "iss", "aud", "sub"];
+
+/// Largest key set or discovery document read.
+const MAX_FETCH_BYTES: usize = 1024 * 1024;
+
+/// Verifies `token`'s signature with `key`; the claims are herald's to check.
+fn decode(token: &str, alg: Algorithm, key: &DecodingKey) -> Result<Value, AuthError> {
+    let mut v = Validation::new(alg);
+    // The claims are herald's to check, strictly (ClaimRules::check).
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v.required_spec_claims.clear();
+    jsonwebtoken::decode::<Value>(token, key, &v)
+        .map(|d| d.claims)
+        .map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
                 K::InvalidSignature => AuthError::Signature,
@@ -464,18 +619,178 @@ impl Verifier {
                 }
                 _ => AuthError::Malformed,
             }
-        })?;
+        })
+}
+
+/// The `iss` of a token's payload, read before its signature is checked
+/// (it picks the keys): a string, or absent.
+fn peek_issuer(token: &str) -> Result<Option<String>, AuthError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        iss: Option<Value>,
+    }
+    let payload = token.split('.').nth(1).ok_or(AuthError::Malformed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| AuthError::Malformed)?;
+    let peek: Peek = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    match peek.iss {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(AuthError::ClaimType("iss")),
+    }
+}
+
+/// Verifies bearer tokens.
+pub struct Verifier {
+    issuers: Vec<Issuer>,
+    /// `[auth]` alone: its one block takes any `iss` its rules allow.
+    single: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Verifier {
+    /// Builds the verifier from `[auth]`, with metrics of its own.
+    pub fn from_config(cfg: &AuthConfig) -> Result<Self, KeyError> {
+        Self::with_metrics(cfg, Arc::new(Metrics::new()))
+    }
+
+    /// Builds the verifier from `[auth]`; key sets and introspection count
+    /// into `metrics`. Key sets load once [`run`](Self::run) runs.
+    pub fn with_metrics(cfg: &AuthConfig, metrics: Arc<Metrics>) -> Result<Self, KeyError> {
+        install_crypto();
+        cfg.validate()?;
+        if cfg.issuers.is_empty() {
+            let label = cfg.issuer.clone().unwrap_or_else(|| "default".into());
+            let one = Issuer::from_config(cfg, cfg.issuer.clone(), label, &metrics)?;
+            return Ok(Self {
+                issuers: vec![one],
+                single: true,
+                metrics,
+            });
+        }
+        let mut issuers = Vec::new();
+        for block in &cfg.issuers {
+            let label = block.issuer.clone().unwrap_or_else(|| "none".into());
+            let one = Issuer::from_config(block, block.issuer.clone(), label.clone(), &metrics)
+                .map_err(|e| KeyError::InIssuer(label, Box::new(e)))?;
+            issuers.push(one);
+        }
+        Ok(Self {
+            issuers,
+            single: false,
+            metrics,
+        })
+    }
+
+    /// The metrics it counts into (the instance's: `app::start` uses them).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Loads and refreshes every key set until `stopped` resolves.
+    pub fn run<F>(&self, stopped: impl Fn() -> F) -> Vec<tokio::task::JoinHandle<()>>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.issuers
+            .iter()
+            .filter_map(|i| i.source.clone())
+            .map(|s| tokio::spawn(s.run(stopped())))
+            .collect()
+    }
+
+    /// Whether every key set is loaded and younger than its `max_key_age`.
+    pub fn key_sets_fresh(&self) -> bool {
+        self.issuers
+            .iter()
+            .filter_map(|i| i.source.as_ref())
+            .all(|s| s.is_fresh())
+    }
+
+    fn issuer_for(&self, iss: Option<&str>) -> Result<&Issuer, AuthError> {
+        if self.single {
+            return Ok(&self.issuers[0]);
+        }
+        self.issuers
+            .iter()
+            .find(|i| i.issuer.as_deref() == iss)
+            .ok_or(AuthError::Issuer)
+    }
+
+    /// Verifies a token and returns the caller it names.
+    ///
+    /// The token's `iss` picks its issuer; the header's `alg` and `kid`
+    /// pick among that issuer's keys (a `kid` its key set does not hold
+    /// refreshes the set once, rate-limited); `jku`, `x5u` and an embedded
+    /// `jwk` are never used. The library checks the signature (and `crit`,
+    /// which herald refuses whatever it names); every claim is then checked
+    /// by herald, with RFC 7519's types ([`ClaimRules::check`]). Issuers
+    /// with introspection then ask their provider.
+    pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        if header.crit.is_some() {
+            return Err(AuthError::Critical);
+        }
+        let issuer = self.issuer_for(peek_issuer(token)?.as_deref())?;
+        if !issuer.allowed.contains(&header.alg) {
+            return Err(AuthError::Algorithm);
+        }
+        let kid = header.kid.as_deref();
+        if let Some(source) = issuer.may_refresh_for(kid) {
+            source.refresh(Why::UnknownKid).await;
+        }
+        let claims = match issuer.try_keys(token, header.alg, kid) {
+            Tried::Done(r) => r?,
+            // The set never loaded: the token may be good; come back.
+            Tried::NoKey if issuer.source.as_ref().is_some_and(|s| !s.has_loaded()) => {
+                return Err(AuthError::ProviderUnavailable)
+            }
+            Tried::NoKey => return Err(AuthError::UnknownKey),
+        };
         // The signature holds: now make sure each claim has one value (a
         // parser reading the first of two would see another token).
         if !claims_are_unique(token) {
             return Err(AuthError::Malformed);
         }
-        let checked = self.rules.check(&data.claims, unix_now())?;
+        let checked = issuer.rules.check(&claims, unix_now())?;
+        let roles = match &issuer.roles {
+            Some(map) => map.roles(&claims)?,
+            None => Vec::new(),
+        };
+        let recheck = match &issuer.introspector {
+            Some(i) => match i.is_active(token).await {
+                Ok(true) => Some(Recheck {
+                    token: Arc::from(token),
+                    introspector: i.clone(),
+                }),
+                Ok(false) => return Err(AuthError::Inactive),
+                Err(_) => return Err(AuthError::ProviderUnavailable),
+            },
+            None => None,
+        };
+        tracing::trace!(issuer = %issuer.label, "token verified");
         Ok(Caller {
+            subject: checked.subject.with_roles(&roles),
             identity: checked.subject,
             expires_at: checked.expires_at,
+            recheck,
         })
     }
+}
+
+/// Whether `name` may be given by a token's claims (`auth.roles` values,
+/// `policy explain --role`): a role name (`role:…`) a policy line can hold.
+pub fn is_claimable_role(name: &str) -> bool {
+    crate::ident::is_role_name(name)
+        && name.len() > crate::ident::ROLE_PREFIX.len()
+        && name.len() <= crate::ident::MAX_PRINCIPAL_LEN
+        && !name
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == ',' || c == '"')
 }
 
 /// Whether the payload of `token` (already verified) names each claim
@@ -637,6 +952,40 @@ pub struct AuthConfig {
     /// The oldest a token may be, from its `iat` (then required).
     #[serde(with = "humantime_serde")]
     pub max_token_age: Option<Duration>,
+    /// A JWKS file, re-read on every refresh.
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (https; plain http only to a loopback address).
+    pub jwks_url: Option<String>,
+    /// Find the key set from `{issuer}/.well-known/openid-configuration`.
+    pub discovery: bool,
+    /// PEM CA bundle: the only roots this issuer's HTTPS trusts (the
+    /// system's otherwise).
+    pub ca_file: Option<PathBuf>,
+    /// How often a key set is refreshed.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// The least time between refreshes asked for by unknown `kid`s.
+    #[serde(with = "humantime_serde")]
+    pub min_refresh_interval: Duration,
+    /// A key set older than this (refreshes failing) fails `/readyz`.
+    #[serde(with = "humantime_serde")]
+    pub max_key_age: Duration,
+    /// Time-out of each key set or discovery request.
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Claims a token must carry with exactly these string values (e.g.
+    /// `authTokenType = "identityAccessToken"`).
+    pub required_claims: BTreeMap<String, String>,
+    /// The claim whose values give roles (e.g. `groups`), through `roles`.
+    pub roles_claim: Option<String>,
+    /// Claim value -> role name (`role:…`); other values give no role.
+    pub roles: BTreeMap<String, String>,
+    /// Ask the provider whether each token is still active.
+    pub introspection: Option<IntrospectionConfig>,
+    /// Several issuers, each a block of the keys above; a token's `iss`
+    /// picks its block.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub issuers: Vec<AuthConfig>,
 }
 
 impl Default for AuthConfig {
@@ -653,13 +1002,158 @@ impl Default for AuthConfig {
             identity_prefix: String::new(),
             require_exp: true,
             max_token_age: None,
+            jwks_file: None,
+            jwks_url: None,
+            discovery: false,
+            ca_file: None,
+            refresh_interval: Duration::from_secs(300),
+            min_refresh_interval: Duration::from_secs(10),
+            max_key_age: Duration::from_secs(24 * 3600),
+            fetch_timeout: Duration::from_secs(5),
+            required_claims: BTreeMap::new(),
+            roles_claim: None,
+            roles: BTreeMap::new(),
+            introspection: None,
+            issuers: Vec::new(),
         }
     }
 }
 
 impl AuthConfig {
-    /// Checks what serde cannot.
+    fn jwks_url_parsed(&self, u: &str) -> Result<url::Url, Invalid> {
+        let url =
+            url::Url::parse(u).map_err(|e| invalid("auth.jwks_url", format!("not a URL: {e}")))?;
+        fetch::check_url(&url).map_err(|why| invalid("auth.jwks_url", why))?;
+        Ok(url)
+    }
+
+    /// Checks what serde cannot, in `[auth]` and every issuer block.
     pub fn validate(&self) -> Result<(), Invalid> {
+        self.validate_block()?;
+        if self.issuers.is_empty() {
+            return Ok(());
+        }
+        let top = AuthConfig {
+            issuers: Vec::new(),
+            ..self.clone()
+        };
+        let as_json = |c: &AuthConfig| serde_json::to_value(c).ok();
+        if as_json(&top) != as_json(&AuthConfig::default()) {
+            return Err(invalid(
+                "auth.issuers",
+                "with [[auth.issuers]], every other auth setting goes in the blocks: [auth] holds only them",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, block) in self.issuers.iter().enumerate() {
+            let name = block.issuer.as_deref().unwrap_or("(tokens without iss)");
+            let wrap = |e: Invalid| {
+                invalid(
+                    "auth.issuers",
+                    format!("[{i}] {name}: `{}` {}", e.key, e.message),
+                )
+            };
+            if !block.issuers.is_empty() {
+                return Err(wrap(invalid("auth.issuers", "a block holds no blocks")));
+            }
+            block.validate_block().map_err(wrap)?;
+            if !seen.insert(block.issuer.clone()) {
+                return Err(wrap(invalid("auth.issuer", "two blocks have this issuer")));
+            }
+            // Identities of two issuers must never be the same name: each
+            // has its own prefix, and none starts another's.
+            let prefix = &block.identity_prefix;
+            let clash = self.issuers.iter().enumerate().any(|(j, other)| {
+                j != i
+                    && (other.identity_prefix.starts_with(prefix.as_str())
+                        || prefix.starts_with(other.identity_prefix.as_str()))
+            });
+            if self.issuers.len() > 1 && (prefix.is_empty() || clash) {
+                return Err(wrap(invalid(
+                    "auth.identity_prefix",
+                    "with several issuers, each needs its own identity_prefix, none the start of another's (so that no issuer can name another's identities)",
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_block(&self) -> Result<(), Invalid> {
+        if let Some(u) = &self.jwks_url {
+            self.jwks_url_parsed(u)?;
+        }
+        if let Some(i) = &self.introspection {
+            i.validate()?;
+        }
+        if self.discovery {
+            let Some(iss) = &self.issuer else {
+                return Err(invalid("auth.discovery", "needs auth.issuer"));
+            };
+            let url = url::Url::parse(iss)
+                .map_err(|_| invalid("auth.issuer", "discovery needs an issuer that is a URL"))?;
+            fetch::check_url(&url).map_err(|why| invalid("auth.issuer", why))?;
+        }
+        setting::duration(
+            "auth.refresh_interval",
+            self.refresh_interval,
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        )?;
+        setting::duration(
+            "auth.min_refresh_interval",
+            self.min_refresh_interval,
+            Duration::from_secs(1),
+            self.refresh_interval,
+        )?;
+        setting::duration(
+            "auth.max_key_age",
+            self.max_key_age,
+            self.refresh_interval,
+            setting::MAX_DURATION,
+        )?;
+        setting::duration(
+            "auth.fetch_timeout",
+            self.fetch_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        )?;
+        if self.required_claims.len() > 16
+            || self
+                .required_claims
+                .keys()
+                .any(|k| k.is_empty() || k.len() > 64 || REGISTERED.contains(&k.as_str()))
+        {
+            return Err(invalid(
+                "auth.required_claims",
+                "at most 16 claims, named 1 to 64 bytes, none of exp nbf iat iss aud sub (those have their own settings)",
+            ));
+        }
+        if let Some(claim) = &self.roles_claim {
+            if claim.is_empty() || claim.len() > 64 || *claim == self.identity_claim {
+                return Err(invalid(
+                    "auth.roles_claim",
+                    "must be a claim name (1 to 64 bytes), not the identity claim",
+                ));
+            }
+            if self.roles.is_empty() {
+                return Err(invalid(
+                    "auth.roles",
+                    "roles_claim needs a map of claim values to roles",
+                ));
+            }
+        } else if !self.roles.is_empty() {
+            return Err(invalid("auth.roles_claim", "auth.roles needs roles_claim"));
+        }
+        if let Some((value, role)) = self
+            .roles
+            .iter()
+            .find(|(v, r)| v.is_empty() || v.len() > 256 || !is_claimable_role(r))
+        {
+            return Err(invalid(
+                "auth.roles",
+                format!("{value:?} = {role:?}: values are 1 to 256 bytes, roles are role names (role:…) without spaces or commas"),
+            ));
+        }
         setting::duration(
             "auth.leeway",
             self.leeway,
@@ -759,6 +1253,11 @@ mod tests {
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
+    /// Verifies with configured keys, which never wait.
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        futures_util::FutureExt::now_or_never(f).expect("configured keys never wait")
+    }
+
     fn verifier() -> Verifier {
         Verifier::from_config(&AuthConfig {
             hs_secret: Some(SECRET.into()),
@@ -776,7 +1275,7 @@ mod tests {
         let t = signer()
             .mint("alice", Duration::from_secs(60), None, None)
             .unwrap();
-        let id = verifier().verify(&t).unwrap();
+        let id = block(verifier().verify(&t)).unwrap();
         assert_eq!(id.identity.as_str(), "alice");
         assert!(id.remaining() > Duration::from_secs(50));
     }
@@ -790,24 +1289,27 @@ mod tests {
             b64(r#"{"alg":"none","typ":"JWT"}"#),
             b64(r#"{"sub":"a","exp":9999999999}"#)
         );
-        assert!(v.verify(&none).is_err());
-        assert!(matches!(v.verify("garbage"), Err(AuthError::Malformed)));
+        assert!(block(v.verify(&none)).is_err());
+        assert!(matches!(
+            block(v.verify("garbage")),
+            Err(AuthError::Malformed)
+        ));
         let t = signer()
             .sign(&json!({"sub": "a", "exp": unix_now() - 3600}))
             .unwrap();
-        assert!(matches!(v.verify(&t), Err(AuthError::Expired)));
+        assert!(matches!(block(v.verify(&t)), Err(AuthError::Expired)));
         let other = Signer::hmac(Algorithm::HS256, b"another-secret-another-secret-xx")
             .unwrap()
             .mint("a", Duration::from_secs(60), None, None)
             .unwrap();
-        assert!(matches!(v.verify(&other), Err(AuthError::Signature)));
+        assert!(matches!(block(v.verify(&other)), Err(AuthError::Signature)));
         let no_exp = signer().sign(&json!({"sub": "a"})).unwrap();
         assert!(matches!(
-            v.verify(&no_exp),
+            block(v.verify(&no_exp)),
             Err(AuthError::MissingClaim("exp"))
         ));
         let huge = "a".repeat(MAX_TOKEN_BYTES + 1);
-        assert!(matches!(v.verify(&huge), Err(AuthError::Malformed)));
+        assert!(matches!(block(v.verify(&huge)), Err(AuthError::Malformed)));
     }
 
     #[test]
@@ -916,7 +1418,7 @@ mod tests {
         let good = signer
             .sign(&json!({"identityId": "b", "exp": unix_now() + 60}))
             .unwrap();
-        assert_eq!(v.verify(&good).unwrap().identity.as_str(), "b");
+        assert_eq!(block(v.verify(&good)).unwrap().identity.as_str(), "b");
         let header = good.split('.').next().unwrap();
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
             r#"{{"identityId":"a","identityId":"b","exp":{}}}"#,
@@ -930,9 +1432,39 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            v.verify(&format!("{signing_input}.{sig}")),
+            block(v.verify(&format!("{signing_input}.{sig}"))),
             Err(AuthError::Malformed)
         ));
+    }
+
+    #[test]
+    fn required_claims_must_hold_their_exact_values() {
+        let r = ClaimRules {
+            required: [("authTokenType".to_owned(), "identityAccessToken".to_owned())].into(),
+            ..rules(None, None)
+        };
+        assert!(r
+            .check(&with(json!({"authTokenType": "identityAccessToken"})), NOW)
+            .is_ok());
+        for (extra, want) in [
+            (json!({}), "missing_claim"),
+            (json!({"authTokenType": "accessToken"}), "claims"),
+            (json!({"authTokenType": ["identityAccessToken"]}), "claims"),
+            (json!({"authTokenType": "IdentityAccessToken"}), "claims"),
+        ] {
+            assert_eq!(
+                r.check(&with(extra.clone()), NOW).unwrap_err().reason(),
+                want,
+                "{extra}"
+            );
+        }
+        for bad in ["exp", "sub", ""] {
+            let cfg = AuthConfig {
+                required_claims: [(bad.to_owned(), "x".to_owned())].into(),
+                ..AuthConfig::default()
+            };
+            assert!(cfg.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -1163,7 +1695,7 @@ mod tests {
             )
             .unwrap();
             let token = format!("{input}.{sig}");
-            assert!(verifier().verify(&token).is_err(), "{header}");
+            assert!(block(verifier().verify(&token)).is_err(), "{header}");
         }
     }
 }

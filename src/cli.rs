@@ -160,6 +160,10 @@ struct ExplainArgs {
     /// subscribe or publish.
     #[arg(long, default_value = "subscribe")]
     action: String,
+    /// A role the token's claims give the identity (`auth.roles`), e.g.
+    /// role:reader; repeat for several.
+    #[arg(long = "role")]
+    roles: Vec<String>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -288,6 +292,14 @@ async fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     let request = || -> Result<(Principal, EventKey, Action), (&'static str, String)> {
         let identity = Principal::parse(&args.sub)
             .map_err(|e| ("--sub", format!("not an identity: it {e}")))?;
+        if let Some(bad) = args
+            .roles
+            .iter()
+            .find(|r| !crate::auth::is_claimable_role(r))
+        {
+            return Err(("--role", format!("{bad:?} is not a role name (role:…)")));
+        }
+        let identity = identity.with_roles(&args.roles);
         let event_type = EventType::parse(&args.event).ok_or_else(|| {
             let names = EventType::accepted_names();
             (

@@ -5,8 +5,8 @@
 //! values from requests, so a client cannot blow up the series count.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric herald exports.
@@ -62,6 +62,20 @@ pub struct Metrics {
     pub cluster_instances: IntGauge,
     /// Distinct policy fingerprints among live instances (more than 1: drift).
     pub cluster_policy_fingerprints: IntGauge,
+    /// Key set refreshes, by issuer and result (`ok`, `failed`, `rate_limited`).
+    pub key_set_refreshes: IntCounterVec,
+    /// Keys in each issuer's set.
+    pub key_set_keys: IntGaugeVec,
+    /// When each issuer's set last loaded (UNIX seconds).
+    pub key_set_updated: IntGaugeVec,
+    /// Introspection answers, by issuer and result.
+    pub introspections: IntCounterVec,
+}
+
+fn labelled<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    r.register(Box::new(m.clone()))
+        .expect("metric names are unique");
+    m
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -241,6 +255,47 @@ impl Metrics {
                 "SSE streams ended, by reason.",
                 "reason",
             ),
+            key_set_refreshes: labelled(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "herald_key_set_refreshes_total",
+                        "Token key set refreshes, by issuer and result (ok, failed, rate_limited).",
+                    ),
+                    &["issuer", "result"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            key_set_keys: labelled(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("herald_key_set_keys", "Usable keys in each issuer's key set."),
+                    &["issuer"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            key_set_updated: labelled(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "herald_key_set_updated_timestamp_seconds",
+                        "When each issuer's key set last loaded, in UNIX seconds.",
+                    ),
+                    &["issuer"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            introspections: labelled(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "herald_introspections_total",
+                        "Token introspection answers, by issuer and result (active, inactive, cached, stale, unavailable).",
+                    ),
+                    &["issuer", "result"],
+                )
+                .expect("static metric definition is valid"),
+            ),
             registry: r,
         };
         // Pre-create the label sets operators alert on, so they read 0, not absent.
@@ -283,6 +338,7 @@ impl Metrics {
                 "slow_consumer",
                 "permission_revoked",
                 "token_expired",
+                "token_revoked",
                 "reconnect",
                 "client_gone",
             ],

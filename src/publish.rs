@@ -59,6 +59,7 @@ impl PublishError {
     /// The result label of `herald_publishes_total{result}`.
     pub fn label(&self) -> &'static str {
         match self {
+            PublishError::Unauthorized(AuthError::ProviderUnavailable) => "provider_unavailable",
             PublishError::Unauthorized(_) => "unauthorized",
             PublishError::Invalid(_)
             | PublishError::Body(_)
@@ -75,6 +76,7 @@ impl PublishError {
         "bad_request",
         "forbidden",
         "bus_unavailable",
+        "provider_unavailable",
     ];
 
     /// Whether the event was refused for its size (413 rather than 400).
@@ -101,12 +103,8 @@ pub struct Publisher {
 
 impl Publisher {
     /// The caller a token names.
-    pub fn caller(&self, token: Option<&str>) -> Result<Caller, PublishError> {
-        Ok(crate::subscribe::verify(
-            &self.verifier,
-            &self.metrics,
-            token,
-        )?)
+    pub async fn caller(&self, token: Option<&str>) -> Result<Caller, PublishError> {
+        Ok(crate::subscribe::verify(&self.verifier, &self.metrics, token).await?)
     }
 
     /// Publishes one event (an object) or a batch (an array), all or nothing.
@@ -148,7 +146,7 @@ impl Publisher {
         if let Some((index, ev)) = events.iter().enumerate().find(|(_, ev)| {
             !self
                 .authorizer
-                .may(&caller.identity, &ev.key, Action::Publish)
+                .may(&caller.subject, &ev.key, Action::Publish)
         }) {
             self.metrics
                 .permission_denied

@@ -8,8 +8,9 @@
 //! Nothing here knows HTTP.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::auth::{AuthError, Caller, Verifier};
+use crate::auth::{AuthError, Caller, Recheck, Verifier};
 use crate::bus::{Bus, BusError};
 use crate::cluster::{Cluster, TouchOnDrop};
 use crate::ident::{Principal, ProjectId};
@@ -17,11 +18,12 @@ use crate::interest::Interest;
 use crate::limits::{ConnectionLimiter, Limit, RateLimiter};
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
+use crate::protocol::Close;
 use crate::protocol::Dialect;
 use crate::request::{BodyError, RequestError, SubscribeLimits, SubscribeRequest};
 use crate::router::Router;
 use crate::shutdown::Shutdown;
-use crate::stream::{new_stream, CloseWatch, SseStream, StreamSettings, Subscriber};
+use crate::stream::{new_stream, CloseWatch, SseStream, StreamHandle, StreamSettings, Subscriber};
 
 /// Why a stream was not opened.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,7 @@ impl SubscribeError {
     pub fn label(&self) -> &'static str {
         match self {
             SubscribeError::Draining => "draining",
+            SubscribeError::Unauthorized(AuthError::ProviderUnavailable) => "provider_unavailable",
             SubscribeError::Unauthorized(_) => "unauthorized",
             SubscribeError::RateLimited | SubscribeError::Limited { .. } => "limited",
             SubscribeError::Invalid(_) | SubscribeError::Body(_) => "bad_request",
@@ -105,6 +108,7 @@ impl SubscribeError {
         "bad_request",
         "forbidden",
         "bus_unavailable",
+        "provider_unavailable",
     ];
 }
 
@@ -159,8 +163,8 @@ impl Subscriptions {
     }
 
     /// The caller a token names, within its subscribe rate.
-    pub fn caller(&self, token: Option<&str>) -> Result<Caller, SubscribeError> {
-        let caller = verify(&self.verifier, &self.metrics, token)?;
+    pub async fn caller(&self, token: Option<&str>) -> Result<Caller, SubscribeError> {
+        let caller = verify(&self.verifier, &self.metrics, token).await?;
         if !self.rate.try_take(&caller.identity) {
             self.metrics
                 .limit_rejections
@@ -184,7 +188,7 @@ impl Subscriptions {
     ) -> Result<SseStream, SubscribeError> {
         let SubscribeRequest { project, interests } = req;
         let identity = &caller.identity;
-        self.check_permission(identity, &project, &interests)?;
+        self.check_permission(&caller.subject, &project, &interests)?;
         let slot = self.take_slot(identity, &project)?;
         let settings = StreamSettings {
             dialect,
@@ -202,11 +206,12 @@ impl Subscriptions {
             .collect();
         let who = Subscriber {
             id: self.router.next_conn_id(),
-            identity: identity.clone(),
+            // Policies are asked about the subject: the identity and its claimed roles.
+            identity: caller.subject.clone(),
             project,
             interests,
         };
-        let (_, mut stream) = new_stream(
+        let (handle, mut stream) = new_stream(
             who,
             &settings,
             watch,
@@ -214,6 +219,9 @@ impl Subscriptions {
             self.metrics.clone(),
         );
         stream.hold(Box::new(slot));
+        if let Some(recheck) = &caller.recheck {
+            stream.hold(Box::new(recheck_while_open(recheck.clone(), &handle)));
+        }
         if let Some(c) = &self.cluster {
             stream.hold(Box::new(TouchOnDrop(c.clone())));
             c.touch();
@@ -288,15 +296,60 @@ impl Subscriptions {
     }
 }
 
+/// Aborts its task when dropped (with the stream that holds it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks the token's provider again about every `cache_ttl` (jittered by up
+/// to a tenth, so that streams opened together do not ask together) while
+/// the stream is open. A token the provider says is no longer active closes
+/// the stream with `token_revoked`; so does a provider that has not answered
+/// for `max_stale` (a blip does not close every stream at once).
+fn recheck_while_open(recheck: Recheck, handle: &Arc<StreamHandle>) -> AbortOnDrop {
+    let stream = Arc::downgrade(handle);
+    AbortOnDrop(tokio::spawn(async move {
+        let every = recheck.introspector.recheck_every();
+        let tenth = u64::try_from(every.as_millis() / 10)
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut confirmed = tokio::time::Instant::now();
+        loop {
+            let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..tenth);
+            tokio::time::sleep(every - Duration::from_millis(jitter).min(every)).await;
+            let active = recheck.introspector.is_active(&recheck.token).await;
+            let Some(stream) = stream.upgrade() else {
+                return;
+            };
+            match active {
+                Ok(true) => confirmed = tokio::time::Instant::now(),
+                Ok(false) => {
+                    stream.close(Close::TokenRevoked);
+                    return;
+                }
+                Err(_) if confirmed.elapsed() > recheck.introspector.max_stale() => {
+                    stream.close(Close::TokenRevoked);
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    }))
+}
+
 /// The caller a token names; a refusal is counted by reason.
-pub(crate) fn verify(
+pub(crate) async fn verify(
     verifier: &Verifier,
     metrics: &Metrics,
     token: Option<&str>,
 ) -> Result<Caller, AuthError> {
     let result = match token {
         None => Err(AuthError::Missing),
-        Some(t) => verifier.verify(t),
+        Some(t) => verifier.verify(t).await,
     };
     result.inspect_err(|e| {
         metrics.auth_failures.with_label_values(&[e.reason()]).inc();

@@ -102,7 +102,9 @@ fn token_mint_prints_a_token_the_verifier_accepts() {
         ..Default::default()
     })
     .unwrap();
-    let id = v.verify(token.trim()).unwrap();
+    let id = futures_util::FutureExt::now_or_never(v.verify(token.trim()))
+        .expect("configured keys never wait")
+        .unwrap();
     assert_eq!(id.identity.as_str(), "alice");
     assert!(
         id.remaining() <= Duration::from_secs(600) && id.remaining() > Duration::from_secs(590)
@@ -143,7 +145,11 @@ fn token_mint_prints_a_token_the_verifier_accepts() {
     .unwrap();
     let token = String::from_utf8(out.stdout).unwrap();
     assert_eq!(
-        mapped.verify(token.trim()).unwrap().identity.as_str(),
+        futures_util::FutureExt::now_or_never(mapped.verify(token.trim()))
+            .expect("configured keys never wait")
+            .unwrap()
+            .identity
+            .as_str(),
         "infisical:m1"
     );
     // Without a key it says what to set.

@@ -256,4 +256,37 @@ fn explain_names_the_deciding_lines_and_roles() {
 
     let (code, _) = explain(&[&base[..], &["--sub", "x", "--path", "no-slash"]].concat());
     assert_eq!(code, 2);
+
+    // Roles a token's claims would give (auth.roles_claim): shown as such.
+    let (code, out) = explain(
+        &[
+            &base[..],
+            &[
+                "--sub",
+                "nobody",
+                "--path",
+                "/apps",
+                "--role",
+                "role:reader",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("allow: nobody [role:reader] subscribe"),
+        "{out}"
+    );
+    assert!(
+        out.contains("via nobody -> role:reader (from the token's claims)"),
+        "{out}"
+    );
+    let (code, _) = explain(
+        &[
+            &base[..],
+            &["--sub", "nobody", "--path", "/apps", "--role", "reader"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 2, "a role is named role:…");
 }

@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::error::{json_response, ApiError};
 use super::{Handler, HttpBody, RequestBody};
+use crate::auth::Verifier;
 use crate::bus::Bus;
 use crate::cluster::{Cluster, ClusterView, LocalView};
 use crate::interest::Interest;
@@ -40,6 +41,8 @@ pub struct Admin {
     pub local: Arc<LocalView>,
     /// The lifecycle (draining fails readiness).
     pub shutdown: Shutdown,
+    /// Token verification (stale key sets fail readiness).
+    pub verifier: Arc<Verifier>,
 }
 
 /// One open stream in `/admin/connections`.
@@ -47,6 +50,8 @@ pub struct Admin {
 struct StreamView<'a> {
     id: u64,
     identity: &'a str,
+    /// Roles the token's claims gave it.
+    roles: Vec<&'a str>,
     project: &'a str,
     dialect: &'static str,
     registrations: &'a [Interest],
@@ -111,7 +116,8 @@ impl Admin {
     fn readyz(&self) -> Response<HttpBody> {
         let draining = self.shutdown.is_draining();
         let bus = self.bus.is_ready();
-        let ready = bus && !draining;
+        let keys = self.verifier.key_sets_fresh();
+        let ready = bus && keys && !draining;
         let status = if ready {
             StatusCode::OK
         } else {
@@ -119,7 +125,7 @@ impl Admin {
         };
         json_response(
             status,
-            &json!({"ready": ready, "checks": {"bus": bus, "policy": true, "draining": draining}}),
+            &json!({"ready": ready, "checks": {"bus": bus, "policy": true, "key_sets": keys, "draining": draining}}),
         )
     }
 
@@ -129,7 +135,8 @@ impl Admin {
             .iter()
             .map(|c| StreamView {
                 id: c.id,
-                identity: c.identity.as_str(),
+                identity: c.identity.identity(),
+                roles: c.identity.claimed_roles().collect(),
                 project: c.project.as_str(),
                 dialect: c.dialect.name(),
                 registrations: &c.interests,

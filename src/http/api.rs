@@ -151,7 +151,9 @@ impl Api {
         let query = parse_query(&req);
         // A browser's EventSource can only GET, and cannot set headers.
         let browser = req.method() == Method::GET;
-        let caller = subs.caller(bearer_token(req.headers(), &query, browser))?;
+        let caller = subs
+            .caller(bearer_token(req.headers(), &query, browser))
+            .await?;
         let last_event_id = req
             .headers()
             .get("last-event-id")
@@ -176,7 +178,8 @@ impl Api {
         let outcome = async {
             let caller = self
                 .publisher
-                .caller(bearer_token(req.headers(), &[], false))?;
+                .caller(bearer_token(req.headers(), &[], false))
+                .await?;
             let body = parse_json(&self.read_json(req).await?)?;
             self.publisher.publish(&caller, body).await
         }

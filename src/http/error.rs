@@ -119,6 +119,16 @@ impl ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
+        if let AuthError::ProviderUnavailable = e {
+            // Not the client's fault: the token may be fine; come back.
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "provider_unavailable",
+                e.to_string(),
+            )
+            .with_details(json!({"reason": e.reason()}))
+            .with_header(http::header::RETRY_AFTER, "2");
+        }
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
             .with_details(json!({"reason": e.reason()}))
             .with_header(http::header::WWW_AUTHENTICATE, "Bearer")

@@ -182,6 +182,8 @@ pub enum Close {
     PermissionRevoked(String),
     /// Its token expired.
     TokenExpired,
+    /// Its token's provider no longer confirms it (introspection).
+    TokenRevoked,
     /// Come back after `retry_ms`, with `Last-Event-ID`.
     Reconnect {
         /// Why.
@@ -198,6 +200,7 @@ impl Close {
             Close::SlowConsumer => "slow_consumer",
             Close::PermissionRevoked(_) => "permission_revoked",
             Close::TokenExpired => "token_expired",
+            Close::TokenRevoked => "token_revoked",
             Close::Reconnect { .. } => "reconnect",
         }
     }

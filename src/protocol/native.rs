@@ -65,6 +65,9 @@ fn error_message(close: &Close) -> String {
             format!("the policy no longer allows {registration}")
         }
         Close::TokenExpired => "the token has expired; reconnect with a fresh token".to_owned(),
+        Close::TokenRevoked => {
+            "the token's provider no longer confirms it; authenticate again".to_owned()
+        }
         Close::Reconnect { reason, .. } => reason.message().to_owned(),
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod eventsource;
 pub mod haproxy;
+pub mod idp;
 pub mod nats;
 pub mod sse;
 pub mod topology;

@@ -61,6 +61,7 @@ fuzz_tests!(
     subscribe_query,
     token_claims,
     signed_tokens,
+    jwks_documents,
     nats_subjects,
     nats_messages,
     stream_sequences,

@@ -95,6 +95,10 @@ pub const TARGETS: &[Target] = &[
         },
     },
     Target {
+        name: "jwks_documents",
+        run: |r| report(r.run(&mutated(JWKS_SEEDS, JWKS_DICT), |b| check_jwks(&b))),
+    },
+    Target {
         name: "nats_subjects",
         run: |r| report(r.run(&subject_input(), |s| check_subject(&s))),
     },
@@ -1033,7 +1037,9 @@ pub fn check_signed_token(claims: &Value, edits: &[Edit]) -> Result<(), TestCase
         &key,
     )
     .map_err(|e| fail(e.to_string()))?;
-    let intact = VERIFIER.with(|v| v.verify(&token));
+    let intact = VERIFIER.with(|v| {
+        futures_util::FutureExt::now_or_never(v.verify(&token)).expect("configured keys never wait")
+    });
     if intact.is_ok() {
         claims_hold(&claims, herald::auth::unix_now())
             .map_err(|e| fail(format!("accepted {claims}: {e}")))?;
@@ -1049,7 +1055,10 @@ pub fn check_signed_token(claims: &Value, edits: &[Edit]) -> Result<(), TestCase
     if edited == token {
         return Ok(());
     }
-    if let Ok(caller) = VERIFIER.with(|v| v.verify(&edited)) {
+    if let Ok(caller) = VERIFIER.with(|v| {
+        futures_util::FutureExt::now_or_never(v.verify(&edited))
+            .expect("configured keys never wait")
+    }) {
         match &intact {
             Ok(i) if i.identity == caller.identity && i.expires_at == caller.expires_at => {}
             _ => {
@@ -1182,6 +1191,64 @@ pub fn check_sequences(seqs: &[u64]) -> Result<(), TestCaseError> {
         }
         if admitted {
             last = s;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Key sets, as a provider (or whoever answers in its place) serves them.
+
+const JWKS_SEEDS: &[&[u8]] = &[
+    br#"{"keys":[{"kty":"RSA","kid":"r1","use":"sig","alg":"RS256","n":"1KJdOc-wdrkHz2-lMJlCcTu1p2ta6ZtdnLndxg5a71PbenBFEMQMRGQ4-ttYm1zca6PFkZ1Fqlb-oF3KlIdbTE30Ux4M7mrbaGdnd2p-xvkXIDiSzkY1i8sJqzvRFfSzv92hoyf4Goo85dIWMJlw11_7NFLYfoLa2tQCb_ph7TCCQeWQYVnFhVCWTZHrqn2T2ICcJOhFiWkth6axsTclewvJEEKuyICBWmBN6gHHPpXodzslz2oNpN3ZoYTzhiB7jm0eVnI1YRGVDQ8ov_ILonwI7m71bCM8Ydr-FHTN5rirKG37CJdL_4gIpQ0WNuTMOml8WNtBVEc6hw7g6gscXw","e":"AQAB"},{"kty":"EC","kid":"e1","crv":"P-256","x":"Tt-7zrjJc8P-9Pr893AHxQCtmoVijBc1I8s2xUisjco","y":"L_g-KCeXhaua9Xmw3cQQ9KtxWkdhmcDPfkAcn7n9Gd0"},{"kty":"OKP","kid":"d1","crv":"Ed25519","x":"eth8IynUsceqrV1eSonNn0bd5V4Y0yGt5SEl1WCLCq4","alg":"EdDSA"}]}"#,
+    br#"{"keys":[]}"#,
+    br#"{"keys":[{"kty":"oct","k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}]}"#,
+];
+
+const JWKS_DICT: &[&[u8]] = &[
+    b"\"kty\":\"RSA\"",
+    b"\"kty\":\"EC\"",
+    b"\"kty\":\"OKP\"",
+    b"\"kty\":\"oct\"",
+    b"\"crv\":\"P-384\"",
+    b"\"crv\":\"X25519\"",
+    b"\"use\":\"enc\"",
+    b"\"alg\":\"HS256\"",
+    b"\"alg\":\"none\"",
+    b"\"key_ops\":[\"sign\"]",
+    b"\"d\":\"AQAB\"",
+    b"\"kid\":\"r1\"",
+    b"\"n\":\"AQAB\"",
+    b"\"e\":\"\"",
+    b"\"x\":\"\"",
+    b",",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b"null",
+    b"\\u0000",
+];
+
+/// A key set never panics herald, never yields more than MAX_KEYS keys,
+/// never a symmetric key, and never two keys of one kid and type.
+pub fn check_jwks(bytes: &[u8]) -> Result<(), TestCaseError> {
+    use herald::auth::keys::{parse_set, MAX_KEYS};
+    let Ok(set) = parse_set(bytes) else {
+        return Ok(());
+    };
+    if set.keys.is_empty() || set.keys.len() > MAX_KEYS {
+        return Err(fail(format!("{} keys", set.keys.len())));
+    }
+    for (i, k) in set.keys.iter().enumerate() {
+        if k.family == jsonwebtoken::AlgorithmFamily::Hmac {
+            return Err(fail("a symmetric key from a set".into()));
+        }
+        if set.keys[..i]
+            .iter()
+            .any(|o| o.kid == k.kid && o.family == k.family)
+        {
+            return Err(fail(format!("kid {:?} twice", k.kid)));
         }
     }
     Ok(())
