@@ -139,6 +139,7 @@ fn tokens(c: &mut Criterion) {
     let blocks: Vec<AuthConfig> = (0..8)
         .map(|i| AuthConfig {
             issuer: Some(format!("https://idp-{i}")),
+            identity_prefix: format!("idp{i}:"),
             jwks_file: Some(jwks_file(dir.path(), &format!("b{i}.json"), &[(&ec, 1)])),
             ..AuthConfig::default()
         })

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::idp::{claims, jwks, Idp, TestKey};
+use common::idp::{claims, jwks, Idp, TestCa, TestKey};
 use common::{event, registration, token_for, Herald, HeraldBuilder, SECRET, WAIT};
 use serde_json::{json, Value};
 
@@ -131,6 +131,10 @@ async fn a_rotated_key_is_fetched_once_and_a_flood_of_unknown_kids_is_rate_limit
     assert!(
         (1..=windows + 1).contains(&refreshes),
         "{refreshes} refreshes in {:?}",
+        started.elapsed()
+    );
+    eprintln!(
+        "60 unknown kids at once, refresh slowed to 400 ms: {refreshes} provider request(s), all refused in {:?}",
         started.elapsed()
     );
     // The stream verified before all this still runs.
@@ -481,6 +485,68 @@ async fn introspection_allows_denies_fails_as_configured_and_ends_revoked_stream
         "answered from the cache"
     );
     assert!(idp.check_hits() >= 2, "the bearer check was asked");
+}
+
+#[tokio::test]
+async fn https_key_sets_trust_only_the_configured_ca() {
+    let key = TestKey::new("ec", "k1");
+    let (ours, theirs) = (TestCa::new("ours"), TestCa::new("theirs"));
+    let good = Idp::start_tls(jwks(&[&key]), &ours).await;
+    let impostor = Idp::start_tls(jwks(&[&key]), &theirs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &ours.pem).unwrap();
+    // Issuer t: our CA, our server. Issuer u: our CA, a server another CA
+    // signed (a man in the middle). Issuer v: the system roots, which do not
+    // hold a test CA.
+    let block = |name: &str, idp: &Idp, ca_file: Option<&std::path::Path>| {
+        let ca = ca_file.map_or_else(String::new, |p| {
+            format!("ca_file = {:?}\n", p.display().to_string())
+        });
+        format!(
+            "[[auth.issuers]]\nissuer = \"https://idp.test/{name}\"\njwks_url = \"{}\"\nidentity_prefix = \"{name}:\"\n{ca}\n",
+            idp.url("/jwks")
+        )
+    };
+    let h = builder()
+        .policy(&format!("{}g, t:alice, role:reader, *\n", policy()))
+        .config(&config(&format!(
+            "{}{}{}",
+            block("t", &good, Some(&ca)),
+            block("u", &impostor, Some(&ca)),
+            block("v", &good, None)
+        )))
+        .start();
+    let loaded = "herald_key_set_refreshes_total{issuer=\"https://idp.test/t\",result=\"ok\"}";
+    common::eventually(WAIT, "the set behind our CA loads", || async {
+        (h.metric(loaded).await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(good.url("/jwks").starts_with("https://"));
+    assert_eq!(
+        attempt(&h, &key.sign(&claims(Some("https://idp.test/t"), "alice")))
+            .await
+            .0,
+        200
+    );
+    for name in ["u", "v"] {
+        let failed = format!("herald_key_set_refreshes_total{{issuer=\"https://idp.test/{name}\",result=\"failed\"}}");
+        common::eventually(
+            WAIT,
+            format!("issuer {name}'s fetch is refused"),
+            || async { (h.metric(&failed).await >= 1.0).then_some(()) },
+        )
+        .await;
+        let token = key.sign(&claims(Some(&format!("https://idp.test/{name}")), "alice"));
+        assert_eq!(
+            attempt(&h, &token).await,
+            (503, "provider_unavailable".into()),
+            "issuer {name}: no set ever loaded"
+        );
+    }
+    assert_eq!(impostor.jwks_hits(), 0, "no request reached the impostor");
+    let (status, ready) = h.admin_json("/readyz").await;
+    assert_eq!((status, &ready["checks"]["key_sets"]), (503, &json!(false)));
 }
 
 #[test]

@@ -125,6 +125,53 @@ pub struct Idp {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     task: tokio::task::JoinHandle<()>,
+    tls: bool,
+}
+
+/// A certificate authority made for one test, and a server certificate for
+/// 127.0.0.1 and localhost it signed.
+pub struct TestCa {
+    /// The CA certificate, PEM (what `auth.ca_file` holds).
+    pub pem: String,
+    server_cert: Vec<u8>,
+    server_key: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, name);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut server = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        let cert = server.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        TestCa {
+            pem: ca_cert.pem(),
+            server_cert: cert.der().to_vec(),
+            server_key: key.serialize_der(),
+        }
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use tokio_rustls::rustls;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![self.server_cert.clone().into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(self.server_key.clone().into()),
+            )
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 impl Drop for Idp {
@@ -134,8 +181,19 @@ impl Drop for Idp {
 }
 
 impl Idp {
-    /// Starts serving `jwks` on an ephemeral loopback port.
+    /// Starts serving `jwks` on an ephemeral loopback port, over plain HTTP.
     pub async fn start(jwks: Value) -> Idp {
+        Self::serve(jwks, None).await
+    }
+
+    /// Starts serving `jwks` over HTTPS, with a certificate for 127.0.0.1
+    /// and localhost that `ca` signed.
+    pub async fn start_tls(jwks: Value, ca: &TestCa) -> Idp {
+        Self::serve(jwks, Some(ca.acceptor())).await
+    }
+
+    async fn serve(jwks: Value, tls: Option<tokio_rustls::TlsAcceptor>) -> Idp {
+        let tls_on = tls.is_some();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
@@ -149,23 +207,43 @@ impl Idp {
                     return;
                 };
                 let st = st.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let st = st.clone();
                         async move { Ok::<_, std::convert::Infallible>(answer(&st, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                                .await;
+                        }
+                        Some(tls) => {
+                            // A client that refuses the certificate ends here.
+                            if let Ok(sock) = tls.accept(sock).await {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        Idp { addr, state, task }
+        Idp {
+            addr,
+            state,
+            task,
+            tls: tls_on,
+        }
     }
 
     /// The base URL (what discovery calls the issuer).
     pub fn base(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn url(&self, path: &str) -> String {
