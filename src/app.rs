@@ -25,6 +25,7 @@ use crate::http::{self, ServeOptions};
 use crate::limits::{ConnectionLimiter, RateLimiter};
 use crate::metrics::Metrics;
 use crate::policy::{Authorizer, PolicySource, Problems, Reloader};
+use crate::protocol::Dialect;
 use crate::publish::{PublishError, Publisher};
 use crate::request::SubscribeLimits;
 use crate::router::Router;
@@ -37,6 +38,8 @@ pub struct Running {
     pub public_addr: SocketAddr,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
+    /// Bound address of the Infisical-dialect listener, when configured.
+    pub infisical_addr: Option<SocketAddr>,
     config: Config,
     core: Core,
     tasks: Vec<JoinHandle<()>>,
@@ -93,7 +96,21 @@ pub async fn start(
     };
     // Connections left after the drain get this much longer to finish.
     let close_deadline = Duration::from_secs(2);
-    let api = Arc::new(public_api(&config, &core, verifier.clone()));
+    let infisical = match config.server.infisical_listen {
+        Some(a) => Some(listen(a, "server.infisical_listen")?),
+        None => None,
+    };
+    let infisical_addr = match &infisical {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let api = public_api(&config, &core, verifier.clone());
+    // One set of use cases (limits, rates) behind both public listeners.
+    let infisical_api = Arc::new(Api {
+        dialect: Dialect::Infisical,
+        ..api.clone()
+    });
+    let api = Arc::new(api);
     let mut tasks = vec![
         tokio::spawn(http::serve(
             public,
@@ -110,6 +127,15 @@ pub async fn start(
             close_deadline,
         )),
     ];
+    if let Some(l) = infisical {
+        tasks.push(tokio::spawn(http::serve(
+            l,
+            infisical_api,
+            opts,
+            core.shutdown.clone(),
+            close_deadline,
+        )));
+    }
     tasks.extend(background(&config, &core, &policy));
     tasks.extend(verifier.run(|| {
         let s = core.shutdown.clone();
@@ -118,6 +144,7 @@ pub async fn start(
     Ok(Running {
         public_addr,
         admin_addr,
+        infisical_addr,
         config,
         core,
         tasks,
@@ -155,8 +182,18 @@ async fn core(
         .await?;
         let interval = config.nats.presence_interval;
         let bounds = crate::cluster::PresenceBounds {
-            per_identity_project: config.limits.connections_per_identity_project,
+            // With an Infisical listener, a peer may hold an identity's
+            // streams on a project up to that listener's per-project rule.
+            per_identity_project: if config.server.infisical_listen.is_some() {
+                config
+                    .limits
+                    .connections_per_identity_project
+                    .max(config.limits.infisical_streams_per_project)
+            } else {
+                config.limits.connections_per_identity_project
+            },
             per_identity: config.limits.connections_per_identity,
+            per_project: config.limits.infisical_streams_per_project,
         };
         let cluster = Arc::new(Cluster::new(
             instance_id.clone(),
@@ -227,6 +264,7 @@ fn public_api(config: &Config, core: &Core, verifier: Arc<Verifier>) -> Api {
             max_bytes: limits.max_body_bytes,
             timeout: config.server.body_read_timeout,
         },
+        dialect: Dialect::Native,
     }
 }
 

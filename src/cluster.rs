@@ -38,6 +38,10 @@ pub struct Presence {
     pub policy_fingerprint: String,
     /// Open streams per identity and project: `[identity, project, count]`.
     pub streams: Vec<(String, String, usize)>,
+    /// Streams under Infisical's per-project rule: `[project, count]`
+    /// (absent from older instances).
+    #[serde(default)]
+    pub infisical_streams: Vec<(String, usize)>,
 }
 
 struct Peer {
@@ -67,6 +71,8 @@ pub struct PresenceBounds {
     pub per_identity_project: usize,
     /// `limits.connections_per_identity`.
     pub per_identity: usize,
+    /// `limits.infisical_streams_per_project`.
+    pub per_project: usize,
 }
 
 /// Announcements larger than this are ignored (a bound on what a peer can make us parse).
@@ -164,6 +170,15 @@ impl Cluster {
                 }
             }
         }
+        for (pr, n) in self
+            .live_peers()
+            .values()
+            .flat_map(|p| p.presence.infisical_streams.iter())
+        {
+            if pr == project.as_str() {
+                out.project_all = out.project_all.saturating_add(*n);
+            }
+        }
         out
     }
 
@@ -236,6 +251,19 @@ impl Cluster {
             total = total.saturating_add(*n);
         }
         if total > p.connections {
+            return Err(PresenceRejection::OverLimit);
+        }
+        let mut infisical = 0usize;
+        for (project, n) in &p.infisical_streams {
+            if ProjectId::parse(project).is_err() {
+                return Err(PresenceRejection::BadField);
+            }
+            if *n > self.bounds.per_project {
+                return Err(PresenceRejection::OverLimit);
+            }
+            infisical = infisical.saturating_add(*n);
+        }
+        if infisical > total {
             return Err(PresenceRejection::OverLimit);
         }
         Ok(())
@@ -364,7 +392,13 @@ impl LocalView {
                 .limiter
                 .snapshot()
                 .into_iter()
-                .map(|(s, p, n)| (s.to_string(), p.to_string(), n))
+                .map(|(s, p, n)| (s.identity().to_owned(), p.to_string(), n))
+                .collect(),
+            infisical_streams: self
+                .limiter
+                .project_snapshot()
+                .into_iter()
+                .map(|(p, n)| (p.to_string(), n))
                 .collect(),
         }
     }

@@ -61,6 +61,13 @@ impl EventType {
         EVENT_TYPES[self.0 as usize].name
     }
 
+    /// The present-tense spelling Infisical's API uses (`secret:create`),
+    /// the canonical name where there is no other.
+    pub fn api_name(self) -> &'static str {
+        let def = &EVENT_TYPES[self.0 as usize];
+        def.aliases.first().copied().unwrap_or(def.name)
+    }
+
     /// All known types.
     pub fn all() -> impl Iterator<Item = EventType> {
         (0..EVENT_TYPES.len()).map(|i| EventType(i as u8))

@@ -32,6 +32,8 @@ pub enum Limit {
     InstanceConnections,
     /// `limits.subscribe_rate` / `limits.subscribe_burst`
     SubscribeRate,
+    /// `limits.infisical_streams_per_project` (all identities together)
+    StreamsPerProject,
 }
 
 impl Limit {
@@ -42,6 +44,7 @@ impl Limit {
             Limit::ConnectionsPerIdentityTotal => "connections_per_identity",
             Limit::InstanceConnections => "max_connections",
             Limit::SubscribeRate => "subscribe_rate",
+            Limit::StreamsPerProject => "streams_per_project",
         }
     }
 }
@@ -49,6 +52,7 @@ impl Limit {
 #[derive(Default)]
 struct Counts {
     per_identity_project: HashMap<(Principal, ProjectId), usize>,
+    per_project: HashMap<ProjectId, usize>,
     per_identity: HashMap<Principal, usize>,
     total: usize,
 }
@@ -63,11 +67,22 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
     }
 }
 
+/// How streams on one project are bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProjectCap {
+    /// `connections_per_identity_project` streams per identity.
+    PerIdentity,
+    /// `infisical_streams_per_project` streams, all identities together
+    /// (Infisical's rule), counting only streams taken under this rule.
+    AllIdentities,
+}
+
 /// Counts open streams.
 pub struct ConnectionLimiter {
     counts: Arc<Mutex<Counts>>,
     per_identity_project: usize,
     per_identity: usize,
+    per_project: usize,
     total: usize,
 }
 
@@ -75,6 +90,8 @@ pub struct ConnectionLimiter {
 pub struct ConnectionSlot {
     counts: Arc<Mutex<Counts>>,
     key: (Principal, ProjectId),
+    /// Counted in its project's all-identities count (Infisical's rule).
+    in_project: bool,
 }
 
 impl Drop for ConnectionSlot {
@@ -83,6 +100,9 @@ impl Drop for ConnectionSlot {
         c.total = c.total.saturating_sub(1);
         release(&mut c.per_identity_project, &self.key);
         release(&mut c.per_identity, &self.key.0);
+        if self.in_project {
+            release(&mut c.per_project, &self.key.1);
+        }
     }
 }
 
@@ -93,6 +113,8 @@ pub struct Elsewhere {
     pub project: usize,
     /// On every project.
     pub total: usize,
+    /// Under Infisical's rule (all identities), on the project asked for.
+    pub project_all: usize,
 }
 
 impl ConnectionLimiter {
@@ -104,6 +126,7 @@ impl ConnectionLimiter {
             counts: Arc::default(),
             per_identity_project: cfg.connections_per_identity_project,
             per_identity: cfg.connections_per_identity,
+            per_project: cfg.infisical_streams_per_project,
             total: instance_cap,
         }
     }
@@ -120,6 +143,7 @@ impl ConnectionLimiter {
             Limit::ConnectionsPerIdentityTotal => self.per_identity,
             Limit::InstanceConnections => self.total,
             Limit::SubscribeRate => 0,
+            Limit::StreamsPerProject => self.per_project,
         }
     }
 
@@ -132,14 +156,35 @@ impl ConnectionLimiter {
         project: &ProjectId,
         elsewhere: Elsewhere,
     ) -> Result<ConnectionSlot, Limit> {
+        self.acquire_as(identity, project, elsewhere, ProjectCap::PerIdentity)
+    }
+
+    /// [`acquire`](Self::acquire), the per-project limit as `cap` says.
+    pub fn acquire_as(
+        &self,
+        identity: &Principal,
+        project: &ProjectId,
+        elsewhere: Elsewhere,
+        cap: ProjectCap,
+    ) -> Result<ConnectionSlot, Limit> {
         let mut c = self.counts.lock();
         if c.total >= self.total {
             return Err(Limit::InstanceConnections);
         }
         let key = (identity.clone(), project.clone());
-        let here_project = c.per_identity_project.get(&key).copied().unwrap_or(0);
-        if here_project.saturating_add(elsewhere.project) >= self.per_identity_project {
-            return Err(Limit::ConnectionsPerIdentity);
+        match cap {
+            ProjectCap::PerIdentity => {
+                let here = c.per_identity_project.get(&key).copied().unwrap_or(0);
+                if here.saturating_add(elsewhere.project) >= self.per_identity_project {
+                    return Err(Limit::ConnectionsPerIdentity);
+                }
+            }
+            ProjectCap::AllIdentities => {
+                let here = c.per_project.get(project).copied().unwrap_or(0);
+                if here.saturating_add(elsewhere.project_all) >= self.per_project {
+                    return Err(Limit::StreamsPerProject);
+                }
+            }
         }
         let here_total = c.per_identity.get(identity).copied().unwrap_or(0);
         if here_total.saturating_add(elsewhere.total) >= self.per_identity {
@@ -147,11 +192,26 @@ impl ConnectionLimiter {
         }
         *c.per_identity_project.entry(key.clone()).or_insert(0) += 1;
         *c.per_identity.entry(identity.clone()).or_insert(0) += 1;
+        let in_project = cap == ProjectCap::AllIdentities;
+        if in_project {
+            *c.per_project.entry(project.clone()).or_insert(0) += 1;
+        }
         c.total += 1;
         Ok(ConnectionSlot {
             counts: self.counts.clone(),
             key,
+            in_project,
         })
+    }
+
+    /// Open streams under Infisical's rule, per project, on this instance.
+    pub fn project_snapshot(&self) -> Vec<(ProjectId, usize)> {
+        self.counts
+            .lock()
+            .per_project
+            .iter()
+            .map(|(p, n)| (p.clone(), *n))
+            .collect()
     }
 
     /// Open streams per (identity, project) on this instance.
@@ -228,6 +288,11 @@ pub struct LimitsConfig {
     /// Most open streams of one identity on all projects together
     /// (cluster-wide on NATS).
     pub connections_per_identity: usize,
+    /// On the Infisical-dialect listener, instead of
+    /// `connections_per_identity_project`: most open streams on one project,
+    /// all identities together (cluster-wide on NATS), as Infisical counts
+    /// (its operator opens one stream per resource, all as one identity).
+    pub infisical_streams_per_project: usize,
     /// Most open streams on this instance (lowered at start to what the
     /// open-file limit leaves after `reserved_fds`).
     pub max_connections: usize,
@@ -253,6 +318,7 @@ impl Default for LimitsConfig {
             max_registrations: 10,
             connections_per_identity_project: 5,
             connections_per_identity: 100,
+            infisical_streams_per_project: 100,
             max_connections: 50_000,
             reserved_fds: 256,
             max_registration_bytes: 4096,
@@ -289,6 +355,11 @@ impl LimitsConfig {
             self.connections_per_identity,
             1,
         )?;
+        setting::at_least(
+            "limits.infisical_streams_per_project",
+            self.infisical_streams_per_project,
+            1,
+        )?;
         setting::at_least("limits.max_connections", self.max_connections, 1)?;
         setting::at_least("limits.reserved_fds", self.reserved_fds, 16)?;
         setting::at_least(
@@ -312,6 +383,53 @@ impl LimitsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_infisical_cap_counts_a_project_whatever_the_identity() {
+        let cfg = LimitsConfig {
+            infisical_streams_per_project: 3,
+            connections_per_identity_project: 1,
+            ..LimitsConfig::default()
+        };
+        let l = ConnectionLimiter::new(&cfg, 100);
+        let p = ProjectId::parse("p1").unwrap();
+        let (a, b) = (
+            Principal::parse("a").unwrap(),
+            Principal::parse("b").unwrap(),
+        );
+        let none = Elsewhere::default();
+        let s1 = l
+            .acquire_as(&a, &p, none, ProjectCap::AllIdentities)
+            .unwrap();
+        let _s2 = l
+            .acquire_as(&a, &p, none, ProjectCap::AllIdentities)
+            .unwrap();
+        assert_eq!(
+            l.acquire(&a, &p, none).err(),
+            Some(Limit::ConnectionsPerIdentity),
+            "the native rule still counts them"
+        );
+        let _s3 = l
+            .acquire_as(&b, &p, none, ProjectCap::AllIdentities)
+            .unwrap();
+        assert_eq!(
+            l.acquire_as(&b, &p, none, ProjectCap::AllIdentities).err(),
+            Some(Limit::StreamsPerProject)
+        );
+        // Other instances' streams of the project count.
+        drop(s1);
+        let busy = Elsewhere {
+            project_all: 1,
+            ..none
+        };
+        assert_eq!(
+            l.acquire_as(&b, &p, busy, ProjectCap::AllIdentities).err(),
+            Some(Limit::StreamsPerProject)
+        );
+        assert!(l
+            .acquire_as(&b, &p, none, ProjectCap::AllIdentities)
+            .is_ok());
+    }
 
     #[test]
     fn slots_are_counted_and_released() {
@@ -342,6 +460,7 @@ mod tests {
         let one_there = Elsewhere {
             project: 1,
             total: 1,
+            project_all: 1,
         };
         assert_eq!(
             l.acquire(&a, &p, one_there).err(),
@@ -384,6 +503,7 @@ mod tests {
         let full_elsewhere = Elsewhere {
             project: 0,
             total: 8,
+            project_all: 0,
         };
         assert_eq!(
             l.acquire(&b, &p, full_elsewhere).err(),

@@ -329,6 +329,7 @@ impl Metrics {
                 "connections_per_identity",
                 "max_connections",
                 "subscribe_rate",
+                "streams_per_project",
                 "max_body_bytes",
             ],
         );

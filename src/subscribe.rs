@@ -15,7 +15,7 @@ use crate::bus::{Bus, BusError};
 use crate::cluster::{Cluster, TouchOnDrop};
 use crate::ident::{Principal, ProjectId};
 use crate::interest::Interest;
-use crate::limits::{ConnectionLimiter, Limit, RateLimiter};
+use crate::limits::{ConnectionLimiter, Limit, ProjectCap, RateLimiter};
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
 use crate::protocol::Close;
@@ -82,6 +82,9 @@ fn limit_message(limit: Limit, identity: &Principal, project: &ProjectId, value:
         ),
         Limit::InstanceConnections => "this instance has reached its stream limit".to_owned(),
         Limit::SubscribeRate => "too many subscribe requests; slow down".to_owned(),
+        Limit::StreamsPerProject => format!(
+            "project {project} already has {value} open streams (all identities, across all instances)"
+        ),
     }
 }
 
@@ -189,7 +192,7 @@ impl Subscriptions {
         let SubscribeRequest { project, interests } = req;
         let identity = &caller.identity;
         self.check_permission(&caller.subject, &project, &interests)?;
-        let slot = self.take_slot(identity, &project)?;
+        let slot = self.take_slot(identity, &project, dialect)?;
         let settings = StreamSettings {
             dialect,
             queue_frames: self.streams.queue_frames,
@@ -265,14 +268,20 @@ impl Subscriptions {
         &self,
         identity: &Principal,
         project: &ProjectId,
+        dialect: Dialect,
     ) -> Result<crate::limits::ConnectionSlot, SubscribeError> {
+        // Infisical bounds a project's streams, all identities together.
+        let cap = match dialect {
+            Dialect::Native => ProjectCap::PerIdentity,
+            Dialect::Infisical => ProjectCap::AllIdentities,
+        };
         let elsewhere = self
             .cluster
             .as_ref()
             .map(|c| c.streams_elsewhere(identity, project))
             .unwrap_or_default();
         self.limiter
-            .acquire(identity, project, elsewhere)
+            .acquire_as(identity, project, elsewhere, cap)
             .map_err(|limit| {
                 self.metrics
                     .limit_rejections

@@ -72,6 +72,7 @@ pub struct BodyLimits {
 }
 
 /// The public listener's handler.
+#[derive(Clone)]
 pub struct Api {
     /// Opening streams.
     pub subscriptions: Arc<Subscriptions>,
@@ -81,6 +82,9 @@ pub struct Api {
     pub cors: Cors,
     /// Request bodies' bounds.
     pub body: BodyLimits,
+    /// How this listener's streams are written (and how their `secretPath`
+    /// reads: a folder and below natively, exactly as Infisical does).
+    pub dialect: Dialect,
 }
 
 impl Handler for Api {
@@ -140,7 +144,7 @@ impl Api {
             Ok(stream) => sse_response(HttpBody::Stream(Box::new(stream))),
             Err(e) => {
                 tracing::debug!(result = e.label(), "subscribe refused");
-                subscribe_refusal(e, Dialect::Native, self.subscriptions.streams.retry)
+                subscribe_refusal(e, self.dialect, self.subscriptions.streams.retry)
             }
         }
     }
@@ -163,14 +167,17 @@ impl Api {
             .extensions()
             .get::<Arc<ConnectionAbort>>()
             .map(|a| a.clone() as Arc<dyn CloseWatch>);
-        let semantics = PathSemantics::FolderAndBelow;
+        let semantics = match self.dialect {
+            Dialect::Native => PathSemantics::FolderAndBelow,
+            Dialect::Infisical => PathSemantics::Exact,
+        };
         let request = if browser {
             SubscribeRequest::from_query(&query, semantics, subs.limits)?
         } else {
             let body = self.read_json(req).await?;
             SubscribeRequest::from_json(&body, semantics, subs.limits)?
         };
-        subs.open(&caller, request, resume, Dialect::Native, watch)
+        subs.open(&caller, request, resume, self.dialect, watch)
             .await
     }
 

@@ -106,6 +106,20 @@ impl ApiError {
     }
 
     /// The response.
+    /// The response in Infisical's shape: `{"statusCode", "message",
+    /// "error"}` (its clients log `message`), with herald's code and
+    /// details beside.
+    pub fn into_infisical_response(self) -> Response<HttpBody> {
+        let e = *self.0;
+        let body = json!({"statusCode": e.status.as_u16(), "message": e.message,
+                          "error": e.code, "details": e.details});
+        let mut resp = json_response(e.status, &body);
+        for (k, v) in e.headers {
+            resp.headers_mut().insert(k, v);
+        }
+        resp
+    }
+
     pub fn into_response(self) -> Response<HttpBody> {
         let e = *self.0;
         let body = json!({"error": {"code": e.code, "message": e.message, "details": e.details}});
@@ -237,6 +251,19 @@ pub fn subscribe_refusal(
             tracing::warn!(error = %cause, "cannot take interest for a new stream; telling it to reconnect");
             ReconnectReason::BusUnavailable
         }
+        // Infisical's operator never retries a subscribe answered above
+        // 399: a stream herald could serve later is opened and ended with
+        // an `error` (which makes the operator re-fetch, then come back).
+        SubscribeError::Limited { .. }
+        | SubscribeError::RateLimited
+        | SubscribeError::Unauthorized(crate::auth::AuthError::ProviderUnavailable)
+            if dialect == Dialect::Infisical =>
+        {
+            return sse_response(HttpBody::full(crate::protocol::infisical::error_frame(
+                &e.to_string(),
+            )));
+        }
+        _ if dialect == Dialect::Infisical => return ApiError::from(e).into_infisical_response(),
         _ => return ApiError::from(e).into_response(),
     };
     let close = Close::Reconnect {

@@ -368,6 +368,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Admin listener (metrics, health, admin views). Keep it private.
     pub admin_listen: SocketAddr,
+    /// A second public listener whose streams speak Infisical's dialect
+    /// (its event names and payload, `event: ping`, exact `secretPath`),
+    /// for Infisical's operator and CLI; off unless set.
+    pub infisical_listen: Option<SocketAddr>,
     /// Time allowed for a client to send the request head.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -383,6 +387,7 @@ impl Default for ServerConfig {
         Self {
             listen: ([0, 0, 0, 0], 8080).into(),
             admin_listen: ([127, 0, 0, 1], 9090).into(),
+            infisical_listen: None,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             worker_threads: 0,

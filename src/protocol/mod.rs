@@ -13,6 +13,7 @@
 //! writer's (`http::direct`), which keeps its form of an event in the
 //! [`Encoded`] it got from here.
 
+pub mod infisical;
 mod native;
 mod sse;
 
@@ -30,19 +31,23 @@ pub enum Dialect {
     /// herald's own (DESIGN.md section 4): CloudEvents, `gap` / `reconnect`
     /// / `error`, comment heartbeats, a `retry:` hint first.
     Native,
+    /// Infisical's (`protocol::infisical`): its event names and payload,
+    /// `event: ping` heartbeats, no `retry:`.
+    Infisical,
 }
 
 impl Dialect {
     /// How many dialects there are (the size of a delivery's encoding cache).
-    pub const COUNT: usize = 1;
+    pub const COUNT: usize = 2;
 
     /// Every dialect, in index order.
-    pub const ALL: [Dialect; Dialect::COUNT] = [Dialect::Native];
+    pub const ALL: [Dialect; Dialect::COUNT] = [Dialect::Native, Dialect::Infisical];
 
     /// The dialect's index in a delivery's encoding cache.
     pub(crate) fn index(self) -> usize {
         match self {
             Dialect::Native => 0,
+            Dialect::Infisical => 1,
         }
     }
 
@@ -50,6 +55,7 @@ impl Dialect {
     pub fn name(self) -> &'static str {
         match self {
             Dialect::Native => "native",
+            Dialect::Infisical => "infisical",
         }
     }
 
@@ -57,6 +63,7 @@ impl Dialect {
     pub fn encode_event(self, seq: u64, event: &Event) -> Bytes {
         match self {
             Dialect::Native => native::event(seq, event),
+            Dialect::Infisical => infisical::event(seq, event),
         }
     }
 
@@ -65,6 +72,7 @@ impl Dialect {
     pub fn encode_control(self, control: &Control, last_written: u64) -> Bytes {
         match self {
             Dialect::Native => native::control(control, last_written),
+            Dialect::Infisical => infisical::control(control),
         }
     }
 
@@ -72,6 +80,7 @@ impl Dialect {
     pub fn heartbeat(self) -> &'static [u8] {
         match self {
             Dialect::Native => native::HEARTBEAT,
+            Dialect::Infisical => infisical::HEARTBEAT,
         }
     }
 
@@ -80,6 +89,7 @@ impl Dialect {
     pub fn opening(self, retry: Duration) -> Option<Bytes> {
         match self {
             Dialect::Native => Some(sse::retry(millis(retry))),
+            Dialect::Infisical => None,
         }
     }
 }
@@ -155,7 +165,7 @@ impl GapReason {
         }
     }
 
-    fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             GapReason::UnknownId => "this id was never issued here; resync",
             GapReason::Expired => "events after this id are no longer retained; resync",
@@ -239,7 +249,7 @@ impl ReconnectReason {
         }
     }
 
-    fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             ReconnectReason::Draining => {
                 "this instance is shutting down; reconnect with Last-Event-ID"

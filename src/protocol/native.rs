@@ -56,7 +56,7 @@ pub(super) fn control(control: &Control, last_written: u64) -> Bytes {
     sse::message_bytes(retry, None, name, Some(&body.to_string()))
 }
 
-fn error_message(close: &Close) -> String {
+pub(super) fn error_message(close: &Close) -> String {
     match close {
         Close::SlowConsumer => {
             "the client did not keep up; reconnect with Last-Event-ID".to_owned()

@@ -339,6 +339,10 @@ impl HeraldBuilder {
         Herald {
             public: addr("public="),
             admin: addr("admin="),
+            infisical: line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("infisical="))
+                .and_then(|a| a.parse().ok()),
             policy_path: policy,
             child: Some(child),
             log,
@@ -353,6 +357,8 @@ impl HeraldBuilder {
 pub struct Herald {
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    /// The Infisical-dialect listener, when `server.infisical_listen` is set.
+    pub infisical: Option<SocketAddr>,
     /// The policy file this instance watches.
     pub policy_path: PathBuf,
     child: Option<Child>,

@@ -1,0 +1,224 @@
+//! Infisical's dialect: a stream as Infisical's own server writes it, so
+//! that its Kubernetes operator and its CLI proxy read herald unchanged
+//! (`../shared/infisical.md` has what both clients parse).
+//!
+//! - An event: `id:` herald's sequence, `event:` the present-tense name
+//!   (`secret:update`), `data:` `{"projectType":"secret-manager","data":
+//!   {"eventType":…,"payload":…}}`: one `{environment, secretPath,
+//!   secretKey}` item per key (an event without key names: one item without
+//!   `secretKey`); `secret:import-mutation` carries one object. Both clients
+//!   fail on a line of 64 KiB or more: an event whose `data:` line would
+//!   reach [`MAX_DATA_LINE`] is written as several frames of the same `id`,
+//!   each with some of the items.
+//! - Heartbeat: `event: ping` (the operator counts nothing else).
+//! - `error`, `gap`, `reconnect`: `{"message": …}`. Every named event but
+//!   `ping` makes the operator re-fetch the resource; the CLI decodes the
+//!   data into its payload struct, finds no event type it knows, and
+//!   ignores it. No `retry:` line (neither client reads one).
+
+use bytes::{Bytes, BytesMut};
+use serde_json::{json, Value};
+
+use super::sse;
+use super::{Close, Control};
+use crate::event::Event;
+
+/// `event: ping`, every heartbeat.
+pub(super) const HEARTBEAT: &[u8] = b"event: ping\n\n";
+
+/// The longest `data:` line written: well under the 64 KiB line both
+/// clients' scanners refuse.
+pub const MAX_DATA_LINE: usize = 60 * 1024;
+
+fn body(event_type: &str, payload: Value) -> String {
+    json!({
+        "projectType": "secret-manager",
+        "data": {"eventType": event_type, "payload": payload},
+    })
+    .to_string()
+}
+
+pub(super) fn event(seq: u64, event: &Event) -> Bytes {
+    let name = event.key.event_type.api_name();
+    let env = event.key.env.as_str();
+    let path = event.key.path.as_str();
+    let mut buf = BytesMut::new();
+    if name == "secret:import-mutation" {
+        let data = body(name, json!({"environment": env, "secretPath": path}));
+        sse::message(&mut buf, None, Some(seq), name, Some(&data));
+        return buf.freeze();
+    }
+    let item = |key: Option<&str>| match key {
+        Some(k) => json!({"environment": env, "secretPath": path, "secretKey": k}),
+        None => json!({"environment": env, "secretPath": path}),
+    };
+    // One item per distinct key, when they fit one data line; otherwise
+    // (or with no key names) one item for the folder. Neither client
+    // needs the names (the CLI purges by environment and path, the
+    // operator re-fetches), and the encoding stays within a line of the
+    // event's own size: a publisher cannot make it grow.
+    let mut seen = std::collections::HashSet::new();
+    let mut items = Vec::new();
+    // What the items take at least (escaping only adds): stop building
+    // them as soon as they cannot fit.
+    let mut at_least = 0usize;
+    for k in event.secret_keys.iter() {
+        if seen.insert(&**k) {
+            at_least += env.len() + path.len() + k.len() + 48;
+            if at_least > MAX_DATA_LINE {
+                break;
+            }
+            items.push(item(Some(k)));
+        }
+    }
+    let mut data = body(name, Value::Array(items));
+    if event.secret_keys.is_empty() || at_least > MAX_DATA_LINE || data.len() > MAX_DATA_LINE {
+        data = body(name, json!([item(None)]));
+    }
+    sse::message(&mut buf, None, Some(seq), name, Some(&data));
+    buf.freeze()
+}
+
+/// An `error` event alone (a stream refused by a limit, in this dialect).
+pub fn error_frame(message: &str) -> Bytes {
+    sse::message_bytes(
+        None,
+        None,
+        "error",
+        Some(&json!({"message": message}).to_string()),
+    )
+}
+
+pub(super) fn control(control: &Control) -> Bytes {
+    let (name, message) = match control {
+        Control::Gap(reason) => ("gap", reason.message().to_owned()),
+        Control::Close(Close::Reconnect { reason, .. }) => {
+            ("reconnect", reason.message().to_owned())
+        }
+        Control::Close(close) => ("error", super::native::error_message(close)),
+    };
+    sse::message_bytes(
+        None,
+        None,
+        name,
+        Some(&json!({"message": message}).to_string()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Dialect, GapReason};
+    use super::*;
+
+    fn ev(ty: &str, keys: Value) -> Event {
+        let v = json!({
+            "specversion": "1.0", "id": "e1", "source": "/t", "type": ty,
+            "projectid": "p1", "environment": "prod", "secretpath": "/apps",
+            "data": {"secretKeys": keys}
+        });
+        Event::from_json(v, 1 << 20).unwrap()
+    }
+
+    /// The CLI proxy's reading: `data:` lines only, trimmed and joined,
+    /// one frame per blank line.
+    fn cli_frames(b: &[u8]) -> Vec<Value> {
+        let text = std::str::from_utf8(b).unwrap();
+        let mut out = Vec::new();
+        let mut data = String::new();
+        for line in text.split('\n') {
+            if line.is_empty() {
+                if !data.is_empty() {
+                    out.push(serde_json::from_str(&std::mem::take(&mut data)).unwrap());
+                }
+            } else if let Some(d) = line.strip_prefix("data:") {
+                assert!(line.len() < 64 * 1024, "a line both clients refuse");
+                data.push_str(d.trim());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn events_read_as_infisical_writes_them() {
+        let d = Dialect::Infisical;
+        let b = d.encode_event(7, &ev("secret:updated", json!(["DB_PASSWORD", "DB_USER"])));
+        assert_eq!(
+            std::str::from_utf8(&b).unwrap(),
+            "id: 7\nevent: secret:update\ndata: {\"projectType\":\"secret-manager\",\"data\":{\"eventType\":\"secret:update\",\"payload\":[{\"environment\":\"prod\",\"secretPath\":\"/apps\",\"secretKey\":\"DB_PASSWORD\"},{\"environment\":\"prod\",\"secretPath\":\"/apps\",\"secretKey\":\"DB_USER\"}]}}\n\n"
+        );
+        let im = d.encode_event(8, &ev("secret:import-mutation", json!([])));
+        assert_eq!(
+            cli_frames(&im)[0]["data"],
+            json!({"eventType": "secret:import-mutation", "payload": {"environment": "prod", "secretPath": "/apps"}})
+        );
+        let bare = d.encode_event(9, &ev("secret:deleted", json!([])));
+        let f = cli_frames(&bare);
+        assert_eq!(f[0]["data"]["eventType"], "secret:delete");
+        assert_eq!(
+            f[0]["data"]["payload"],
+            json!([{"environment": "prod", "secretPath": "/apps"}])
+        );
+        assert!(std::str::from_utf8(&bare)
+            .unwrap()
+            .contains("event: secret:delete\n"));
+        let created = d.encode_event(10, &ev("secret:created", json!(["A"])));
+        assert!(std::str::from_utf8(&created)
+            .unwrap()
+            .contains("event: secret:create\n"));
+        assert_eq!(d.heartbeat(), b"event: ping\n\n");
+        assert!(d.opening(std::time::Duration::from_secs(3)).is_none());
+    }
+
+    #[test]
+    fn a_large_event_stays_one_short_frame() {
+        let keys: Vec<String> = (0..3000).map(|i| format!("KEY_NUMBER_{i:06}")).collect();
+        let b = Dialect::Infisical.encode_event(11, &ev("secret:updated", json!(keys)));
+        let frames = cli_frames(&b);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(
+            frames[0]["data"]["payload"],
+            json!([{"environment": "prod", "secretPath": "/apps"}]),
+            "too many names for a line: the folder"
+        );
+        // Many copies of one (empty) key cannot multiply the encoding.
+        let dup =
+            Dialect::Infisical.encode_event(12, &ev("secret:updated", json!(vec![""; 20_000])));
+        assert!(dup.len() < 300, "{} bytes", dup.len());
+        assert_eq!(
+            cli_frames(&dup)[0]["data"]["payload"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        let two =
+            Dialect::Infisical.encode_event(13, &ev("secret:updated", json!(["A", "B", "A"])));
+        assert_eq!(
+            cli_frames(&two)[0]["data"]["payload"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn control_events_carry_a_message() {
+        let d = Dialect::Infisical;
+        let e = d.encode_control(&Control::Close(Close::TokenExpired), 3);
+        let t = std::str::from_utf8(&e).unwrap();
+        assert!(t.starts_with("event: error\ndata: {\"message\":"), "{t}");
+        let g = d.encode_control(&Control::Gap(GapReason::Expired), 3);
+        assert!(std::str::from_utf8(&g).unwrap().starts_with("event: gap\n"));
+        // The operator stops retrying for good on this wording.
+        for c in [
+            Close::SlowConsumer,
+            Close::TokenExpired,
+            Close::TokenRevoked,
+            Close::PermissionRevoked("x".into()),
+        ] {
+            let t = String::from_utf8(d.encode_control(&Control::Close(c), 0).to_vec()).unwrap();
+            assert!(!(t.contains("plan") && t.contains("not available")), "{t}");
+        }
+    }
+}
