@@ -767,6 +767,15 @@ impl SseStream {
         if let Some(item) = self.poll_resume() {
             return Poll::Ready(Some(item));
         }
+        if self.dialect.heartbeat_is_liveness() && !paused {
+            // A client that counts only heartbeats as liveness gets one on
+            // time even while events keep the queue from emptying.
+            let now = Instant::now();
+            if now >= self.next_heartbeat {
+                self.next_heartbeat = deadline_after(now, self.heartbeat_every);
+                return Poll::Ready(Some(Item::Heartbeat));
+            }
+        }
         loop {
             if let Some(ready) = self.poll_signals() {
                 return ready;
@@ -924,6 +933,23 @@ mod tests {
 
     /// A stream of `identity` on project p1 for every secret:created event.
     async fn fixture(policy: &str, identity: &str, queue_frames: usize) -> Fixture {
+        fixture_in(
+            policy,
+            identity,
+            queue_frames,
+            Dialect::Native,
+            Duration::from_secs(3600),
+        )
+        .await
+    }
+
+    async fn fixture_in(
+        policy: &str,
+        identity: &str,
+        queue_frames: usize,
+        dialect: Dialect,
+        heartbeat: Duration,
+    ) -> Fixture {
         let metrics = Arc::new(Metrics::new());
         let auth = Arc::new(
             Authorizer::new(&source(policy), 100, metrics.clone())
@@ -931,9 +957,9 @@ mod tests {
                 .unwrap(),
         );
         let settings = StreamSettings {
-            dialect: Dialect::Native,
+            dialect,
             queue_frames,
-            heartbeat: Duration::from_secs(3600),
+            heartbeat,
             retry: Duration::from_secs(1),
             expires_in: Duration::from_secs(3600),
             max_lifetime: None,
@@ -984,6 +1010,38 @@ mod tests {
             .find_map(|l| l.strip_prefix("id: "))?
             .parse()
             .ok()
+    }
+
+    #[tokio::test]
+    async fn a_liveness_heartbeat_is_written_while_events_keep_coming() {
+        let allow = "p, alice, *, *, subscribe, *, /**, allow\n";
+        let beat = Duration::from_millis(30);
+        let mut f = fixture_in(allow, "alice", 64, Dialect::Infisical, beat).await;
+        let mut pings = 0;
+        let started = Instant::now();
+        let mut seq = 0;
+        // The queue never empties: one more event for each one written.
+        f.handle.push(queued(1, "/a", 1));
+        while started.elapsed() < Duration::from_millis(200) {
+            seq += 1;
+            f.handle.push(queued(seq + 1, "/a", 1));
+            let b = next_data(&mut f.stream).await.unwrap();
+            if &b[..] == b"event: ping\n\n" {
+                pings += 1;
+            }
+        }
+        assert!(pings >= 3, "{pings} pings in 200 ms of events");
+        // The native dialect does not interleave them (any byte is liveness).
+        let mut n = fixture_in(allow, "alice", 64, Dialect::Native, beat).await;
+        let started = Instant::now();
+        n.handle.push(queued(1, "/a", 1));
+        let mut seq = 0;
+        while started.elapsed() < Duration::from_millis(100) {
+            seq += 1;
+            n.handle.push(queued(seq + 1, "/a", 1));
+            let b = next_data(&mut n.stream).await.unwrap();
+            assert_ne!(&b[..], b":\n\n");
+        }
     }
 
     #[tokio::test]

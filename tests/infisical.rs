@@ -282,6 +282,12 @@ async fn refusals_and_revocations_carry_a_message() {
     let v: Value = bad.json().await.unwrap();
     assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     assert_eq!(v["statusCode"], 401);
+    let missing = reqwest::get(format!("http://{}/nope", h.infisical.unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let v: Value = missing.json().await.unwrap();
+    assert!(v["message"].is_string(), "{v}");
 
     let mut op = Operator::new(
         open(

@@ -110,12 +110,12 @@ impl Handler for Api {
                 || req.headers().contains_key(http::header::TRANSFER_ENCODING));
         let route = ROUTES.iter().find(|(p, ..)| *p == req.uri().path());
         let mut resp = match (route, super::check_host(&req)) {
-            (_, Err(e)) => e.into_response(),
-            (None, _) => ApiError::not_found().into_response(),
+            (_, Err(e)) => self.error(e),
+            (None, _) => self.error(ApiError::not_found()),
             (Some((_, _, _, allow)), _) if method == Method::OPTIONS => self.preflight(allow),
             (Some((_, route, methods, allow)), _) if !methods.contains(&method) => {
                 let _ = route;
-                ApiError::method_not_allowed(allow).into_response()
+                self.error(ApiError::method_not_allowed(allow))
             }
             (Some((_, Route::Subscribe, ..)), _) => self.subscribe(req).await,
             (Some((_, Route::Publish, ..)), _) => self.publish(req).await,
@@ -130,6 +130,14 @@ impl Handler for Api {
 }
 
 impl Api {
+    /// An error in this listener's shape.
+    fn error(&self, e: ApiError) -> Response<HttpBody> {
+        match self.dialect {
+            Dialect::Native => e.into_response(),
+            Dialect::Infisical => e.into_infisical_response(),
+        }
+    }
+
     fn preflight(&self, allow: &'static str) -> Response<HttpBody> {
         let mut resp = Response::new(HttpBody::empty());
         *resp.status_mut() = StatusCode::NO_CONTENT;
@@ -202,7 +210,7 @@ impl Api {
             }
             Err(e) => {
                 tracing::debug!(result = PublishError::label(&e), "publish refused");
-                ApiError::from(e).into_response()
+                self.error(ApiError::from(e))
             }
         }
     }

@@ -84,6 +84,12 @@ impl Dialect {
         }
     }
 
+    /// Whether clients of this dialect count only its heartbeat as a sign
+    /// of life (so it is due even while events flow).
+    pub fn heartbeat_is_liveness(self) -> bool {
+        matches!(self, Dialect::Infisical)
+    }
+
     /// What a new stream starts with, before any event (`retry` is the
     /// configured reconnection hint).
     pub fn opening(self, retry: Duration) -> Option<Bytes> {
