@@ -1,7 +1,8 @@
 //! The deployment files under docker/ are checked by the real tools: haproxy
 //! parses haproxy.cfg, promtool checks prometheus.yml and the alert rules,
-//! herald loads docker/herald.toml, and the shipped haproxy config adds no
-//! delay to a stream.
+//! herald loads docker/herald.toml, the shipped haproxy config adds no
+//! delay to a stream, and docker/infisical-proxy.cfg sends Infisical's
+//! event path to herald and everything else to Infisical.
 
 mod common;
 
@@ -33,6 +34,117 @@ fn haproxy_config_is_valid() {
         .arg(repo_path("docker/haproxy.cfg")));
     assert!(ok, "haproxy -c: {out}");
     assert!(out.contains("Configuration file is valid"), "{out}");
+}
+
+#[test]
+fn infisical_proxy_config_is_valid() {
+    let Some(haproxy) = tool("haproxy", "apt-get install haproxy") else {
+        return;
+    };
+    let (ok, out) = run(Command::new(haproxy)
+        .arg("-c")
+        .arg("-f")
+        .arg(repo_path("docker/infisical-proxy.cfg")));
+    assert!(ok, "haproxy -c: {out}");
+}
+
+#[tokio::test]
+async fn the_infisical_proxy_sends_event_streams_to_herald_and_the_rest_to_infisical() {
+    let Some(haproxy) = tool("haproxy", "apt-get install haproxy") else {
+        return;
+    };
+    let h = HeraldBuilder::new()
+        .env("SERVER__INFISICAL_LISTEN", "127.0.0.1:0")
+        .env("STREAM__HEARTBEAT", "300ms")
+        .start();
+    let infisical_port = h.infisical.expect("an infisical listener").port();
+    // Infisical itself: any server that is not herald (it answers `{}`).
+    let infisical = common::idp::Idp::start(serde_json::json!({"keys": []})).await;
+    let port = common::nats::free_low_port();
+    let mut cfg = String::new();
+    let template = std::fs::read_to_string(repo_path("docker/infisical-proxy.cfg")).unwrap();
+    for line in template.lines() {
+        let t = line.trim_start();
+        if t.starts_with("server herald") || t.starts_with("maxconn") {
+            continue;
+        }
+        if t == "bind :80" {
+            cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
+        } else if t.starts_with("server infisical") {
+            cfg.push_str(&format!(
+                "    server infisical 127.0.0.1:{}\n",
+                infisical.addr.port()
+            ));
+        } else {
+            cfg.push_str(line);
+            cfg.push('\n');
+        }
+        if t.starts_with("default-server") {
+            cfg.push_str(&format!(
+                "    server herald1 127.0.0.1:{infisical_port} port {}\n",
+                h.admin.port()
+            ));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.cfg");
+    std::fs::write(&path, cfg).unwrap();
+    let mut child = Command::new(haproxy)
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    // Everything but the event path reaches Infisical.
+    let other = eventually(WAIT, "the proxy routes to Infisical", || async {
+        let r = reqwest::get(format!("{base}/api/v3/secrets/raw"))
+            .await
+            .ok()?;
+        Some((r.status(), r.text().await.ok()?))
+    })
+    .await;
+    assert_eq!(other, (reqwest::StatusCode::NOT_FOUND, "{}".to_owned()));
+    // The event path reaches herald's Infisical listener, once its health
+    // check passes: a stream in Infisical's dialect, pings and all.
+    let token = token_for("reader", Duration::from_secs(3600));
+    let body = serde_json::json!({"projectId": "p1", "register": [{"event": "secret:update"}]});
+    let resp = eventually(WAIT, "the proxy routes streams to herald", || async {
+        let r = reqwest::Client::new()
+            .post(format!("{base}{SUBSCRIBE}"))
+            .bearer_auth(&token)
+            .header("accept", "text/event-stream")
+            .json(&body)
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.bytes_stream();
+    let mut seen = String::new();
+    let published = h
+        .publish_raw(
+            &token_for("dev-publisher", Duration::from_secs(60)),
+            &event("secret:updated", "p1", "prod", "/apps"),
+        )
+        .await;
+    assert_eq!(published.status(), 202);
+    let until = Instant::now() + WAIT;
+    while !(seen.contains("event: ping\n") && seen.contains("event: secret:update\n")) {
+        use futures_util::StreamExt;
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.next()).await {
+            Ok(Some(Ok(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => panic!("through the proxy, got only: {seen:?}"),
+        }
+    }
+    assert!(seen.contains("\"eventType\":\"secret:update\""), "{seen}");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]
