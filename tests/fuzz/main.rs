@@ -62,6 +62,7 @@ fuzz_tests!(
     token_claims,
     signed_tokens,
     jwks_documents,
+    infisical_frames,
     nats_subjects,
     nats_messages,
     stream_sequences,

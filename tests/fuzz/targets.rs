@@ -95,6 +95,10 @@ pub const TARGETS: &[Target] = &[
         },
     },
     Target {
+        name: "infisical_frames",
+        run: |r| report(r.run(&infisical_input(), |v| check_infisical_frames(&v))),
+    },
+    Target {
         name: "jwks_documents",
         run: |r| report(r.run(&mutated(JWKS_SEEDS, JWKS_DICT), |b| check_jwks(&b))),
     },
@@ -1250,6 +1254,89 @@ pub fn check_jwks(bytes: &[u8]) -> Result<(), TestCaseError> {
         {
             return Err(fail(format!("kid {:?} twice", k.kid)));
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The infisical dialect: whatever a publisher puts in secretKeys and paths,
+// every frame reads as Infisical's clients read one.
+
+fn infisical_input() -> impl Strategy<Value = Value> {
+    (
+        prop_oneof![
+            Just("secret:created"),
+            Just("secret:updated"),
+            Just("secret:deleted"),
+            Just("secret:import-mutation")
+        ],
+        prop_oneof![
+            Just("/".to_owned()),
+            "(/[a-z\\u{e9}\"\\\\ ]{1,12}){1,6}",
+            Just(format!("/{}", "d".repeat(200)))
+        ],
+        proptest::collection::vec(
+            prop_oneof![
+                ".{0,12}",
+                Just(String::new()),
+                Just("K".repeat(1500)),
+                Just("\\\"\u{0}\n\r".to_owned())
+            ],
+            0..150,
+        ),
+    )
+        .prop_map(|(ty, path, keys)| {
+            json!({"specversion": "1.0", "id": "e", "source": "/s", "type": ty,
+                   "projectid": "p1", "environment": "prod", "secretpath": path,
+                   "data": {"secretKeys": keys}})
+        })
+}
+
+pub fn check_infisical_frames(v: &Value) -> Result<(), TestCaseError> {
+    let Ok(ev) = Event::from_json(v.clone(), MAX_EVENT) else {
+        return Ok(());
+    };
+    let bytes = herald::protocol::Dialect::Infisical.encode_event(9, &ev);
+    if bytes.len() > MAX_EVENT + 1024 {
+        return Err(fail(format!(
+            "{} bytes for a {}-byte event",
+            bytes.len(),
+            ev.json.len()
+        )));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|e| fail(e.to_string()))?;
+    let Some(frame) = text.strip_suffix("\n\n") else {
+        return Err(fail(format!("not one frame: {text:?}")));
+    };
+    let mut data = None;
+    for line in frame.split('\n') {
+        if line.len() >= 64 * 1024 || line.contains('\r') {
+            return Err(fail(format!(
+                "a line the clients refuse: {} bytes",
+                line.len()
+            )));
+        }
+        match line.split_once(": ") {
+            Some(("id", "9")) => {}
+            Some(("event", name)) if name == ev.key.event_type.api_name() => {}
+            Some(("data", d)) if data.is_none() => data = Some(d),
+            _ => return Err(fail(format!("unexpected line {line:?}"))),
+        }
+    }
+    let d: Value = serde_json::from_str(data.unwrap_or_default())
+        .map_err(|e| fail(format!("the CLI cannot decode it: {e}")))?;
+    let payload = &d["data"]["payload"];
+    let items = match payload {
+        Value::Array(a) => a.clone(),
+        Value::Object(_) => vec![payload.clone()],
+        _ => return Err(fail(format!("payload {payload}"))),
+    };
+    if items.is_empty()
+        || items
+            .iter()
+            .any(|i| i["environment"] != "prod" || i["secretPath"] != ev.key.path.as_str())
+    {
+        return Err(fail(format!("items {payload}")));
     }
     Ok(())
 }
