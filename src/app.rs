@@ -159,6 +159,7 @@ async fn core(
 ) -> anyhow::Result<Core> {
     Metrics::preset(&metrics.subscriptions, SubscribeError::LABELS);
     Metrics::preset(&metrics.publishes, PublishError::LABELS);
+    Metrics::preset(&metrics.auth_failures, crate::auth::AuthError::REASONS);
     let authorizer = Authorizer::new(policy, config.policy.cache_size, metrics.clone())
         .await
         .map_err(|p| anyhow::anyhow!("the policy has problems:\n{}", Problems(p)))?;

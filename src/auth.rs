@@ -487,16 +487,21 @@ impl Issuer {
                 .into())
             }
         };
-        let fetcher = || -> Result<fetch::Fetcher, KeyError> {
+        // One HTTP client for the issuer's key set and provider, made only
+        // when one of them is configured.
+        let fetcher = if location.is_some() || cfg.introspection.is_some() {
             let ca = cfg.ca_file.as_deref().map(read_file).transpose()?;
-            fetch::Fetcher::new(cfg.fetch_timeout, MAX_FETCH_BYTES, ca.as_deref())
-                .map_err(|e| invalid("auth.ca_file", e).into())
+            let f = fetch::Fetcher::new(cfg.fetch_timeout, MAX_FETCH_BYTES, ca.as_deref())
+                .map_err(|e| KeyError::from(invalid("auth.ca_file", e)))?;
+            Some(f)
+        } else {
+            None
         };
-        let source = match location {
-            Some(loc) => Some(Arc::new(KeySource::new(
+        let source = match (location, &fetcher) {
+            (Some(loc), Some(f)) => Some(Arc::new(KeySource::new(
                 label.clone(),
                 loc,
-                fetcher()?,
+                f.clone(),
                 Freshness {
                     refresh_interval: cfg.refresh_interval,
                     min_refresh_interval: cfg.min_refresh_interval,
@@ -505,7 +510,7 @@ impl Issuer {
                 cfg.fetch_timeout,
                 metrics.clone(),
             ))),
-            None => None,
+            _ => None,
         };
         if keys.is_empty() && source.is_none() {
             return Err(KeyError::NoKey);
@@ -528,15 +533,15 @@ impl Issuer {
             }
             v
         };
-        let introspector = match &cfg.introspection {
-            Some(i) => Some(Arc::new(Introspector::new(
+        let introspector = match (&cfg.introspection, &fetcher) {
+            (Some(i), Some(f)) => Some(Arc::new(Introspector::new(
                 label.clone(),
                 i.validate()?,
                 i.clone(),
-                fetcher()?,
+                f.clone(),
                 metrics.clone(),
             ))),
-            None => None,
+            _ => None,
         };
         let roles = cfg.roles_claim.as_ref().map(|claim| RoleMap {
             claim: claim.clone(),
@@ -622,18 +627,22 @@ fn decode(token: &str, alg: Algorithm, key: &DecodingKey) -> Result<Value, AuthE
         })
 }
 
+/// The decoded payload (claims JSON) of a compact token.
+fn payload(token: &str) -> Result<Vec<u8>, AuthError> {
+    let part = token.split('.').nth(1).ok_or(AuthError::Malformed)?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| AuthError::Malformed)
+}
+
 /// The `iss` of a token's payload, read before its signature is checked
 /// (it picks the keys): a string, or absent.
-fn peek_issuer(token: &str) -> Result<Option<String>, AuthError> {
+fn peek_issuer(payload: &[u8]) -> Result<Option<String>, AuthError> {
     #[derive(Deserialize)]
     struct Peek {
         iss: Option<Value>,
     }
-    let payload = token.split('.').nth(1).ok_or(AuthError::Malformed)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| AuthError::Malformed)?;
-    let peek: Peek = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    let peek: Peek = serde_json::from_slice(payload).map_err(|_| AuthError::Malformed)?;
     match peek.iss {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -735,7 +744,8 @@ impl Verifier {
         if header.crit.is_some() {
             return Err(AuthError::Critical);
         }
-        let issuer = self.issuer_for(peek_issuer(token)?.as_deref())?;
+        let payload = payload(token)?;
+        let issuer = self.issuer_for(peek_issuer(&payload)?.as_deref())?;
         if !issuer.allowed.contains(&header.alg) {
             return Err(AuthError::Algorithm);
         }
@@ -753,7 +763,7 @@ impl Verifier {
         };
         // The signature holds: now make sure each claim has one value (a
         // parser reading the first of two would see another token).
-        if !claims_are_unique(token) {
+        if !claims_are_unique(&payload) {
             return Err(AuthError::Malformed);
         }
         let checked = issuer.rules.check(&claims, unix_now())?;
@@ -793,10 +803,10 @@ pub fn is_claimable_role(name: &str) -> bool {
             .any(|c| c.is_control() || c.is_whitespace() || c == ',' || c == '"')
 }
 
-/// Whether the payload of `token` (already verified) names each claim
-/// once: `serde_json` keeps the last of repeated keys, and another reader of
-/// the same token could keep the first.
-fn claims_are_unique(token: &str) -> bool {
+/// Whether a token's payload (already verified) names each claim once:
+/// `serde_json` keeps the last of repeated keys, and another reader of the
+/// same token could keep the first.
+fn claims_are_unique(payload: &[u8]) -> bool {
     struct Unique;
     impl<'de> Deserialize<'de> for Unique {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -823,13 +833,7 @@ fn claims_are_unique(token: &str) -> bool {
             d.deserialize_map(V)
         }
     }
-    let Some(payload) = token.split('.').nth(1) else {
-        return false;
-    };
-    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
-        return false;
-    };
-    serde_json::from_slice::<Unique>(&bytes).is_ok()
+    serde_json::from_slice::<Unique>(payload).is_ok()
 }
 
 /// Seconds since the UNIX epoch.
@@ -1397,6 +1401,7 @@ mod tests {
             let b = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
             format!("{}.{}.sig", b(r#"{"alg":"HS256"}"#), b(payload))
         };
+        let claims_are_unique = |t: &str| payload(t).is_ok_and(|p| super::claims_are_unique(&p));
         assert!(claims_are_unique(&token(r#"{"identityId":"a","exp":1}"#)));
         for bad in [
             r#"{"identityId":"a","identityId":"b"}"#,

@@ -321,7 +321,6 @@ impl Metrics {
                 "stale_sequence",
             ],
         );
-        zero(&m.auth_failures, crate::auth::AuthError::REASONS);
         zero(
             &m.limit_rejections,
             &[

@@ -15,6 +15,13 @@ fn herald() -> Command {
     c
 }
 
+/// The caller `token` names, verified with configured keys (which never wait).
+fn verified(v: &herald::auth::Verifier, token: &str) -> herald::auth::Caller {
+    futures_util::FutureExt::now_or_never(v.verify(token.trim()))
+        .expect("configured keys never wait")
+        .unwrap()
+}
+
 #[test]
 fn serve_without_a_key_refuses_to_start_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
@@ -102,9 +109,7 @@ fn token_mint_prints_a_token_the_verifier_accepts() {
         ..Default::default()
     })
     .unwrap();
-    let id = futures_util::FutureExt::now_or_never(v.verify(token.trim()))
-        .expect("configured keys never wait")
-        .unwrap();
+    let id = verified(&v, &token);
     assert_eq!(id.identity.as_str(), "alice");
     assert!(
         id.remaining() <= Duration::from_secs(600) && id.remaining() > Duration::from_secs(590)
@@ -144,14 +149,7 @@ fn token_mint_prints_a_token_the_verifier_accepts() {
     })
     .unwrap();
     let token = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(
-        futures_util::FutureExt::now_or_never(mapped.verify(token.trim()))
-            .expect("configured keys never wait")
-            .unwrap()
-            .identity
-            .as_str(),
-        "infisical:m1"
-    );
+    assert_eq!(verified(&mapped, &token).identity.as_str(), "infisical:m1");
     // Without a key it says what to set.
     let out = herald()
         .current_dir(dir.path())

@@ -16,7 +16,7 @@
 //!   data into its payload struct, finds no event type it knows, and
 //!   ignores it. No `retry:` line (neither client reads one).
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::sse;
@@ -42,21 +42,24 @@ pub(super) fn event(seq: u64, event: &Event) -> Bytes {
     let name = event.key.event_type.api_name();
     let env = event.key.env.as_str();
     let path = event.key.path.as_str();
-    let mut buf = BytesMut::new();
-    if name == "secret:import-mutation" {
-        let data = body(name, json!({"environment": env, "secretPath": path}));
-        sse::message(&mut buf, None, Some(seq), name, Some(&data));
-        return buf.freeze();
-    }
-    let item = |key: Option<&str>| match key {
-        Some(k) => json!({"environment": env, "secretPath": path, "secretKey": k}),
-        None => json!({"environment": env, "secretPath": path}),
+    let folder = || json!({"environment": env, "secretPath": path});
+    let data = if name == "secret:import-mutation" {
+        body(name, folder())
+    } else {
+        keyed_items(event, env, path)
+            .map(|items| body(name, items))
+            .filter(|d| d.len() <= MAX_DATA_LINE)
+            .unwrap_or_else(|| body(name, json!([folder()])))
     };
-    // One item per distinct key, when they fit one data line; otherwise
-    // (or with no key names) one item for the folder. Neither client
-    // needs the names (the CLI purges by environment and path, the
-    // operator re-fetches), and the encoding stays within a line of the
-    // event's own size: a publisher cannot make it grow.
+    sse::message_bytes(None, Some(seq), name, Some(&data))
+}
+
+/// One item per distinct key, unless there is none or they cannot fit one
+/// data line. Neither client needs the names (the CLI purges by environment
+/// and path, the operator re-fetches), so the caller then sends one item
+/// for the folder, and so when the encoded line is too long: the encoding
+/// stays within a line whatever a publisher puts in `secretKeys`.
+fn keyed_items(event: &Event, env: &str, path: &str) -> Option<Value> {
     let mut seen = std::collections::HashSet::new();
     let mut items = Vec::new();
     // What the items take at least (escaping only adds): stop building
@@ -66,17 +69,12 @@ pub(super) fn event(seq: u64, event: &Event) -> Bytes {
         if seen.insert(&**k) {
             at_least += env.len() + path.len() + k.len() + 48;
             if at_least > MAX_DATA_LINE {
-                break;
+                return None;
             }
-            items.push(item(Some(k)));
+            items.push(json!({"environment": env, "secretPath": path, "secretKey": &**k}));
         }
     }
-    let mut data = body(name, Value::Array(items));
-    if event.secret_keys.is_empty() || at_least > MAX_DATA_LINE || data.len() > MAX_DATA_LINE {
-        data = body(name, json!([item(None)]));
-    }
-    sse::message(&mut buf, None, Some(seq), name, Some(&data));
-    buf.freeze()
+    (!items.is_empty()).then_some(Value::Array(items))
 }
 
 /// An `error` event alone (a stream refused by a limit, in this dialect).
