@@ -321,6 +321,13 @@ async fn forged_presence_cannot_lock_an_identity_out() {
         .to_string()
         .into_bytes()
     };
+    let with_infisical = |streams: Value, connections: u64, infisical: Value| {
+        json!({"id": "f0f0f1", "version": "9", "connections": connections,
+               "policy_generation": 1, "policy_fingerprint": "x", "streams": streams,
+               "infisical_streams": infisical})
+        .to_string()
+        .into_bytes()
+    };
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("malformed", b"{not json".to_vec()),
         ("oversized", vec![b' '; 4 * 1024 * 1024 + 1]),
@@ -331,6 +338,20 @@ async fn forged_presence_cannot_lock_an_identity_out() {
         ("over_limit", forged(json!([["reader", "p1", 5]]), 1)),
         ("bad_field", forged(json!([["role:admin", "p1", 1]]), 1)),
         ("bad_field", forged(json!([["reader", "p.1", 1]]), 1)),
+        // Infisical-listener counts: within the project cap, never more
+        // than the streams claimed, a valid project.
+        (
+            "over_limit",
+            with_infisical(json!([["reader", "p1", 5]]), 5, json!([["p1", 101]])),
+        ),
+        (
+            "over_limit",
+            with_infisical(json!([["reader", "p1", 1]]), 1, json!([["p1", 2]])),
+        ),
+        (
+            "bad_field",
+            with_infisical(json!([["reader", "p1", 1]]), 1, json!([["p.1", 1]])),
+        ),
     ];
     for (_, body) in &cases {
         producer.publish(b"herald.sys.presence", body).await;

@@ -485,6 +485,14 @@ async fn introspection_allows_denies_fails_as_configured_and_ends_revoked_stream
         "answered from the cache"
     );
     assert!(idp.check_hits() >= 2, "the bearer check was asked");
+
+    // An answer that is not RFC 7662's ("active" not a boolean) is no
+    // answer: refused as unavailable, never taken for active.
+    idp.introspection_garbage(true);
+    assert_eq!(
+        attempt(&h, &token(strict_iss, 11)).await,
+        (503, "provider_unavailable".into())
+    );
 }
 
 #[tokio::test]
@@ -629,4 +637,31 @@ fn bad_issuer_configs_are_refused_with_the_key_named() {
         assert!(!out.status.success(), "{toml}");
         assert!(err.contains(want), "{toml}\n{err}");
     }
+}
+
+#[tokio::test]
+async fn a_discovery_document_naming_another_issuer_is_not_followed() {
+    let key = TestKey::new("ec", "k1");
+    let idp = Idp::start(jwks(&[&key])).await;
+    let iss = idp.base();
+    // The document claims another issuer (a provider serving someone
+    // else's configuration): its jwks_uri is never fetched.
+    idp.discovery("https://idp.test/someone-else");
+    let h = builder()
+        .policy(&policy())
+        .config(&config(&format!(
+            "[[auth.issuers]]\nissuer = \"{iss}\"\ndiscovery = true\nidentity_prefix = \"d:\"\n"
+        )))
+        .start();
+    let failed = format!("herald_key_set_refreshes_total{{issuer=\"{iss}\",result=\"failed\"}}");
+    common::eventually(WAIT, "discovery is refused", || async {
+        (h.metric(&failed).await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(idp.discovery_hits() >= 1);
+    assert_eq!(idp.jwks_hits(), 0, "the named key set was never fetched");
+    assert_eq!(
+        attempt(&h, &key.sign(&claims(Some(&iss), "alice"))).await,
+        (503, "provider_unavailable".into())
+    );
 }

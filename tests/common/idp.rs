@@ -115,6 +115,7 @@ struct State {
     discovery_issuer: Option<String>,
     revoked: HashSet<String>,
     introspection_down: bool,
+    introspection_garbage: bool,
     introspect_hits: usize,
     check_hits: usize,
     client: Option<(String, String)>,
@@ -290,6 +291,11 @@ impl Idp {
         self.state.lock().unwrap().introspection_down = down;
     }
 
+    /// Introspection answers `{"active": "yes"}` (not a boolean) while `on`.
+    pub fn introspection_garbage(&self, on: bool) {
+        self.state.lock().unwrap().introspection_garbage = on;
+    }
+
     /// RFC 7662 introspection requests so far.
     pub fn introspect_hits(&self) -> usize {
         self.state.lock().unwrap().introspect_hits
@@ -380,6 +386,9 @@ async fn answer(
                 .map(|(_, v)| v.into_owned())
                 .unwrap_or_default();
             let active = !token.is_empty() && !s.revoked.contains(&token);
+            if s.introspection_garbage {
+                return reply(200, json!({"active": "yes"}));
+            }
             reply(200, json!({"active": active}))
         }
         "/check" => {
