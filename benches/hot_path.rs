@@ -135,6 +135,7 @@ fn router(c: &mut Criterion) {
         expires_in: Duration::from_secs(3600),
         max_lifetime: None,
         close_timeout: Duration::from_secs(10),
+        starts_at_head: false,
     };
     // 10,000 connections over 1,000 distinct interests, 2 identities.
     let subscriber = Principal::parse("dev-subscriber").unwrap();

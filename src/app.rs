@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Authorizer, PolicySource, Problems, Reloader};
 use crate::protocol::Dialect;
 use crate::publish::{PublishError, Publisher};
+use crate::remember::Remember;
 use crate::request::SubscribeLimits;
 use crate::router::Router;
 use crate::shutdown::{Phase, Shutdown};
@@ -55,6 +56,7 @@ struct Core {
     cluster: Option<Arc<Cluster>>,
     local: Arc<LocalView>,
     limiter: Arc<ConnectionLimiter>,
+    remember: Option<Arc<Remember>>,
     shutdown: Shutdown,
 }
 
@@ -204,6 +206,7 @@ async fn core(
         ));
         (Bus::Nats(bus), Some(cluster))
     };
+    let remember = remember(config, &bus, &metrics);
     let cap = crate::rlimit::stream_cap(&config.limits, crate::rlimit::current());
     let limiter = Arc::new(ConnectionLimiter::new(&config.limits, cap));
     let local = Arc::new(LocalView {
@@ -220,8 +223,35 @@ async fn core(
         cluster,
         local,
         limiter,
+        remember,
         shutdown: Shutdown::new(),
     })
+}
+
+/// Remembered positions: in memory with the embedded bus, in a JetStream
+/// bucket with replay; none on NATS without replay (nothing to resume from).
+fn remember(config: &Config, bus: &Bus, metrics: &Arc<Metrics>) -> Option<Arc<Remember>> {
+    let cfg = config.remember.clone();
+    if cfg.dialects.is_empty() {
+        return None;
+    }
+    let r = match bus {
+        Bus::Embedded(_) => Remember::in_memory(cfg, metrics.clone()),
+        Bus::Nats(_) if !config.replay.enabled => {
+            tracing::info!(
+                "remember: off (NATS without replay keeps nothing to resume from; set replay.enabled)"
+            );
+            return None;
+        }
+        Bus::Nats(nats) => Remember::in_bucket(
+            cfg,
+            nats.client().clone(),
+            config.replay.replicas,
+            config.nats.request_timeout,
+            metrics.clone(),
+        ),
+    };
+    Some(Arc::new(r))
 }
 
 /// The public listener: the subscribe and publish use cases, CORS, bodies.
@@ -246,6 +276,7 @@ fn public_api(config: &Config, core: &Core, verifier: Arc<Verifier>) -> Api {
             close_timeout: config.stream.close_timeout,
             max_lifetime: config.stream.lifetime(),
         },
+        remember: core.remember.clone(),
         metrics: core.metrics.clone(),
         shutdown: core.shutdown.clone(),
     };
@@ -297,6 +328,9 @@ fn background(config: &Config, core: &Core, policy: &PolicySource) -> Vec<JoinHa
     );
     let (watch, interval) = (config.policy.watch, config.policy.watch_interval);
     let mut tasks = vec![tokio::spawn(reloader.run(watch, interval, stopped()))];
+    if let Some(r) = &core.remember {
+        tasks.push(tokio::spawn(r.clone().run(stopped())));
+    }
     if let (Some(cluster), Bus::Nats(nats)) = (core.cluster.clone(), &*core.bus) {
         let (summary, local) = (core.metrics.clone(), core.local.clone());
         tasks.push(tokio::spawn(crate::cluster::run(
@@ -324,6 +358,11 @@ impl Running {
         crate::shutdown::drain(&core.shutdown, &core.router, &self.config.shutdown, retry).await;
         for t in self.tasks {
             let _ = t.await;
+        }
+        // Every stream has ended: their last positions are saved while the
+        // bus is still there.
+        if let Some(r) = &core.remember {
+            r.save_moved().await;
         }
         core.bus.close(Duration::from_secs(2)).await;
         tracing::info!("stopped");

@@ -21,6 +21,7 @@ pub use crate::http::cors::CorsConfig;
 pub use crate::http::ServerConfig;
 pub use crate::limits::LimitsConfig;
 pub use crate::policy::PolicyConfig;
+pub use crate::remember::RememberConfig;
 pub use crate::setting::Invalid;
 pub use crate::shutdown::ShutdownConfig;
 pub use crate::stream::StreamConfig;
@@ -47,6 +48,8 @@ pub struct Config {
     pub nats: NatsConfig,
     /// JetStream replay (NATS mode only).
     pub replay: ReplayConfig,
+    /// Where streams without `Last-Event-ID` left off.
+    pub remember: RememberConfig,
 }
 
 /// A configuration problem, naming the key (and how to set it).
@@ -105,6 +108,7 @@ impl Config {
         self.shutdown.validate()?;
         self.nats.validate()?;
         self.replay.validate(!self.nats.urls.is_empty())?;
+        self.remember.validate()?;
         Ok(())
     }
 

@@ -68,6 +68,7 @@ pub mod path;
 pub mod policy;
 pub mod protocol;
 pub mod publish;
+pub mod remember;
 pub mod request;
 pub mod rlimit;
 pub mod router;

@@ -70,6 +70,11 @@ pub struct Metrics {
     pub key_set_updated: IntGaugeVec,
     /// Introspection answers, by issuer and result.
     pub introspections: IntCounterVec,
+    /// Reconnects without `Last-Event-ID` looked up in the remembered
+    /// positions, by result (`resumed`, `window_passed`, `new`, `unavailable`).
+    pub position_recalls: IntCounterVec,
+    /// Remembered positions saved, by result (`ok`, `error`, `full`).
+    pub position_saves: IntCounterVec,
 }
 
 fn labelled<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -296,6 +301,28 @@ impl Metrics {
                 )
                 .expect("static metric definition is valid"),
             ),
+            position_recalls: labelled(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "herald_position_recalls_total",
+                        "Streams opened without Last-Event-ID that looked up where they left off, by result (resumed, window_passed, new, unavailable).",
+                    ),
+                    &["result"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            position_saves: labelled(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "herald_position_saves_total",
+                        "Remembered stream positions written, by result (ok, error, full).",
+                    ),
+                    &["result"],
+                )
+                .expect("static metric definition is valid"),
+            ),
             registry: r,
         };
         // Pre-create the label sets operators alert on, so they read 0, not absent.
@@ -346,6 +373,11 @@ impl Metrics {
         zero(&m.events_received, &["api", "nats"]);
         zero(&m.policy_reloads, &["success", "error"]);
         zero(&m.decision_cache, &["hit", "miss"]);
+        zero(
+            &m.position_recalls,
+            &["resumed", "window_passed", "new", "unavailable"],
+        );
+        zero(&m.position_saves, &["ok", "error", "full"]);
         m.cluster_instances.set(1);
         m.cluster_policy_fingerprints.set(1);
         m

@@ -369,6 +369,7 @@ mod tests {
             expires_in: Duration::from_secs(3600),
             max_lifetime: None,
             close_timeout: Duration::from_secs(10),
+            starts_at_head: false,
         };
         let who = Subscriber {
             id: r.next_conn_id(),

@@ -303,6 +303,10 @@ pub struct StreamSettings {
     pub max_lifetime: Option<Duration>,
     /// How long a closing stream may take to end before its connection is dropped.
     pub close_timeout: Duration,
+    /// Whether a new stream's position starts at the bus's newest event
+    /// (a remembered stream: its position is saved even before it writes
+    /// anything), not at 0.
+    pub starts_at_head: bool,
 }
 
 /// The furthest deadline a stream keeps: a token that expires later (a
@@ -380,6 +384,7 @@ pub struct SseStream {
     ends_at: Instant,
     end: Close,
     done: bool,
+    starts_at_head: bool,
     metrics: Arc<Metrics>,
     authorizer: Arc<Authorizer>,
     /// Per-stream metric buffers: the shared atomics are touched once per
@@ -465,6 +470,7 @@ pub fn new_stream(
         ends_at,
         end,
         done: false,
+        starts_at_head: settings.starts_at_head,
         delivered: metrics.events_delivered.local(),
         latency: metrics.delivery_latency.local(),
         unflushed: 0,
@@ -573,6 +579,12 @@ impl SseStream {
     /// The router-facing half.
     pub fn handle(&self) -> &Arc<StreamHandle> {
         &self.handle
+    }
+
+    /// Whether a new stream's position starts at the bus's newest event
+    /// ([`StreamSettings::starts_at_head`]).
+    pub fn starts_at_head(&self) -> bool {
+        self.starts_at_head
     }
 
     /// The dialect the stream speaks.
@@ -964,6 +976,7 @@ mod tests {
             expires_in: Duration::from_secs(3600),
             max_lifetime: None,
             close_timeout: Duration::from_secs(10),
+            starts_at_head: false,
         };
         let interest = Interest {
             event_type: EventType::parse("secret:created").unwrap(),

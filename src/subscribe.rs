@@ -18,8 +18,8 @@ use crate::interest::Interest;
 use crate::limits::{ConnectionLimiter, Limit, ProjectCap, RateLimiter};
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
-use crate::protocol::Close;
-use crate::protocol::Dialect;
+use crate::protocol::{Close, Control, Dialect, GapReason};
+use crate::remember::{Key, Recall, Remember};
 use crate::request::{BodyError, RequestError, SubscribeLimits, SubscribeRequest};
 use crate::router::Router;
 use crate::shutdown::Shutdown;
@@ -150,6 +150,8 @@ pub struct Subscriptions {
     pub limits: SubscribeLimits,
     /// New streams' settings.
     pub streams: StreamDefaults,
+    /// Where streams without `Last-Event-ID` left off, when remembered.
+    pub remember: Option<Arc<Remember>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The lifecycle.
@@ -193,6 +195,20 @@ impl Subscriptions {
         let identity = &caller.identity;
         self.check_permission(&caller.subject, &project, &interests)?;
         let slot = self.take_slot(identity, &project, dialect)?;
+        // A client that sends no Last-Event-ID resumes where its last
+        // stream of the same registrations left off, when remembered.
+        let remember = self.remember.as_ref().filter(|r| r.remembers(dialect));
+        let key = remember.map(|_| Key::new(identity, &project, &interests));
+        let mut resume = resume;
+        let mut opening_gap = None;
+        if let (Some(r), Some(k), None) = (remember, &key, resume) {
+            match r.recall(k).await {
+                Recall::Resume(seq) => resume = Some(seq),
+                Recall::WindowPassed => opening_gap = Some(GapReason::WindowPassed),
+                Recall::Unavailable => opening_gap = Some(GapReason::BusUnavailable),
+                Recall::New => {}
+            }
+        }
         let settings = StreamSettings {
             dialect,
             queue_frames: self.streams.queue_frames,
@@ -201,6 +217,7 @@ impl Subscriptions {
             expires_in: caller.remaining(),
             close_timeout: self.streams.close_timeout,
             max_lifetime: self.streams.max_lifetime,
+            starts_at_head: remember.is_some(),
         };
         // A registration an open stream already holds is shared, not copied.
         let interests = interests
@@ -229,10 +246,16 @@ impl Subscriptions {
             stream.hold(Box::new(TouchOnDrop(c.clone())));
             c.touch();
         }
+        if let Some(reason) = opening_gap {
+            stream.open_with(&Control::Gap(reason), 0);
+        }
         self.bus
             .attach(&mut stream, resume)
             .await
             .map_err(SubscribeError::BusUnavailable)?;
+        if let (Some(r), Some(k)) = (remember, key) {
+            stream.hold(Box::new(r.track(k, &handle)));
+        }
         Ok(stream)
     }
 

@@ -60,43 +60,13 @@ async fn the_infisical_proxy_sends_event_streams_to_herald_and_the_rest_to_infis
     let infisical_port = h.infisical.expect("an infisical listener").port();
     // Infisical itself: any server that is not herald (it answers `{}`).
     let infisical = common::idp::Idp::start(serde_json::json!({"keys": []})).await;
-    let port = common::nats::free_low_port();
-    let mut cfg = String::new();
-    let template = std::fs::read_to_string(repo_path("docker/infisical-proxy.cfg")).unwrap();
-    for line in template.lines() {
-        let t = line.trim_start();
-        if t.starts_with("server herald") || t.starts_with("maxconn") {
-            continue;
-        }
-        if t == "bind :80" {
-            cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
-        } else if t.starts_with("server infisical") {
-            cfg.push_str(&format!(
-                "    server infisical 127.0.0.1:{}\n",
-                infisical.addr.port()
-            ));
-        } else {
-            cfg.push_str(line);
-            cfg.push('\n');
-        }
-        if t.starts_with("default-server") {
-            cfg.push_str(&format!(
-                "    server herald1 127.0.0.1:{infisical_port} port {}\n",
-                h.admin.port()
-            ));
-        }
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.cfg");
-    std::fs::write(&path, cfg).unwrap();
-    let mut child = Command::new(haproxy)
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let _ = haproxy;
+    let proxy = common::haproxy::Haproxy::start_infisical(
+        &[(infisical_port, h.admin.port())],
+        infisical.addr.port(),
+    )
+    .await;
+    let port = proxy.port;
     let base = format!("http://127.0.0.1:{port}");
     // Everything but the event path reaches Infisical.
     let other = eventually(WAIT, "the proxy routes to Infisical", || async {
@@ -143,8 +113,6 @@ async fn the_infisical_proxy_sends_event_streams_to_herald_and_the_rest_to_infis
         }
     }
     assert!(seen.contains("\"eventType\":\"secret:update\""), "{seen}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]

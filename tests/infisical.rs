@@ -8,19 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{event, token_for, Herald, HeraldBuilder, WAIT};
-use futures_util::StreamExt;
+use common::infisical::{cli_body, cli_decode, open_at, operator_body, read_paths, Operator};
+use common::{event, token_for, Herald, HeraldBuilder, SUBSCRIBE, WAIT};
 use serde_json::{json, Value};
 
-const SUBSCRIBE: &str = "/api/v1/events/subscribe/project-events";
 const HOUR: Duration = Duration::from_secs(3600);
-const EVENTS: [&str; 4] = [
-    "secret:create",
-    "secret:update",
-    "secret:delete",
-    "secret:import-mutation",
-];
-
 fn start() -> Herald {
     HeraldBuilder::new()
         .env("SERVER__INFISICAL_LISTEN", "127.0.0.1:0")
@@ -28,134 +20,12 @@ fn start() -> Herald {
         .start()
 }
 
-/// What the operator sends for one resource (its headers and body).
-fn operator_body(path: &str) -> Value {
-    let conditions = json!({"secretPath": path, "environmentSlug": "prod"});
-    let register: Vec<Value> = EVENTS
-        .iter()
-        .map(|e| json!({"event": e, "conditions": conditions}))
-        .collect();
-    json!({"projectId": "p1", "register": register})
-}
-
-/// What the CLI proxy sends: one stream per project, no conditions.
-fn cli_body() -> Value {
-    let register: Vec<Value> = EVENTS.iter().map(|e| json!({"event": e})).collect();
-    json!({"projectId": "p1", "register": register})
-}
-
 async fn open(h: &Herald, token: &str, body: &Value) -> reqwest::Response {
     let url = format!(
         "http://{}{SUBSCRIBE}",
         h.infisical.expect("an infisical listener")
     );
-    reqwest::Client::new()
-        .post(url)
-        .bearer_auth(token)
-        .header("content-type", "application/json")
-        .header("accept", "text/event-stream")
-        .header("connection", "keep-alive")
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
-/// One event as the operator dispatches it.
-#[derive(Debug, Clone)]
-struct Dispatched {
-    event: String,
-    id: Option<String>,
-    data: String,
-}
-
-/// The operator's reading of a stream: `field:value` lines (one leading
-/// space dropped), `data` joined with `\n`, a frame dispatched only when it
-/// has an `event:` line (the data of one without stays pending).
-struct Operator {
-    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    buf: Vec<u8>,
-    event: Option<String>,
-    id: Option<String>,
-    data: Vec<String>,
-    pings: usize,
-    lines: Vec<String>,
-    /// The stream ended (not a read time-out).
-    ended: bool,
-}
-
-impl Operator {
-    fn new(resp: reqwest::Response) -> Operator {
-        assert_eq!(resp.status(), 200);
-        assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        Operator {
-            body: Box::pin(resp.bytes_stream()),
-            buf: Vec::new(),
-            event: None,
-            id: None,
-            data: Vec::new(),
-            pings: 0,
-            lines: Vec::new(),
-            ended: false,
-        }
-    }
-
-    /// The next dispatched event other than `ping` (pings are counted).
-    async fn next(&mut self) -> Option<Dispatched> {
-        loop {
-            while let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=nl).collect();
-                let line = String::from_utf8(line[..line.len() - 1].to_vec()).unwrap();
-                assert!(
-                    line.len() < 64 * 1024,
-                    "a line the operator's scanner refuses"
-                );
-                self.lines.push(line.clone());
-                if line.is_empty() {
-                    let Some(event) = self.event.take() else {
-                        continue; // no event: line: the data waits for the next one
-                    };
-                    let d = Dispatched {
-                        event,
-                        id: self.id.clone(),
-                        data: std::mem::take(&mut self.data).join("\n"),
-                    };
-                    if d.event == "ping" {
-                        self.pings += 1;
-                        continue;
-                    }
-                    return Some(d);
-                }
-                let (field, value) = line.split_once(':').unwrap_or((line.as_str(), ""));
-                let value = value.strip_prefix(' ').unwrap_or(value).to_owned();
-                match field {
-                    "event" => self.event = Some(value),
-                    "id" => self.id = Some(value),
-                    "data" => self.data.push(value),
-                    _ => {}
-                }
-            }
-            match tokio::time::timeout(WAIT, self.body.next()).await {
-                Ok(Some(Ok(chunk))) => self.buf.extend_from_slice(&chunk),
-                Ok(_) => {
-                    self.ended = true;
-                    return None;
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
-/// The CLI proxy's payload struct, as it decodes a frame's joined data.
-fn cli_decode(d: &Dispatched) -> Option<(String, Value)> {
-    let joined: String = d.data.lines().map(str::trim).collect();
-    let v: Value = serde_json::from_str(&joined).ok()?;
-    let data = v.get("data")?;
-    Some((
-        data.get("eventType")?.as_str()?.to_owned(),
-        data.get("payload")?.clone(),
-    ))
+    open_at(&url, token, body).await
 }
 
 async fn publish(h: &Herald, ty: &str, path: &str, keys: Value) {
@@ -315,7 +185,12 @@ async fn refusals_and_revocations_carry_a_message() {
             .is_some_and(|s| !(s.contains("plan") && s.contains("not available"))),
         "{m}"
     );
-    assert!(op.next().await.is_none() && op.ended, "the stream ends");
+    // Then the line its scanner fails on: it reconnects after 1 s instead
+    // of waiting for its 2-minute watchdog.
+    assert!(
+        op.next().await.is_none() && op.read_error,
+        "the stream ends"
+    );
 }
 
 #[tokio::test]
@@ -343,7 +218,12 @@ async fn a_hundred_resources_of_one_identity_are_served_on_one_project() {
     let err = over.next().await.expect("an error event");
     assert_eq!(err.event, "error");
     assert!(err.data.contains("100 open streams"), "{}", err.data);
-    assert!(over.next().await.is_none() && over.ended, "and ends");
+    // And ends cleanly: the operator comes back at its watchdog (2 min),
+    // not every second.
+    assert!(
+        over.next().await.is_none() && over.ended && !over.read_error,
+        "and ends"
+    );
     // The native listener keeps its per-identity rule (5 per project,
     // every listener's streams counted).
     let native = h
@@ -392,4 +272,235 @@ async fn the_project_cap_counts_every_identity_but_no_native_stream() {
         1.0
     );
     drop(native);
+}
+
+#[tokio::test]
+async fn clients_without_last_event_id_resume_where_they_left_off() {
+    let h = HeraldBuilder::new()
+        .env("SERVER__INFISICAL_LISTEN", "127.0.0.1:0")
+        .env("STREAM__REPLAY_BUFFER", "8")
+        .env("REMEMBER__WINDOW", "3s")
+        .env("REMEMBER__SAVE_EVERY", "50ms")
+        .start();
+    let token = token_for("reader", HOUR);
+    let saves = "herald_position_saves_total{result=\"ok\"}";
+    let mut op = Operator::new(open(&h, &token, &cli_body()).await);
+    // Saved once it opens (where the bus stands), then after each event.
+    common::eventually(WAIT, "the opening position saved", || async {
+        (h.metric(saves).await >= 1.0).then_some(())
+    })
+    .await;
+    publish(&h, "secret:updated", "/one", json!(["A"])).await;
+    assert_eq!(read_paths(&mut op, 1).await[0].1, "/one");
+    common::eventually(WAIT, "the position saved", || async {
+        (h.metric(saves).await >= 2.0).then_some(())
+    })
+    .await;
+    drop(op);
+    // Missed while away, then a reconnect that sends what the CLI sends.
+    publish(&h, "secret:updated", "/two", json!(["A"])).await;
+    publish(&h, "secret:deleted", "/three", json!(["A"])).await;
+    let mut op = Operator::new(open(&h, &token, &cli_body()).await);
+    publish(&h, "secret:created", "/four", json!(["A"])).await;
+    let got = read_paths(&mut op, 3).await;
+    let paths: Vec<&str> = got.iter().map(|(_, p)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/two", "/three", "/four"],
+        "{got:?}: nothing twice, nothing missed"
+    );
+    assert_eq!(
+        h.metric("herald_position_recalls_total{result=\"resumed\"}")
+            .await,
+        1.0
+    );
+    // Another registration set is another client: nothing to resume, no gap.
+    let mut other = Operator::new(open(&h, &token, &operator_body("/five")).await);
+    publish(&h, "secret:updated", "/five", json!(["A"])).await;
+    assert_eq!(
+        read_paths(&mut other, 1).await,
+        [("secret:update".into(), "/five".into())]
+    );
+    drop(other);
+
+    // Away while more events than herald keeps were published: `gap` (the
+    // operator re-fetches), then what is still kept (each purges the CLI).
+    let before = h.metric(saves).await;
+    publish(&h, "secret:updated", "/six", json!(["A"])).await;
+    let got = read_paths(&mut op, 2).await;
+    assert_eq!((got[0].1.as_str(), got[1].1.as_str()), ("/five", "/six"));
+    common::eventually(WAIT, "the position saved", || async {
+        (h.metric(saves).await > before).then_some(())
+    })
+    .await;
+    drop(op);
+    for i in 0..12 {
+        publish(&h, "secret:updated", &format!("/gone{i}"), json!(["A"])).await;
+    }
+    let mut op = Operator::new(open(&h, &token, &cli_body()).await);
+    let got = read_paths(&mut op, 9).await;
+    assert_eq!(got[0].0, "gap", "{got:?}");
+    let kept: Vec<&str> = got[1..].iter().map(|(_, p)| p.as_str()).collect();
+    let want: Vec<String> = (4..12).map(|i| format!("/gone{i}")).collect();
+    assert_eq!(kept, want);
+    drop(op);
+
+    // Away longer than the window: told `gap` (herald cannot say what was
+    // missed), then live events.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let mut op = Operator::new(open(&h, &token, &cli_body()).await);
+    publish(&h, "secret:updated", "/seven", json!(["A"])).await;
+    let got = read_paths(&mut op, 2).await;
+    assert_eq!(got[0].0, "gap", "{got:?}");
+    assert_eq!(got[1].1, "/seven");
+    assert_eq!(
+        h.metric("herald_position_recalls_total{result=\"window_passed\"}")
+            .await,
+        1.0
+    );
+    // Native streams are not remembered unless configured.
+    assert_eq!(
+        h.metric("herald_position_recalls_total{result=\"new\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn after_a_kill_each_client_gets_what_it_missed_from_another_instance() {
+    let nats = common::nats::NatsServer::start_jetstream();
+    let settings = [
+        ("REMEMBER__SAVE_EVERY", "100ms"),
+        ("SHUTDOWN__GRACE", "0s"),
+        ("SHUTDOWN__DRAIN_WINDOW", "300ms"),
+    ];
+    let common::infisical::Deployment { heralds, proxy, .. } =
+        common::infisical::Deployment::start(&nats, 2, &settings).await;
+    let url = proxy.url(SUBSCRIBE);
+    let token = token_for("reader", HOUR);
+    // Two resources of the operator (each its path) and two CLI proxies
+    // sharing one machine identity (one key, every path).
+    let clients: [Option<&str>; 4] = [Some("/apps"), None, None, Some("/db")];
+    let body = |c: &Option<&str>| c.map_or_else(cli_body, operator_body);
+    let wants = |c: &Option<&str>, p: &str| c.is_none_or(|only| only == p);
+    let per_round = |c: &Option<&str>| if c.is_none() { 2 } else { 1 };
+    let conns = |h: &Herald| {
+        let url = h.admin_url("/metrics");
+        async move {
+            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("herald_connections "))
+                .map_or(0, |v| v.parse::<f64>().unwrap() as usize)
+        }
+    };
+    // Where least-connections put each stream.
+    let mut streams = Vec::new();
+    let mut placed = Vec::new();
+    for c in &clients {
+        let before = [conns(&heralds[0]).await, conns(&heralds[1]).await];
+        streams.push(Operator::new(open_at(&url, &token, &body(c)).await));
+        let after = [conns(&heralds[0]).await, conns(&heralds[1]).await];
+        placed.push(usize::from(after[1] > before[1]));
+    }
+    // The instance to kill holds an operator stream and a CLI stream.
+    let victim = (0..2)
+        .find(|v| {
+            let kinds: Vec<bool> = (0..4)
+                .filter(|i| placed[*i] == *v)
+                .map(|i| clients[i].is_none())
+                .collect();
+            kinds.contains(&true) && kinds.contains(&false)
+        })
+        .unwrap_or_else(|| panic!("placement {placed:?} puts no operator and CLI stream together"));
+    let survivor = 1 - victim;
+    let publish = |path: &'static str| {
+        let h = &heralds[survivor];
+        async move {
+            let mut e = event("secret:updated", "p1", "prod", path);
+            e["data"]["secretKeys"] = json!(["K"]);
+            let r = h.publish_raw(&token_for("dev-publisher", HOUR), &e).await;
+            assert_eq!(r.status(), 202);
+        }
+    };
+    publish("/apps").await;
+    publish("/db").await;
+    for (c, s) in clients.iter().zip(streams.iter_mut()) {
+        let got = read_paths(s, per_round(c)).await;
+        assert_eq!(got.len(), per_round(c), "{c:?}: {got:?}");
+    }
+    let saves = "herald_position_saves_total{result=\"ok\"}";
+    common::eventually(WAIT, "every stream's position saved", || async {
+        let n = heralds[0].metric(saves).await + heralds[1].metric(saves).await;
+        (n >= 4.0).then_some(())
+    })
+    .await;
+
+    heralds[victim].signal("KILL");
+    let gone = heralds[victim].admin_url("/healthz");
+    common::eventually(WAIT, "the killed instance gone", || async {
+        reqwest::get(&gone).await.is_err().then_some(())
+    })
+    .await;
+    publish("/apps").await; // missed by the streams the killed instance held
+    publish("/db").await;
+    let mut back = Vec::new();
+    let mut stayed = Vec::new();
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let c = &clients[i];
+        let got = read_paths(&mut s, per_round(c)).await;
+        if placed[i] == victim {
+            assert!(s.ended && got.is_empty(), "{c:?}: {got:?}");
+            back.push(i);
+        } else {
+            assert_eq!(got.len(), per_round(c), "{c:?}: {got:?}");
+            assert!(
+                got.iter().all(|(e, p)| e == "secret:update" && wants(c, p)),
+                "{got:?}"
+            );
+            stayed.push((i, s));
+        }
+    }
+    // They come back as the clients do, without Last-Event-ID: what they
+    // missed, then live events, each once.
+    let mut reopened = Vec::new();
+    for i in back {
+        reopened.push((
+            i,
+            Operator::new(open_at(&url, &token, &body(&clients[i])).await),
+        ));
+    }
+    publish("/apps").await;
+    publish("/db").await;
+    for (i, s) in reopened.iter_mut() {
+        let c = &clients[*i];
+        let got = read_paths(s, 2 * per_round(c)).await;
+        let paths: Vec<&str> = got.iter().map(|(_, p)| p.as_str()).collect();
+        let want: Vec<&str> = ["/apps", "/db", "/apps", "/db"]
+            .into_iter()
+            .filter(|p| wants(c, p))
+            .collect();
+        assert_eq!(paths, want, "{c:?} after the kill: {got:?}");
+        assert!(
+            got.iter().all(|(e, _)| e == "secret:update"),
+            "no gap: {got:?}"
+        );
+    }
+    for (i, s) in stayed.iter_mut() {
+        let c = &clients[*i];
+        let got = read_paths(s, per_round(c)).await;
+        assert_eq!(got.len(), per_round(c), "{c:?}: {got:?}");
+        assert!(got.iter().all(|(_, p)| wants(c, p)), "{got:?}");
+    }
+    let resumed = "herald_position_recalls_total{result=\"resumed\"}";
+    assert_eq!(heralds[survivor].metric(resumed).await, 2.0);
+
+    // Drained, through the proxy: `reconnect` (the operator re-fetches),
+    // then the line its scanner fails on (it reconnects after 1 s, not at
+    // its 2-minute watchdog).
+    heralds[survivor].terminate();
+    for (_, s) in reopened.iter_mut().chain(stayed.iter_mut()) {
+        let told = s.next().await.expect("a reconnect event");
+        assert_eq!(told.event, "reconnect");
+        assert!(s.next().await.is_none() && s.read_error, "a read error");
+    }
 }

@@ -121,6 +121,11 @@ impl EmbeddedBus {
     }
 
     pub(super) fn attach(&self, stream: &mut SseStream, resume_from: Option<u64>) {
+        if resume_from.is_none() && stream.starts_at_head() {
+            // Read before the stream is registered: it has every event after it.
+            let newest = self.ring.lock().newest;
+            stream.start_after(newest);
+        }
         // Registered first: what enters the ring after the copy below is
         // dispatched to this stream.
         let reg = self.router.add(stream.handle().clone());

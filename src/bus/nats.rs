@@ -399,6 +399,15 @@ impl NatsBus {
             bus: self.clone(),
             subjects,
         }));
+        // A remembered stream on a subscription that has seen nothing yet
+        // starts at the replay stream's newest event, read before the stream
+        // is registered (so it has every event after it).
+        let mut head = 0;
+        if let (None, Some(replay), true) = (resume_from, &self.replay, stream.starts_at_head()) {
+            if lasts.iter().all(|l| l.load(Ordering::Acquire) == 0) && self.is_connected() {
+                head = replay.last_sequence().await.unwrap_or(0);
+            }
+        }
         // Registered under the dispatch lock: every event after `stands_at`
         // reaches the stream, so an in-place resume may start there.
         let (reg, stands_at) = {
@@ -408,7 +417,7 @@ impl NatsBus {
         };
         stream.hold(Box::new(reg));
         if self.replay.is_some() {
-            stream.start_after(resume_from.unwrap_or(stands_at));
+            stream.start_after(resume_from.unwrap_or(stands_at.max(head)));
         }
         if !self.is_connected() {
             if self.replay.is_some() && self.link.outage_pending() {

@@ -289,6 +289,21 @@ impl Replay {
         Ok(ack.sequence)
     }
 
+    /// The sequence of the newest event stored.
+    pub async fn last_sequence(&self) -> Result<u64, BusError> {
+        let info = async {
+            let mut stream = self.js.get_stream(&self.cfg.stream).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                stream.info().await?.state.last_sequence,
+            )
+        };
+        match tokio::time::timeout(self.timeout, info).await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(e)) => Err(BusError::with_source(BusErrorKind::Replay, e)),
+            Err(_) => Err(BusError::new(BusErrorKind::Timeout).doing("reading the stream's state")),
+        }
+    }
+
     /// Reads the events of `project` stored after sequence `after`, once
     /// one of the `replay.max_concurrent_reads` slots is free (reads are
     /// served in the order they asked).

@@ -87,6 +87,26 @@ pub fn error_frame(message: &str) -> Bytes {
     )
 }
 
+/// How many bytes the line that ends a stream holds: more than the 64 KiB
+/// both clients' line scanners take, so that reading it is a read error.
+pub const END_LINE: usize = 64 * 1024 + 64;
+
+/// What ends every stream herald closes, after its closing event: one
+/// comment line longer than both clients' scanners take. The operator
+/// treats a clean end (and a close without the chunk terminator) as
+/// nothing and stays blind until its 2-minute watchdog; a read error makes
+/// it reconnect after 1 s. The CLI reconnects after any end. A comment:
+/// any other SSE reader skips it.
+fn end_line() -> &'static [u8] {
+    static LINE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    LINE.get_or_init(|| {
+        let mut l = b": herald closed this stream; reconnect".to_vec();
+        l.resize(END_LINE, b' ');
+        l.push(b'\n');
+        l
+    })
+}
+
 pub(super) fn control(control: &Control) -> Bytes {
     let (name, message) = match control {
         Control::Gap(reason) => ("gap", reason.message().to_owned()),
@@ -95,12 +115,19 @@ pub(super) fn control(control: &Control) -> Bytes {
         }
         Control::Close(close) => ("error", super::native::error_message(close)),
     };
-    sse::message_bytes(
+    let frame = sse::message_bytes(
         None,
         None,
         name,
         Some(&json!({"message": message}).to_string()),
-    )
+    );
+    if !matches!(control, Control::Close(_)) {
+        return frame;
+    }
+    let mut closing = Vec::with_capacity(frame.len() + END_LINE + 1);
+    closing.extend_from_slice(&frame);
+    closing.extend_from_slice(end_line());
+    Bytes::from(closing)
 }
 
 #[cfg(test)]
@@ -206,6 +233,12 @@ mod tests {
         let e = d.encode_control(&Control::Close(Close::TokenExpired), 3);
         let t = std::str::from_utf8(&e).unwrap();
         assert!(t.starts_with("event: error\ndata: {\"message\":"), "{t}");
+        // Then the line both clients' scanners fail on (a prompt reconnect).
+        let (event, rest) = t.split_once("\n\n").unwrap();
+        assert!(event.len() < 1024);
+        assert!(rest.starts_with(": herald closed this stream"));
+        assert!(rest.ends_with('\n') && rest.len() > 64 * 1024 + 1);
+        assert_eq!(rest.matches('\n').count(), 1, "one line");
         let g = d.encode_control(&Control::Gap(GapReason::Expired), 3);
         assert!(std::str::from_utf8(&g).unwrap().starts_with("event: gap\n"));
         // The operator stops retrying for good on this wording.

@@ -155,6 +155,9 @@ pub enum GapReason {
     BusReconnected,
     /// The bus dropped messages (a NATS slow consumer).
     BusOverflow,
+    /// The client, which sends no `Last-Event-ID`, was away longer than
+    /// herald remembers where it left off (`remember.window`).
+    WindowPassed,
 }
 
 impl GapReason {
@@ -168,6 +171,7 @@ impl GapReason {
             GapReason::ReplayUnavailable => "replay_unavailable",
             GapReason::BusReconnected => "bus_reconnected",
             GapReason::BusOverflow => "bus_overflow",
+            GapReason::WindowPassed => "window_passed",
         }
     }
 
@@ -184,6 +188,9 @@ impl GapReason {
             }
             GapReason::BusReconnected | GapReason::BusOverflow => {
                 "events may have been missed; resync"
+            }
+            GapReason::WindowPassed => {
+                "this client was away longer than herald remembers where it left off; resync"
             }
         }
     }

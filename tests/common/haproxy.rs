@@ -13,6 +13,40 @@ pub struct Haproxy {
     _dir: tempfile::TempDir,
 }
 
+/// The shipped config `template` with its `herald` servers replaced by
+/// `backends` (public port, admin port) and each line `rewrite` answers
+/// replaced by its answer.
+fn configure(
+    template: &str,
+    backends: &[(u16, u16)],
+    rewrite: impl Fn(&str) -> Option<String>,
+) -> String {
+    let text = std::fs::read_to_string(repo_path(template)).expect(template);
+    let mut cfg = String::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with("server herald") {
+            continue;
+        }
+        match rewrite(t) {
+            Some(r) => cfg.push_str(&r),
+            None => {
+                cfg.push_str(line);
+                cfg.push('\n');
+            }
+        }
+        if t.starts_with("default-server") {
+            for (i, (public, admin)) in backends.iter().enumerate() {
+                cfg.push_str(&format!(
+                    "    server herald{} 127.0.0.1:{public} port {admin}\n",
+                    i + 1
+                ));
+            }
+        }
+    }
+    cfg
+}
+
 impl Haproxy {
     /// Starts haproxy in front of `backends` (public port, admin port) and
     /// waits until every backend is up in its health checks.
@@ -22,40 +56,35 @@ impl Haproxy {
 
     /// [`start`](Self::start), taking up to `maxconn` connections.
     pub async fn start_with(backends: &[(u16, u16)], maxconn: usize) -> Haproxy {
-        let template =
-            std::fs::read_to_string(repo_path("docker/haproxy.cfg")).expect("docker/haproxy.cfg");
         let port = free_low_port();
         let stats = free_low_port();
-        let mut cfg = String::new();
-        for line in template.lines() {
-            let t = line.trim_start();
-            if t.starts_with("server herald") {
-                continue;
-            }
+        let cfg = configure("docker/haproxy.cfg", backends, |t| match t {
             // The production maxconn needs a raised file limit; tests need few.
-            if t.starts_with("maxconn") {
-                cfg.push_str(&format!("    maxconn {maxconn}\n"));
-                continue;
+            _ if t.starts_with("maxconn") => Some(format!("    maxconn {maxconn}\n")),
+            "bind :8080" => Some(format!("    bind 127.0.0.1:{port}\n")),
+            "bind :8404" => Some(format!("    bind 127.0.0.1:{stats}\n")),
+            _ => None,
+        });
+        Self::launch(cfg, port, backends.len()).await
+    }
+
+    /// haproxy from docker/infisical-proxy.cfg: Infisical's event path to
+    /// `backends` (Infisical-listener port, admin port), the rest to the
+    /// server on `infisical`.
+    pub async fn start_infisical(backends: &[(u16, u16)], infisical: u16) -> Haproxy {
+        let port = free_low_port();
+        let cfg = configure("docker/infisical-proxy.cfg", backends, |t| match t {
+            _ if t.starts_with("maxconn") => Some(String::new()),
+            "bind :80" => Some(format!("    bind 127.0.0.1:{port}\n")),
+            _ if t.starts_with("server infisical") => {
+                Some(format!("    server infisical 127.0.0.1:{infisical}\n"))
             }
-            if t == "bind :8080" {
-                cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
-                continue;
-            }
-            if t == "bind :8404" {
-                cfg.push_str(&format!("    bind 127.0.0.1:{stats}\n"));
-                continue;
-            }
-            cfg.push_str(line);
-            cfg.push('\n');
-            if t.starts_with("default-server") {
-                for (i, (public, admin)) in backends.iter().enumerate() {
-                    cfg.push_str(&format!(
-                        "    server herald{} 127.0.0.1:{public} port {admin}\n",
-                        i + 1
-                    ));
-                }
-            }
-        }
+            _ => None,
+        });
+        Self::launch(cfg, port, backends.len()).await
+    }
+
+    async fn launch(mut cfg: String, port: u16, backends: usize) -> Haproxy {
         // The stats page, to wait for healthy backends.
         let stats_port = free_low_port();
         cfg.push_str(&format!(
@@ -87,7 +116,7 @@ impl Haproxy {
             stats_port,
             _dir: dir,
         };
-        for i in 0..backends.len() {
+        for i in 0..backends {
             h.wait_server(&format!("herald{}", i + 1), "UP").await;
         }
         h.wait_routing().await;

@@ -11,6 +11,7 @@
 pub mod eventsource;
 pub mod haproxy;
 pub mod idp;
+pub mod infisical;
 pub mod nats;
 pub mod sse;
 pub mod topology;
