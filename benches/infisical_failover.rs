@@ -200,8 +200,14 @@ async fn fault(client: Client, kill: bool) -> Outcome {
         let at = publish(other, path).await;
         let _ = tx.send(Some(at));
     };
-    let (outcome, ()) = tokio::join!(follow, publish);
-    outcome
+    let limit = Duration::from_secs(300);
+    match tokio::time::timeout(limit, async { tokio::join!(follow, publish).0 }).await {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome {
+            consistent_after: limit,
+            story: vec!["NOT consistent within 300 s".into()],
+        },
+    }
 }
 
 /// Both clients connected for `secs`: neither liveness rule may fire.

@@ -22,6 +22,8 @@ use crate::http::admin::Admin;
 use crate::http::api::{Api, BodyLimits};
 use crate::http::cors::Cors;
 use crate::http::{self, ServeOptions};
+use crate::ingest::webhook::Receiver;
+use crate::ingest::{Ingest, SourceId};
 use crate::limits::{ConnectionLimiter, RateLimiter};
 use crate::metrics::Metrics;
 use crate::policy::{Authorizer, PolicySource, Problems, Reloader};
@@ -41,6 +43,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Bound address of the Infisical-dialect listener, when configured.
     pub infisical_addr: Option<SocketAddr>,
+    /// Bound address of the webhook receiver, when configured.
+    pub webhook_addr: Option<SocketAddr>,
     config: Config,
     core: Core,
     tasks: Vec<JoinHandle<()>>,
@@ -57,6 +61,7 @@ struct Core {
     local: Arc<LocalView>,
     limiter: Arc<ConnectionLimiter>,
     remember: Option<Arc<Remember>>,
+    ingest: Option<Arc<Ingest>>,
     shutdown: Shutdown,
 }
 
@@ -138,6 +143,25 @@ pub async fn start(
             close_deadline,
         )));
     }
+    let mut webhook_addr = None;
+    if let (Some(addr), Some(ingest)) = (config.ingest.webhook.listen, &core.ingest) {
+        let l = listen(addr, "ingest.webhook.listen")?;
+        webhook_addr = Some(l.local_addr()?);
+        let receiver = Receiver::new(
+            config.ingest.webhook.clone(),
+            ingest.clone(),
+            config.limits.max_event_bytes,
+            config.server.body_read_timeout,
+        );
+        ingest.connected(SourceId::Webhook, true, None);
+        tasks.push(tokio::spawn(http::serve(
+            l,
+            Arc::new(receiver),
+            opts,
+            core.shutdown.clone(),
+            close_deadline,
+        )));
+    }
     tasks.extend(background(&config, &core, &policy));
     tasks.extend(verifier.run(|| {
         let s = core.shutdown.clone();
@@ -147,6 +171,7 @@ pub async fn start(
         public_addr,
         admin_addr,
         infisical_addr,
+        webhook_addr,
         config,
         core,
         tasks,
@@ -207,6 +232,15 @@ async fn core(
         (Bus::Nats(bus), Some(cluster))
     };
     let remember = remember(config, &bus, &metrics);
+    let bus = Arc::new(bus);
+    let ingest = config.ingest.enabled().then(|| {
+        Arc::new(Ingest::new(
+            &config.ingest,
+            bus.clone(),
+            router.clone(),
+            metrics.clone(),
+        ))
+    });
     let cap = crate::rlimit::stream_cap(&config.limits, crate::rlimit::current());
     let limiter = Arc::new(ConnectionLimiter::new(&config.limits, cap));
     let local = Arc::new(LocalView {
@@ -219,11 +253,12 @@ async fn core(
         metrics,
         authorizer,
         router,
-        bus: Arc::new(bus),
+        bus,
         cluster,
         local,
         limiter,
         remember,
+        ingest,
         shutdown: Shutdown::new(),
     })
 }
@@ -311,6 +346,7 @@ fn admin_api(core: &Core, verifier: Arc<Verifier>) -> Admin {
         cluster: core.cluster.clone(),
         local: core.local.clone(),
         shutdown: core.shutdown.clone(),
+        ingest: core.ingest.clone(),
     }
 }
 
@@ -330,6 +366,14 @@ fn background(config: &Config, core: &Core, policy: &PolicySource) -> Vec<JoinHa
     let mut tasks = vec![tokio::spawn(reloader.run(watch, interval, stopped()))];
     if let Some(r) = &core.remember {
         tasks.push(tokio::spawn(r.clone().run(stopped())));
+    }
+    if let (Some(ingest), true) = (&core.ingest, config.ingest.redis.url.is_some()) {
+        tasks.push(tokio::spawn(crate::ingest::redis::run(
+            config.ingest.redis.clone(),
+            ingest.clone(),
+            config.limits.max_event_bytes,
+            stopped(),
+        )));
     }
     if let (Some(cluster), Bus::Nats(nats)) = (core.cluster.clone(), &*core.bus) {
         let (summary, local) = (core.metrics.clone(), core.local.clone());

@@ -430,12 +430,16 @@ async fn serve(args: ServeArgs, mut cfg: Config) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "herald ready public={} admin={}{}",
+        "herald ready public={} admin={}{}{}",
         running.public_addr,
         running.admin_addr,
         running
             .infisical_addr
             .map(|a| format!(" infisical={a}"))
+            .unwrap_or_default(),
+        running
+            .webhook_addr
+            .map(|a| format!(" webhook={a}"))
             .unwrap_or_default()
     );
     if let Some(secret) = dev_secret {

@@ -19,6 +19,7 @@ pub use crate::bus::nats::NatsConfig;
 pub use crate::bus::replay::ReplayConfig;
 pub use crate::http::cors::CorsConfig;
 pub use crate::http::ServerConfig;
+pub use crate::ingest::IngestConfig;
 pub use crate::limits::LimitsConfig;
 pub use crate::policy::PolicyConfig;
 pub use crate::remember::RememberConfig;
@@ -50,6 +51,8 @@ pub struct Config {
     pub replay: ReplayConfig,
     /// Where streams without `Last-Event-ID` left off.
     pub remember: RememberConfig,
+    /// Events from a stock Infisical: webhooks, its Redis bus.
+    pub ingest: IngestConfig,
 }
 
 /// A configuration problem, naming the key (and how to set it).
@@ -109,6 +112,8 @@ impl Config {
         self.nats.validate()?;
         self.replay.validate(!self.nats.urls.is_empty())?;
         self.remember.validate()?;
+        self.ingest
+            .validate(!self.nats.urls.is_empty(), self.replay.enabled)?;
         Ok(())
     }
 

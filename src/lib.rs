@@ -61,6 +61,7 @@ pub mod delivery;
 pub mod event;
 pub mod http;
 pub mod ident;
+pub mod ingest;
 pub mod interest;
 pub mod limits;
 pub mod metrics;

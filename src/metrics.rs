@@ -71,10 +71,23 @@ pub struct Metrics {
     /// Introspection answers, by issuer and result.
     pub introspections: IntCounterVec,
     /// Reconnects without `Last-Event-ID` looked up in the remembered
-    /// positions, by result (`resumed`, `window_passed`, `new`, `unavailable`).
+    /// positions, by result (`resumed`, `resumed_after_gap`, `window_passed`,
+    /// `new`, `unavailable`).
     pub position_recalls: IntCounterVec,
     /// Remembered positions saved, by result (`ok`, `error`, `full`).
     pub position_saves: IntCounterVec,
+    /// Ingested messages received, by source.
+    pub ingest_received: IntCounterVec,
+    /// Ingested events published, by source (first stored).
+    pub ingest_published: IntCounterVec,
+    /// Ingested messages taken before (replayed, or stored by another instance).
+    pub ingest_duplicates: IntCounterVec,
+    /// Ingested messages not taken, by source and reason.
+    pub ingest_dropped: IntCounterVec,
+    /// When each source's last event was published (UNIX seconds).
+    pub ingest_last_event: IntGaugeVec,
+    /// 1 while a source is connected (the webhook receiver: listening).
+    pub ingest_connected: IntGaugeVec,
 }
 
 fn labelled<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -306,7 +319,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "herald_position_recalls_total",
-                        "Streams opened without Last-Event-ID that looked up where they left off, by result (resumed, window_passed, new, unavailable).",
+                        "Streams opened without Last-Event-ID that looked up where they left off, by result (resumed, resumed_after_gap, window_passed, new, unavailable).",
                     ),
                     &["result"],
                 )
@@ -320,6 +333,72 @@ impl Metrics {
                         "Remembered stream positions written, by result (ok, error, full).",
                     ),
                     &["result"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            ingest_received: labelled(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "herald_ingest_received_total",
+                        "Messages received from each ingest source.",
+                    ),
+                    &["source"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            ingest_published: labelled(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "herald_ingest_published_total",
+                        "Ingested events published (stored first) by source.",
+                    ),
+                    &["source"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            ingest_duplicates: labelled(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "herald_ingest_duplicates_total",
+                        "Ingested messages taken before (a replayed delivery, or one another instance stored), by source.",
+                    ),
+                    &["source"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            ingest_dropped: labelled(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "herald_ingest_dropped_total",
+                        "Ingested messages not taken, by source and reason.",
+                    ),
+                    &["source", "reason"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            ingest_last_event: labelled(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "herald_ingest_last_event_timestamp_seconds",
+                        "When each ingest source last published an event, in UNIX seconds.",
+                    ),
+                    &["source"],
+                )
+                .expect("static metric definition is valid"),
+            ),
+            ingest_connected: labelled(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "herald_ingest_connected",
+                        "1 while an ingest source is connected (Redis subscribed; the webhook receiver listening).",
+                    ),
+                    &["source"],
                 )
                 .expect("static metric definition is valid"),
             ),
@@ -375,7 +454,13 @@ impl Metrics {
         zero(&m.decision_cache, &["hit", "miss"]);
         zero(
             &m.position_recalls,
-            &["resumed", "window_passed", "new", "unavailable"],
+            &[
+                "resumed",
+                "resumed_after_gap",
+                "window_passed",
+                "new",
+                "unavailable",
+            ],
         );
         zero(&m.position_saves, &["ok", "error", "full"]);
         m.cluster_instances.set(1);

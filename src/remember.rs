@@ -12,16 +12,20 @@
 //! positions were all saved earlier (and are still kept, up to
 //! `forget_after`), the stream opens with `gap` (`window_passed`).
 //!
+//! The position saved is the one the stream had `margin` ago, not the last
+//! it wrote: herald knows what it wrote, not what a client read, and a
+//! connection that died without a reset swallows what is written into it
+//! until the client notices. A resume repeats, rather than misses.
+//!
 //! Where positions live: in NATS mode a JetStream key-value bucket every
 //! instance reads (so a client served by a killed instance is resumed by
-//! another), embedded in this process's memory. A position is saved at most
-//! `save_every` late: after a kill, a client may get again what it was sent
-//! in that last moment, never less than it missed. Stored values are read
-//! as untrusted: anything malformed is a key with nothing remembered.
+//! another), embedded in this process's memory. Stored values are read as
+//! untrusted: a value that is not positions makes the stream open with
+//! `gap`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -53,9 +57,17 @@ pub struct RememberConfig {
     /// How often open streams' positions are saved.
     #[serde(with = "humantime_serde")]
     pub save_every: Duration,
+    /// How far behind a stream's position the saved one is kept, so that
+    /// what was written into a connection that had silently died (buffered
+    /// by the kernel or a proxy; the operator notices after up to 2.5
+    /// minutes) is sent again: a resume may repeat up to this much, never
+    /// miss it. `0s`: the position as written.
+    #[serde(with = "humantime_serde")]
+    pub margin: Duration,
     /// The JetStream key-value bucket (NATS mode with replay).
     pub bucket: String,
-    /// Most positions kept in memory (embedded mode).
+    /// Most keys kept (in memory; in the bucket, its size bound): beyond
+    /// it the longest unsaved are forgotten.
     pub max_entries: usize,
 }
 
@@ -66,6 +78,7 @@ impl Default for RememberConfig {
             window: Duration::from_secs(600),
             forget_after: Duration::from_secs(24 * 3600),
             save_every: Duration::from_secs(1),
+            margin: Duration::from_secs(150),
             bucket: "HERALD_POSITIONS".into(),
             max_entries: 200_000,
         }
@@ -101,6 +114,7 @@ impl RememberConfig {
             Duration::from_millis(50),
             self.window,
         )?;
+        setting::duration("remember.margin", self.margin, Duration::ZERO, self.window)?;
         let bucket_ok = !self.bucket.is_empty()
             && self.bucket.len() <= 64
             && self
@@ -170,7 +184,10 @@ pub struct Saved {
 /// Most streams one key keeps positions of: more at once (clients sharing
 /// an identity and registrations) drop the furthest ahead, which never
 /// makes a resume start later.
-pub const STREAMS_PER_KEY: usize = 16;
+pub const STREAMS_PER_KEY: usize = 32;
+
+/// How far in the future a saved time may be (clock skew between instances).
+const FUTURE_SKEW_MS: u64 = 60_000;
 
 /// Longest stored value read: [`STREAMS_PER_KEY`] lines of three u64s.
 const MAX_VALUE: usize = STREAMS_PER_KEY * 61;
@@ -236,22 +253,31 @@ impl Entries {
         Some(Entries(out))
     }
 
-    /// Where a reconnect of this key starts, at `now_ms`.
+    /// Where a reconnect of this key starts, at `now_ms`: the earliest
+    /// position saved within the window; `gap` too when a position kept
+    /// longer is earlier still (a client of the key that was away longer
+    /// than the window may be the one back). A position saved in the
+    /// future (beyond a minute of clock skew) is not one. 0 is one: before
+    /// anything retained (a stream opened on an empty replay stream).
     fn recall(&self, now_ms: u64, window: u64, forget: u64) -> Recall {
-        let age = |s: &Saved| now_ms.saturating_sub(s.at_ms);
-        if let Some(seq) = self
-            .0
-            .iter()
-            .filter(|s| age(s) <= window)
-            .map(|s| s.seq)
-            .min()
-        {
-            return Recall::Resume(seq);
+        let valid = self.0.iter().filter(|s| {
+            s.at_ms <= now_ms.saturating_add(FUTURE_SKEW_MS)
+                && now_ms.saturating_sub(s.at_ms) <= forget
+        });
+        let (mut within, mut before) = (None::<u64>, None::<u64>);
+        for s in valid {
+            let slot = if now_ms.saturating_sub(s.at_ms) <= window {
+                &mut within
+            } else {
+                &mut before
+            };
+            *slot = Some(slot.map_or(s.seq, |m| m.min(s.seq)));
         }
-        if self.0.iter().any(|s| age(s) <= forget) {
-            Recall::WindowPassed
-        } else {
-            Recall::New
+        match (within, before) {
+            (Some(w), Some(b)) if b < w => Recall::ResumeAfterGap(w),
+            (Some(w), _) => Recall::Resume(w),
+            (None, Some(_)) => Recall::WindowPassed,
+            (None, None) => Recall::New,
         }
     }
 
@@ -301,6 +327,9 @@ fn now_ms() -> u64 {
 pub enum Recall {
     /// Resume after this id.
     Resume(u64),
+    /// Resume after this id, but tell it `gap` first: a client of the key
+    /// may have been away longer than the window.
+    ResumeAfterGap(u64),
     /// It was here longer ago than the window: tell it `gap`.
     WindowPassed,
     /// Nothing remembered: a new stream.
@@ -313,6 +342,7 @@ impl Recall {
     fn label(self) -> &'static str {
         match self {
             Recall::Resume(_) => "resumed",
+            Recall::ResumeAfterGap(_) => "resumed_after_gap",
             Recall::WindowPassed => "window_passed",
             Recall::New => "new",
             Recall::Unavailable => "unavailable",
@@ -338,13 +368,56 @@ struct Bucket {
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
-/// One stream being tracked.
+/// One stream being tracked: its positions over the last `margin`
+/// (sampled), so that the one saved is from `margin` ago.
 struct Tracked {
     key: Key,
     stream: u64,
     handle: Arc<StreamHandle>,
-    saved: u64,
-    saved_at: std::time::Instant,
+    /// (when, position), oldest first; the first is the newest older than
+    /// `margin` (or the stream's start).
+    history: std::collections::VecDeque<(Instant, u64)>,
+    /// The position last saved, once one was.
+    saved: Option<u64>,
+    saved_at: Instant,
+}
+
+/// How many samples a stream's history keeps over its margin.
+const SAMPLES_PER_MARGIN: u32 = 8;
+
+impl Tracked {
+    /// Takes a sample of the position now; returns the position to save
+    /// (as of `margin` ago).
+    fn sample(&mut self, now: Instant, margin: Duration) -> u64 {
+        let at = self.handle.position();
+        let spacing = margin / SAMPLES_PER_MARGIN;
+        let due = match self.history.back() {
+            Some((_, p)) if *p == at => false,
+            // Within one spacing of the last sample: skipped (the older
+            // position stands for the time: a resume starts earlier, never
+            // later).
+            Some((t, _)) => now.duration_since(*t) >= spacing,
+            None => true,
+        };
+        if due {
+            self.history.push_back((now, at));
+        }
+        // Drop samples made redundant: keep the newest older than margin.
+        while self.history.len() > 1
+            && self
+                .history
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= margin)
+        {
+            self.history.pop_front();
+        }
+        match self.history.front() {
+            Some((t, p)) if now.duration_since(*t) >= margin => *p,
+            // Younger than the margin: where it started.
+            Some((_, p)) => *p,
+            None => at,
+        }
+    }
 }
 
 /// Remembered positions and the streams whose positions are saved.
@@ -352,10 +425,16 @@ pub struct Remember {
     cfg: RememberConfig,
     store: Store,
     tracked: Mutex<HashMap<u64, Tracked>>,
-    /// Last positions of streams that ended, saved on the next round.
-    ended: Mutex<Vec<(Key, u64, u64)>>,
+    /// Positions to save on the next round (streams that ended, saves
+    /// that failed).
+    pending: Mutex<Vec<(Key, u64, u64)>>,
+    /// Wakes the saver early (a new stream's first position).
+    wake: tokio::sync::Notify,
     metrics: Arc<Metrics>,
 }
+
+/// The longest a new stream waits for its remembered position.
+const RECALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Most saves in flight at once on a key-value bucket.
 const CONCURRENT_SAVES: usize = 64;
@@ -391,7 +470,8 @@ impl Remember {
             cfg,
             store,
             tracked: Mutex::new(HashMap::new()),
-            ended: Mutex::new(Vec::new()),
+            pending: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
             metrics,
         }
     }
@@ -425,16 +505,20 @@ impl Remember {
     /// lives, and once more when it is dropped.
     pub fn track(self: &Arc<Self>, key: Key, handle: &Arc<StreamHandle>) -> TrackGuard {
         let stream = rand::random::<u64>();
+        let now = Instant::now();
         self.tracked.lock().insert(
             handle.id,
             Tracked {
                 key,
                 stream,
                 handle: handle.clone(),
-                saved: 0,
-                saved_at: std::time::Instant::now(),
+                history: [(now, handle.position())].into_iter().collect(),
+                saved: None,
+                saved_at: now,
             },
         );
+        // Its first position is saved now, not at the next round.
+        self.wake.notify_one();
         TrackGuard {
             remember: self.clone(),
             stream: handle.id,
@@ -450,7 +534,12 @@ impl Remember {
         loop {
             tokio::select! {
                 _ = &mut stop => break,
-                _ = tick.tick() => self.save_moved().await,
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
+            }
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = self.save_moved() => {}
             }
         }
         self.save_moved().await;
@@ -458,16 +547,18 @@ impl Remember {
 
     /// Saves the positions that moved since they were last saved (and,
     /// every quarter window, those that did not: a saved position counts
-    /// for a window), and the last positions of streams that ended.
+    /// for a window), the last positions of streams that ended, and the
+    /// saves that failed before. One write per key.
     pub async fn save_moved(&self) {
-        let mut batch = std::mem::take(&mut *self.ended.lock());
+        let mut batch = std::mem::take(&mut *self.pending.lock());
         let refresh = self.cfg.window / 4;
+        let now = Instant::now();
         for t in self.tracked.lock().values_mut() {
-            let at = t.handle.position();
-            let due = at > t.saved || (at > 0 && t.saved_at.elapsed() >= refresh);
+            let at = t.sample(now, self.cfg.margin);
+            let due = t.saved != Some(at) || now.duration_since(t.saved_at) >= refresh;
             if due {
-                t.saved = at;
-                t.saved_at = std::time::Instant::now();
+                t.saved = Some(at);
+                t.saved_at = now;
                 batch.push((t.key.clone(), t.stream, at));
             }
         }
@@ -475,63 +566,79 @@ impl Remember {
             return;
         }
         let at_ms = now_ms();
+        let mut by_key: HashMap<Key, Vec<Saved>> = HashMap::new();
+        for (key, stream, seq) in batch {
+            let e = by_key.entry(key).or_default();
+            // The later save of one stream wins.
+            e.retain(|s| s.stream != stream);
+            e.push(Saved { stream, seq, at_ms });
+        }
         let (window, forget) = (millis(self.cfg.window), millis(self.cfg.forget_after));
-        let saves = batch
-            .into_iter()
-            .map(move |(key, stream, seq)| (key, Saved { stream, seq, at_ms }));
         match &self.store {
             Store::Local(map) => {
                 let mut map = map.lock();
                 if map.len() >= self.cfg.max_entries {
-                    map.retain(|_, e| e.0.iter().any(|s| at_ms.saturating_sub(s.at_ms) <= forget));
+                    forget_oldest(&mut map, self.cfg.max_entries);
                 }
-                for (key, saved) in saves {
-                    let result = if map.len() < self.cfg.max_entries || map.contains_key(&key) {
-                        let e = map.remove(&key).unwrap_or_default();
-                        map.insert(key, e.with(saved, window, forget));
-                        "ok"
-                    } else {
-                        "full"
-                    };
-                    self.metrics
-                        .position_saves
-                        .with_label_values(&[result])
-                        .inc();
+                for (key, saves) in by_key {
+                    let mut e = map.remove(&key).unwrap_or_default();
+                    for s in saves {
+                        e = e.with(s, window, forget);
+                    }
+                    map.insert(key, e);
+                    self.count_save("ok");
                 }
             }
             Store::Kv(b) => {
                 let bucket = match self.bucket().await {
                     Ok(b) => b,
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot open the positions bucket; positions not saved");
-                        self.metrics
-                            .position_saves
-                            .with_label_values(&["error"])
-                            .inc();
+                        tracing::warn!(error = %e, "cannot open the positions bucket; positions saved later");
+                        self.count_save("error");
+                        self.requeue(by_key);
                         return;
                     }
                 };
                 let timeout = b.timeout;
-                futures_util::stream::iter(saves)
-                    .map(|(key, saved)| {
+                let failed: Vec<(Key, Vec<Saved>)> = futures_util::stream::iter(by_key)
+                    .map(|(key, saves)| {
                         let bucket = bucket.clone();
                         async move {
-                            let save = save_entry(&bucket, &key, saved, window, forget);
-                            matches!(tokio::time::timeout(timeout, save).await, Ok(Ok(())))
+                            let save = save_entry(&bucket, &key, &saves, window, forget);
+                            let ok =
+                                matches!(tokio::time::timeout(timeout, save).await, Ok(Ok(())));
+                            (key, saves, ok)
                         }
                     })
                     .buffer_unordered(CONCURRENT_SAVES)
-                    .for_each(|ok| {
-                        let result = if ok { "ok" } else { "error" };
-                        self.metrics
-                            .position_saves
-                            .with_label_values(&[result])
-                            .inc();
-                        async {}
+                    .filter_map(|(key, saves, ok)| {
+                        self.count_save(if ok { "ok" } else { "error" });
+                        async move { (!ok).then_some((key, saves)) }
                     })
+                    .collect()
                     .await;
+                self.requeue(failed);
             }
         }
+    }
+
+    fn count_save(&self, result: &str) {
+        self.metrics
+            .position_saves
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Saves that failed, tried again next round (unless a newer one of
+    /// the same stream comes first: the later wins there).
+    fn requeue(&self, saves: impl IntoIterator<Item = (Key, Vec<Saved>)>) {
+        let mut again: Vec<(Key, u64, u64)> = saves
+            .into_iter()
+            .flat_map(|(k, v)| v.into_iter().map(move |s| (k.clone(), s.stream, s.seq)))
+            .collect();
+        let mut pending = self.pending.lock();
+        again.append(&mut pending);
+        *pending = again;
     }
 
     async fn load(&self, key: &Key) -> Result<Entries, Failure> {
@@ -539,10 +646,17 @@ impl Remember {
             Store::Local(map) => Ok(map.lock().get(key).cloned().unwrap_or_default()),
             Store::Kv(b) => {
                 let bucket = self.bucket().await?;
-                let value = tokio::time::timeout(b.timeout, bucket.get(key.as_str()))
+                // A stream waits for this before its response head.
+                let wait = b.timeout.min(RECALL_TIMEOUT);
+                let value = tokio::time::timeout(wait, bucket.get(key.as_str()))
                     .await
                     .map_err(|_| "the positions bucket did not answer in time")??;
-                Ok(value.map(|v| Entries::decode(&v)).unwrap_or_default())
+                match value {
+                    None => Ok(Entries::default()),
+                    Some(v) => {
+                        Entries::parse(&v).ok_or_else(|| "a stored position is not one".into())
+                    }
+                }
             }
         }
     }
@@ -565,6 +679,8 @@ impl Remember {
                     history: 1,
                     max_age: self.cfg.forget_after,
                     max_value_size: MAX_VALUE as i32,
+                    max_bytes: i64::try_from(self.cfg.max_entries.saturating_mul(MAX_VALUE + 64))
+                        .unwrap_or(i64::MAX),
                     num_replicas: *replicas,
                     ..Default::default()
                 };
@@ -588,7 +704,7 @@ impl Remember {
 async fn save_entry(
     bucket: &jetstream::kv::Store,
     key: &Key,
-    saved: Saved,
+    saves: &[Saved],
     window: u64,
     forget: u64,
 ) -> Result<(), Failure> {
@@ -601,7 +717,10 @@ async fn save_entry(
             Some(e) => (Entries::default(), Some(e.revision)),
             None => (Entries::default(), None),
         };
-        let value = entries.with(saved, window, forget).encode();
+        let value = saves
+            .iter()
+            .fold(entries, |e, s| e.with(*s, window, forget))
+            .encode();
         let done = match revision {
             Some(r) => bucket.update(key.as_str(), value, r).await.is_ok(),
             None => bucket.create(key.as_str(), value).await.is_ok(),
@@ -611,6 +730,31 @@ async fn save_entry(
         }
     }
     Err("the positions of this key kept changing".into())
+}
+
+/// Forgets the tenth of `map` saved longest ago, so that it holds fewer
+/// than `max` keys.
+fn forget_oldest(map: &mut HashMap<Key, Entries>, max: usize) {
+    let newest = |e: &Entries| e.0.iter().map(|s| s.at_ms).max().unwrap_or(0);
+    let mut ages: Vec<u64> = map.values().map(newest).collect();
+    let drop = (map.len() + 1)
+        .saturating_sub(max)
+        .max(max / 10)
+        .min(ages.len());
+    if drop == 0 {
+        return;
+    }
+    let (_, cut, _) = ages.select_nth_unstable(drop - 1);
+    let cut = *cut;
+    let mut left = drop;
+    map.retain(|_, e| {
+        if left > 0 && newest(e) <= cut {
+            left -= 1;
+            false
+        } else {
+            true
+        }
+    });
 }
 
 fn millis(d: Duration) -> u64 {
@@ -629,10 +773,9 @@ impl Drop for TrackGuard {
         let Some(t) = self.remember.tracked.lock().remove(&self.stream) else {
             return;
         };
-        let at = t.handle.position();
-        if at > t.saved {
-            self.remember.ended.lock().push((t.key, t.stream, at));
-        }
+        let mut t = t;
+        let at = t.sample(Instant::now(), self.remember.cfg.margin);
+        self.remember.pending.lock().push((t.key, t.stream, at));
     }
 }
 
@@ -717,6 +860,13 @@ mod tests {
         assert_eq!(e.recall(now + 20_000, window, forget), Recall::WindowPassed);
         assert_eq!(e.recall(now + 200_000, window, forget), Recall::New);
         assert_eq!(Entries::default().recall(now, window, forget), Recall::New);
+        // A client of the key away longer than the window, earlier still:
+        // resumed from the earliest in the window, and told.
+        let away = e.clone().with(s(3, 10, now - 50_000), window, forget);
+        assert_eq!(away.recall(now, window, forget), Recall::ResumeAfterGap(60));
+        // Saved in the future: not a position.
+        let planted = Entries(vec![s(5, 7, now + 3_600_000)]);
+        assert_eq!(planted.recall(now, window, forget), Recall::New);
         // Full: the stream furthest ahead goes, never the earliest.
         let mut full = Entries::default();
         for i in 0..40u64 {
@@ -731,6 +881,38 @@ mod tests {
             mixed = mixed.with(s(i, 500, now), window, forget);
         }
         assert!(mixed.0.iter().all(|x| x.stream != 99));
+    }
+
+    #[tokio::test]
+    async fn the_saved_position_is_the_one_of_a_margin_ago() {
+        let (handle, mut stream) = crate::stream::test_stream().await;
+        stream.start_after(100);
+        let t0 = Instant::now();
+        let margin = Duration::from_secs(80);
+        let mut t = Tracked {
+            key: Key("p".into()),
+            stream: 1,
+            handle: handle.clone(),
+            history: [(t0, handle.position())].into_iter().collect(),
+            saved: None,
+            saved_at: t0,
+        };
+        let at = |secs| t0 + Duration::from_secs(secs);
+        assert_eq!(t.sample(at(0), margin), 100, "young: where it started");
+        stream.start_after(200);
+        assert_eq!(t.sample(at(20), margin), 100);
+        stream.start_after(300);
+        assert_eq!(t.sample(at(40), margin), 100);
+        assert_eq!(
+            t.sample(at(100), margin),
+            200,
+            "what it had written 80 s ago"
+        );
+        assert_eq!(t.sample(at(125), margin), 300);
+        assert!(t.history.len() <= SAMPLES_PER_MARGIN as usize + 2);
+        // Without a margin: what it wrote.
+        stream.start_after(400);
+        assert_eq!(t.sample(at(126), Duration::ZERO), 400);
     }
 
     #[test]

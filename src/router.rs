@@ -341,7 +341,6 @@ mod tests {
     use crate::path::PathPattern;
     use crate::policy::PolicySource;
     use crate::stream::{new_stream, SseStream, StreamSettings, Subscriber};
-    use std::time::Duration;
 
     async fn router() -> (Arc<Router>, Arc<Authorizer>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
@@ -361,16 +360,7 @@ mod tests {
         m: &Arc<Metrics>,
         path: &str,
     ) -> (Arc<StreamHandle>, SseStream) {
-        let settings = StreamSettings {
-            dialect: crate::protocol::Dialect::Native,
-            queue_frames: 8,
-            heartbeat: Duration::from_secs(3600),
-            retry: Duration::from_secs(1),
-            expires_in: Duration::from_secs(3600),
-            max_lifetime: None,
-            close_timeout: Duration::from_secs(10),
-            starts_at_head: false,
-        };
+        let settings = StreamSettings::for_tests(crate::protocol::Dialect::Native);
         let who = Subscriber {
             id: r.next_conn_id(),
             identity: Principal::parse("a").unwrap(),

@@ -356,6 +356,8 @@ pub enum Item {
     Frame(Bytes),
     /// The dialect's heartbeat.
     Heartbeat,
+    /// The dialect's end line, after a closing event ([`Dialect::end_line`]).
+    EndLine,
 }
 
 /// The writer-facing half of a stream.
@@ -384,6 +386,8 @@ pub struct SseStream {
     ends_at: Instant,
     end: Close,
     done: bool,
+    /// The end line is still to be written after the closing event.
+    end_line_due: bool,
     starts_at_head: bool,
     metrics: Arc<Metrics>,
     authorizer: Arc<Authorizer>,
@@ -470,6 +474,7 @@ pub fn new_stream(
         ends_at,
         end,
         done: false,
+        end_line_due: false,
         starts_at_head: settings.starts_at_head,
         delivered: metrics.events_delivered.local(),
         latency: metrics.delivery_latency.local(),
@@ -505,7 +510,11 @@ impl SseStream {
     /// live delivery has no duplicate.
     pub fn set_seam(&mut self, seq: u64) {
         self.seam = self.seam.max(seq);
-        self.set_written(self.last_written.max(seq));
+        if self.replay.is_empty() {
+            self.set_written(self.last_written.max(seq));
+        }
+        // Otherwise once the replay is written out (`poll_resume`): the
+        // position never runs ahead of what was written.
     }
 
     /// The client has every event up to `id` (its `Last-Event-ID`): a
@@ -539,7 +548,6 @@ impl SseStream {
             }
         }
         if let Some(seam) = r.seam {
-            self.set_seam(seam.max(r.from));
             self.replay.extend(
                 r.events
                     .into_iter()
@@ -549,6 +557,9 @@ impl SseStream {
             if let Some(t) = r.tail {
                 self.after_replay(t);
             }
+            // After the events: the position reaches the seam only once
+            // they are written.
+            self.set_seam(seam.max(r.from));
         }
         self.handle.resuming.store(false, Ordering::Release);
         // A hold that began meanwhile stays.
@@ -625,6 +636,7 @@ impl SseStream {
     fn finish(&mut self, reason: Close) -> Poll<Option<Item>> {
         self.flush_metrics();
         self.done = true;
+        self.end_line_due = self.dialect.end_line().is_some();
         self.handle.queue.lock().ended = true;
         let bytes = self
             .dialect
@@ -691,6 +703,11 @@ impl SseStream {
                     ))
                 }
             }
+        }
+        if self.seam > self.last_written {
+            // The replay is written out: the client has everything up to
+            // the seam.
+            self.set_written(self.seam);
         }
         // Written out: an idle stream keeps no buffers.
         if self.preamble.capacity() > 0 || self.replay.capacity() > 0 {
@@ -773,6 +790,9 @@ impl SseStream {
     /// events, then the timer.
     pub fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
         if self.done {
+            if std::mem::take(&mut self.end_line_due) {
+                return Poll::Ready(Some(Item::EndLine));
+            }
             return Poll::Ready(None);
         }
         let paused = self.poll_paused(cx);
@@ -924,6 +944,49 @@ impl StreamConfig {
 }
 
 #[cfg(test)]
+impl StreamSettings {
+    /// Settings for tests: 8 queued events, an hour of heartbeat and token.
+    pub(crate) fn for_tests(dialect: Dialect) -> Self {
+        Self {
+            dialect,
+            queue_frames: 8,
+            heartbeat: Duration::from_secs(3600),
+            retry: Duration::from_secs(1),
+            expires_in: Duration::from_secs(3600),
+            max_lifetime: None,
+            close_timeout: Duration::from_secs(10),
+            starts_at_head: false,
+        }
+    }
+}
+
+/// A stream of `reader` on project p1, for other modules' tests.
+#[cfg(test)]
+pub(crate) async fn test_stream() -> (Arc<StreamHandle>, SseStream) {
+    let metrics = Arc::new(Metrics::new());
+    let auth = Arc::new(
+        Authorizer::new(
+            &crate::policy::PolicySource::shipped(),
+            100,
+            metrics.clone(),
+        )
+        .await
+        .expect("the shipped policy compiles"),
+    );
+    let settings = StreamSettings {
+        starts_at_head: true,
+        ..StreamSettings::for_tests(Dialect::Infisical)
+    };
+    let who = Subscriber {
+        id: 1,
+        identity: Principal::parse("reader").expect("an identity"),
+        project: ProjectId::parse("p1").expect("a project"),
+        interests: Vec::new(),
+    };
+    new_stream(who, &settings, None, auth, metrics)
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::EventType;
@@ -1012,6 +1075,7 @@ mod tests {
             Item::Event(d) => d.encoded(s.dialect()).frame().clone(),
             Item::Frame(b) => b,
             Item::Heartbeat => Bytes::from_static(s.dialect().heartbeat()),
+            Item::EndLine => Bytes::from_static(s.dialect().end_line().unwrap_or_default()),
         })
     }
 
@@ -1091,6 +1155,9 @@ mod tests {
             Poll::Ready(Some(Item::Heartbeat)) => {
                 Some(Some(Bytes::from_static(s.dialect().heartbeat())))
             }
+            Poll::Ready(Some(Item::EndLine)) => Some(Some(Bytes::from_static(
+                s.dialect().end_line().unwrap_or_default(),
+            ))),
             Poll::Ready(None) => Some(None),
             Poll::Pending => None,
         }

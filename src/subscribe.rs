@@ -204,6 +204,10 @@ impl Subscriptions {
         if let (Some(r), Some(k), None) = (remember, &key, resume) {
             match r.recall(k).await {
                 Recall::Resume(seq) => resume = Some(seq),
+                Recall::ResumeAfterGap(seq) => {
+                    resume = Some(seq);
+                    opening_gap = Some(GapReason::WindowPassed);
+                }
                 Recall::WindowPassed => opening_gap = Some(GapReason::WindowPassed),
                 Recall::Unavailable => opening_gap = Some(GapReason::BusUnavailable),
                 Recall::New => {}

@@ -338,12 +338,28 @@ fn the_example_config_shows_every_key_with_its_default() {
     let example = std::fs::read_to_string(repo_path("herald.toml")).unwrap();
     let documented = documented_keys(&example);
     let mut missing = Vec::new();
-    for (section, table) in &printed {
-        let Some(table) = table.as_table() else {
-            continue;
-        };
-        for (key, default) in table {
-            let name = format!("{section}.{key}");
+    // Every printed key, nested sections (`[ingest.webhook]`) flattened.
+    fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+        for (k, v) in t {
+            let name = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v.as_table() {
+                Some(inner) if !prefix.is_empty() && inner.values().any(|x| !x.is_table()) => {
+                    flatten(&name, inner, out)
+                }
+                Some(inner) if prefix.is_empty() => flatten(&name, inner, out),
+                _ => out.push((name, v.clone())),
+            }
+        }
+    }
+    let mut keys = Vec::new();
+    flatten("", &printed, &mut keys);
+    for (name, default) in &keys {
+        let name = name.clone();
+        {
             match documented.iter().find(|(k, _)| *k == name) {
                 None => missing.push(name),
                 Some((_, Some(shown))) => {

@@ -82,6 +82,7 @@ impl EmbeddedBus {
             out.push(Published {
                 id,
                 sequence: Some(seq),
+                duplicate: false,
             });
         }
         out

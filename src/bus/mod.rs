@@ -35,6 +35,10 @@ pub struct Published {
     /// Its sequence number (the SSE `id`), when the bus assigns it at publish time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sequence: Option<u64>,
+    /// JetStream had stored this id already (a retried publish, or one
+    /// source event ingested by two instances): it is stored once.
+    #[serde(skip)]
+    pub duplicate: bool,
 }
 
 /// What the bus could not do.

@@ -343,10 +343,11 @@ impl NatsBus {
             let mut out = Vec::with_capacity(events.len());
             for ev in events {
                 let subj = subject::event_subject(&self.prefix, &ev.key);
-                let seq = replay.publish(subj, &ev.id, Bytes::from(ev.json)).await?;
+                let (seq, duplicate) = replay.publish(subj, &ev.id, Bytes::from(ev.json)).await?;
                 out.push(Published {
                     id: ev.id,
                     sequence: Some(seq),
+                    duplicate,
                 });
             }
             return Ok(out);
@@ -361,6 +362,7 @@ impl NatsBus {
             out.push(Published {
                 id: ev.id,
                 sequence: None,
+                duplicate: false,
             });
         }
         // publish() only queues locally: a 202 must mean the server has the events.

@@ -256,13 +256,14 @@ impl Replay {
         Ok(())
     }
 
-    /// Stores one event and waits for JetStream's acknowledgement; returns its sequence.
+    /// Stores one event and waits for JetStream's acknowledgement; returns
+    /// its sequence and whether the id was stored before.
     pub async fn publish(
         &self,
         subject: String,
         id: &str,
         payload: Bytes,
-    ) -> Result<u64, BusError> {
+    ) -> Result<(u64, bool), BusError> {
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         let store = async {
@@ -286,15 +287,16 @@ impl Replay {
                     .doing("storing an event: a duplicate acknowledgement without a sequence"));
             }
         }
-        Ok(ack.sequence)
+        Ok((ack.sequence, ack.duplicate))
     }
 
     /// The sequence of the newest event stored.
     pub async fn last_sequence(&self) -> Result<u64, BusError> {
+        // Getting the stream reads its state: one request.
         let info = async {
-            let mut stream = self.js.get_stream(&self.cfg.stream).await?;
+            let stream = self.js.get_stream(&self.cfg.stream).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                stream.info().await?.state.last_sequence,
+                stream.cached_info().state.last_sequence,
             )
         };
         match tokio::time::timeout(self.timeout, info).await {

@@ -43,6 +43,8 @@ pub struct Admin {
     pub shutdown: Shutdown,
     /// Token verification (stale key sets fail readiness).
     pub verifier: Arc<Verifier>,
+    /// Ingest sources, when any is configured.
+    pub ingest: Option<Arc<crate::ingest::Ingest>>,
 }
 
 /// One open stream in `/admin/connections`.
@@ -106,6 +108,10 @@ impl Handler for Admin {
                             "subscriptions": b.subscribed_subjects()}),
                 ),
                 Bus::Embedded(_) => ApiError::not_found().into_response(),
+            },
+            "/admin/ingest" => match &self.ingest {
+                Some(i) => json_response(StatusCode::OK, &i.view()),
+                None => json_response(StatusCode::OK, &json!({"sources": []})),
             },
             _ => ApiError::not_found().into_response(),
         }

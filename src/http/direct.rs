@@ -383,6 +383,19 @@ fn heartbeat_chunk(dialect: Dialect) -> Bytes {
     all[dialect.index()].clone()
 }
 
+/// A dialect's end line as a chunk, made once per process (a drain ends
+/// every stream: none copies it).
+fn end_line_chunk(dialect: Dialect) -> Bytes {
+    static CHUNKS: std::sync::OnceLock<Vec<Bytes>> = std::sync::OnceLock::new();
+    let all = CHUNKS.get_or_init(|| {
+        Dialect::ALL
+            .iter()
+            .map(|d| d.end_line().map(chunk).unwrap_or_default())
+            .collect()
+    });
+    all[dialect.index()].clone()
+}
+
 /// The bytes of one write: the response head (first write only), frames in
 /// their wire form, and the body's end (last write only).
 struct Batch {
@@ -537,6 +550,8 @@ impl StreamWriter {
             (Item::Frame(b), false) => b,
             (Item::Heartbeat, true) => heartbeat_chunk(dialect),
             (Item::Heartbeat, false) => Bytes::from_static(dialect.heartbeat()),
+            (Item::EndLine, true) => end_line_chunk(dialect),
+            (Item::EndLine, false) => Bytes::from_static(dialect.end_line().unwrap_or_default()),
         }
     }
 

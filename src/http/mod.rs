@@ -78,6 +78,7 @@ impl Body for HttpBody {
                         Item::Event(d) => d.encoded(dialect).frame().clone(),
                         Item::Frame(b) => b,
                         Item::Heartbeat => Bytes::from_static(dialect.heartbeat()),
+                        Item::EndLine => Bytes::from_static(dialect.end_line().unwrap_or_default()),
                     }))
                 })
             }),

@@ -91,13 +91,14 @@ pub fn error_frame(message: &str) -> Bytes {
 /// both clients' line scanners take, so that reading it is a read error.
 pub const END_LINE: usize = 64 * 1024 + 64;
 
-/// What ends every stream herald closes, after its closing event: one
+/// What ends every stream herald closes, after its closing event
+/// ([`Dialect::end_line`](super::Dialect::end_line)): one
 /// comment line longer than both clients' scanners take. The operator
 /// treats a clean end (and a close without the chunk terminator) as
 /// nothing and stays blind until its 2-minute watchdog; a read error makes
 /// it reconnect after 1 s. The CLI reconnects after any end. A comment:
 /// any other SSE reader skips it.
-fn end_line() -> &'static [u8] {
+pub(super) fn end_line() -> &'static [u8] {
     static LINE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     LINE.get_or_init(|| {
         let mut l = b": herald closed this stream; reconnect".to_vec();
@@ -115,19 +116,12 @@ pub(super) fn control(control: &Control) -> Bytes {
         }
         Control::Close(close) => ("error", super::native::error_message(close)),
     };
-    let frame = sse::message_bytes(
+    sse::message_bytes(
         None,
         None,
         name,
         Some(&json!({"message": message}).to_string()),
-    );
-    if !matches!(control, Control::Close(_)) {
-        return frame;
-    }
-    let mut closing = Vec::with_capacity(frame.len() + END_LINE + 1);
-    closing.extend_from_slice(&frame);
-    closing.extend_from_slice(end_line());
-    Bytes::from(closing)
+    )
 }
 
 #[cfg(test)]
@@ -234,11 +228,11 @@ mod tests {
         let t = std::str::from_utf8(&e).unwrap();
         assert!(t.starts_with("event: error\ndata: {\"message\":"), "{t}");
         // Then the line both clients' scanners fail on (a prompt reconnect).
-        let (event, rest) = t.split_once("\n\n").unwrap();
-        assert!(event.len() < 1024);
+        let rest = std::str::from_utf8(d.end_line().unwrap()).unwrap();
         assert!(rest.starts_with(": herald closed this stream"));
         assert!(rest.ends_with('\n') && rest.len() > 64 * 1024 + 1);
         assert_eq!(rest.matches('\n').count(), 1, "one line");
+        assert!(Dialect::Native.end_line().is_none());
         let g = d.encode_control(&Control::Gap(GapReason::Expired), 3);
         assert!(std::str::from_utf8(&g).unwrap().starts_with("event: gap\n"));
         // The operator stops retrying for good on this wording.

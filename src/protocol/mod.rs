@@ -90,6 +90,16 @@ impl Dialect {
         matches!(self, Dialect::Infisical)
     }
 
+    /// What a stream herald ends writes after its closing event, if
+    /// anything (`infisical::END_LINE`: the line that makes the operator
+    /// reconnect at once).
+    pub fn end_line(self) -> Option<&'static [u8]> {
+        match self {
+            Dialect::Native => None,
+            Dialect::Infisical => Some(infisical::end_line()),
+        }
+    }
+
     /// What a new stream starts with, before any event (`retry` is the
     /// configured reconnection hint).
     pub fn opening(self, retry: Duration) -> Option<Bytes> {
@@ -158,6 +168,9 @@ pub enum GapReason {
     /// The client, which sends no `Last-Event-ID`, was away longer than
     /// herald remembers where it left off (`remember.window`).
     WindowPassed,
+    /// An ingest source that keeps nothing while herald is not listening
+    /// (Infisical's Redis bus) was unreachable.
+    SourceUnavailable,
 }
 
 impl GapReason {
@@ -172,6 +185,7 @@ impl GapReason {
             GapReason::BusReconnected => "bus_reconnected",
             GapReason::BusOverflow => "bus_overflow",
             GapReason::WindowPassed => "window_passed",
+            GapReason::SourceUnavailable => "source_unavailable",
         }
     }
 
@@ -191,6 +205,9 @@ impl GapReason {
             }
             GapReason::WindowPassed => {
                 "this client was away longer than herald remembers where it left off; resync"
+            }
+            GapReason::SourceUnavailable => {
+                "herald could not hear its event source for a while; events may have been missed: resync"
             }
         }
     }

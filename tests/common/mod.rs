@@ -12,7 +12,9 @@ pub mod eventsource;
 pub mod haproxy;
 pub mod idp;
 pub mod infisical;
+pub mod ingest;
 pub mod nats;
+pub mod redis;
 pub mod sse;
 pub mod topology;
 
@@ -344,6 +346,10 @@ impl HeraldBuilder {
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("infisical="))
                 .and_then(|a| a.parse().ok()),
+            webhook: line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("webhook="))
+                .and_then(|a| a.parse().ok()),
             policy_path: policy,
             child: Some(child),
             log,
@@ -360,6 +366,8 @@ pub struct Herald {
     pub admin: SocketAddr,
     /// The Infisical-dialect listener, when `server.infisical_listen` is set.
     pub infisical: Option<SocketAddr>,
+    /// The webhook receiver, when `ingest.webhook.listen` is set.
+    pub webhook: Option<SocketAddr>,
     /// The policy file this instance watches.
     pub policy_path: PathBuf,
     child: Option<Child>,

@@ -1,0 +1,544 @@
+//! Infisical's project webhooks, received: `POST` with the body
+//! `{"event":"secrets.modified","project":{"projectId","environment",
+//! "secretPath",…},"timestamp":<ms>}` and the header
+//! `x-infisical-signature: t=<ms>;<hex HMAC-SHA256 of the body>`, computed
+//! by Infisical (`backend/src/services/webhook/webhook-fns.ts`) over
+//! `JSON.stringify(payload)`, which is the body it sends.
+//!
+//! A delivery is taken when its signature matches one of the configured
+//! secrets (several, so that a secret can be rotated; compared in constant
+//! time), its signed `timestamp` is the header's and within `max_skew` of
+//! now, and the same (timestamp, signature) was not taken before (a
+//! replayed delivery is answered but published once). It becomes one
+//! `secret:updated` event for the project, environment and path (webhooks
+//! carry no key names), with an id derived from the signature, so that
+//! instances behind a load balancer store it once in JetStream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use http::{Method, Request, Response, StatusCode};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{Ingest, SourceId};
+use crate::event::Event;
+use crate::http::body::read_limited;
+use crate::http::error::json_response;
+use crate::http::{Handler, HttpBody, RequestBody};
+use crate::setting::{self, Invalid, Secret};
+
+/// The header Infisical signs with.
+pub const SIGNATURE_HEADER: &str = "x-infisical-signature";
+
+/// `[ingest.webhook]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Where the receiver listens (off when unset). Keep it on a network
+    /// Infisical reaches and clients do not.
+    pub listen: Option<SocketAddr>,
+    /// The path Infisical posts to.
+    pub path: String,
+    /// The webhooks' secret keys; a delivery signed with any of them is taken.
+    pub secrets: Vec<Secret>,
+    /// How far a delivery's timestamp may be from now.
+    #[serde(with = "humantime_serde")]
+    pub max_skew: Duration,
+    /// Largest body taken.
+    pub max_body_bytes: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            path: "/api/v1/ingest/infisical/webhook".into(),
+            secrets: Vec::new(),
+            max_skew: Duration::from_secs(300),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl WebhookConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.listen.is_none() {
+            return Ok(());
+        }
+        if self.secrets.is_empty() || self.secrets.iter().any(|s| s.expose().len() < 16) {
+            return Err(setting::invalid(
+                "ingest.webhook.secrets",
+                "the receiver needs the webhooks' secret keys (at least 16 characters each; set the same key on the webhook in Infisical)",
+            ));
+        }
+        if !self.path.starts_with('/') || self.path.len() > 256 {
+            return Err(setting::invalid(
+                "ingest.webhook.path",
+                "a path starting with /",
+            ));
+        }
+        setting::duration(
+            "ingest.webhook.max_skew",
+            self.max_skew,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )?;
+        setting::at_least("ingest.webhook.max_body_bytes", self.max_body_bytes, 256)
+    }
+}
+
+/// Why a delivery was refused (the `reason` of the dropped counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No signature header (the webhook has no secret key in Infisical).
+    Unsigned,
+    /// The header is not `t=<ms>;<64 hex>`.
+    MalformedSignature,
+    /// No configured secret signs this body.
+    BadSignature,
+    /// The signed timestamp is too far from now, or not the header's.
+    Stale,
+    /// The body is not Infisical's webhook JSON.
+    MalformedBody,
+    /// The body is larger than `max_body_bytes`, or was not sent in time.
+    Body,
+    /// An event herald does not take (`secrets.rotation-failed`).
+    UnsupportedEvent,
+    /// Its project, environment or path is not one herald takes.
+    BadEvent,
+}
+
+impl Refusal {
+    /// The label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Unsigned => "unsigned",
+            Refusal::MalformedSignature => "malformed_signature",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::Stale => "stale",
+            Refusal::MalformedBody => "malformed",
+            Refusal::Body => "body",
+            Refusal::UnsupportedEvent => "unsupported_event",
+            Refusal::BadEvent => "bad_event",
+        }
+    }
+
+    /// Every label.
+    pub const LABELS: &'static [&'static str] = &[
+        "unsigned",
+        "malformed_signature",
+        "bad_signature",
+        "stale",
+        "malformed",
+        "body",
+        "unsupported_event",
+        "bad_event",
+        "bus_unavailable",
+    ];
+
+    fn status(self) -> StatusCode {
+        match self {
+            Refusal::Unsigned
+            | Refusal::MalformedSignature
+            | Refusal::BadSignature
+            | Refusal::Stale => StatusCode::UNAUTHORIZED,
+            Refusal::Body => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::MalformedBody | Refusal::BadEvent => StatusCode::BAD_REQUEST,
+            Refusal::UnsupportedEvent => StatusCode::OK,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::Unsigned => "unsigned delivery: set a secret key on the webhook in Infisical and in ingest.webhook.secrets",
+            Refusal::MalformedSignature => "the x-infisical-signature header is not t=<ms>;<hex>",
+            Refusal::BadSignature => "the signature does not match any configured secret",
+            Refusal::Stale => "the delivery's timestamp is too far from now (ingest.webhook.max_skew)",
+            Refusal::MalformedBody => "the body is not an Infisical webhook",
+            Refusal::Body => "the body is too large or was not sent in time",
+            Refusal::UnsupportedEvent => "this event is not taken; nothing was published",
+            Refusal::BadEvent => "the project, environment or path is not one herald takes",
+        }
+    }
+}
+
+/// A parsed `x-infisical-signature`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Signature {
+    /// `t=`: milliseconds since the epoch.
+    pub timestamp: u64,
+    /// The HMAC.
+    pub mac: [u8; 32],
+}
+
+impl Signature {
+    /// Parses `t=<ms>;<64 hex>`.
+    pub fn parse(header: &[u8]) -> Option<Signature> {
+        if header.len() > 128 {
+            return None;
+        }
+        let text = std::str::from_utf8(header).ok()?.trim();
+        let (t, hex) = text.strip_prefix("t=")?.split_once(';')?;
+        if t.is_empty() || t.len() > 19 || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let hex = hex.as_bytes();
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut mac = [0u8; 32];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16);
+            mac[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+        }
+        Some(Signature {
+            timestamp: t.parse().ok()?,
+            mac,
+        })
+    }
+}
+
+/// Whether one of `secrets` signs `body` with `mac` (constant time each).
+pub fn signed_by_any(secrets: &[Secret], body: &[u8], mac: &[u8; 32]) -> bool {
+    secrets.iter().any(|s| {
+        let Ok(mut m) = Hmac::<Sha256>::new_from_slice(s.expose().as_bytes()) else {
+            return false;
+        };
+        m.update(body);
+        m.verify_slice(mac).is_ok()
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The event a verified body announces (`Ok(None)`: a test delivery).
+pub fn event_of(
+    body: &[u8],
+    signature: &Signature,
+    max_event_bytes: usize,
+) -> Result<Option<Event>, Refusal> {
+    let v: Value = serde_json::from_slice(body).map_err(|_| Refusal::MalformedBody)?;
+    if v.get("timestamp").and_then(Value::as_u64) != Some(signature.timestamp) {
+        return Err(Refusal::Stale);
+    }
+    match v.get("event").and_then(Value::as_str) {
+        Some("secrets.modified") => {}
+        Some("test") => return Ok(None),
+        Some(_) => return Err(Refusal::UnsupportedEvent),
+        None => return Err(Refusal::MalformedBody),
+    }
+    let project = v.get("project").ok_or(Refusal::MalformedBody)?;
+    let field = |k: &str| project.get(k).and_then(Value::as_str);
+    let (Some(project_id), Some(env)) = (field("projectId"), field("environment")) else {
+        return Err(Refusal::MalformedBody);
+    };
+    let path = match project.get("secretPath") {
+        None | Some(Value::Null) => "/",
+        Some(Value::String(p)) if p.is_empty() => "/",
+        Some(Value::String(p)) => p,
+        Some(_) => return Err(Refusal::MalformedBody),
+    };
+    // One delivery, one id: the same delivery posted to two instances is
+    // stored once.
+    let digest = Sha256::digest(signature.mac);
+    let id: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let event = json!({
+        "specversion": "1.0",
+        "id": format!("infisical-webhook-{id}"),
+        "source": "/infisical/webhook",
+        "type": "secret:updated",
+        "projectid": project_id,
+        "environment": env,
+        "secretpath": path,
+        "time": crate::ingest::rfc3339_ms(signature.timestamp),
+        "data": {"secretKeys": []},
+    });
+    Event::from_json(event, max_event_bytes)
+        .map(Some)
+        .map_err(|_| Refusal::BadEvent)
+}
+
+/// Deliveries taken within the skew window, so that a replay is published
+/// once. Only verified deliveries enter it.
+#[derive(Default)]
+struct Seen {
+    at: HashMap<[u8; 32], u64>,
+}
+
+/// Most deliveries remembered at once (beyond it the oldest half goes).
+const MAX_SEEN: usize = 100_000;
+
+impl Seen {
+    /// Whether `s` is new (and now seen).
+    fn first(&mut self, s: &Signature, now: u64, skew: u64) -> bool {
+        if self.at.len() >= MAX_SEEN {
+            self.at.retain(|_, t| t.saturating_add(skew) >= now);
+        }
+        self.at.insert(s.mac, s.timestamp).is_none()
+    }
+}
+
+/// The receiver: a listener of its own.
+pub struct Receiver {
+    cfg: WebhookConfig,
+    ingest: Arc<Ingest>,
+    seen: Mutex<Seen>,
+    max_event_bytes: usize,
+    body_timeout: Duration,
+}
+
+impl Receiver {
+    /// A receiver publishing through `ingest`.
+    pub fn new(
+        cfg: WebhookConfig,
+        ingest: Arc<Ingest>,
+        max_event_bytes: usize,
+        body_timeout: Duration,
+    ) -> Self {
+        Self {
+            cfg,
+            ingest,
+            seen: Mutex::new(Seen::default()),
+            max_event_bytes,
+            body_timeout,
+        }
+    }
+
+    async fn receive(&self, req: Request<RequestBody>) -> Result<Value, Refusal> {
+        let signature = req
+            .headers()
+            .get(SIGNATURE_HEADER)
+            .ok_or(Refusal::Unsigned)?;
+        let signature =
+            Signature::parse(signature.as_bytes()).ok_or(Refusal::MalformedSignature)?;
+        let now = now_ms();
+        let skew = u64::try_from(self.cfg.max_skew.as_millis()).unwrap_or(u64::MAX);
+        if now.abs_diff(signature.timestamp) > skew {
+            return Err(Refusal::Stale);
+        }
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body = read_limited(
+            req.into_body(),
+            declared,
+            self.cfg.max_body_bytes,
+            self.body_timeout,
+            &self.ingest.metrics,
+        )
+        .await
+        .map_err(|_| Refusal::Body)?;
+        if !signed_by_any(&self.cfg.secrets, &body, &signature.mac) {
+            return Err(Refusal::BadSignature);
+        }
+        let Some(event) = event_of(&body, &signature, self.max_event_bytes)? else {
+            return Ok(json!({"status": "test delivery received; nothing published"}));
+        };
+        self.ingest.received(SourceId::Webhook);
+        if !self.seen.lock().first(&signature, now, skew) {
+            self.ingest.duplicate(SourceId::Webhook);
+            return Ok(json!({"status": "duplicate", "id": event.id}));
+        }
+        match self.ingest.publish(SourceId::Webhook, event).await {
+            Ok(p) => Ok(json!({"status": "published", "id": p.id, "sequence": p.sequence})),
+            Err(e) => {
+                // Not taken: the same delivery may be posted again.
+                self.seen.lock().at.remove(&signature.mac);
+                Ok(json!({"status": "unavailable", "error": e.to_string()}))
+            }
+        }
+    }
+}
+
+impl Handler for Receiver {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<RequestBody>,
+        _peer: SocketAddr,
+    ) -> Response<HttpBody> {
+        if req.uri().path() != self.cfg.path {
+            return json_response(StatusCode::NOT_FOUND, &json!({"message": "not found"}));
+        }
+        if req.method() != Method::POST {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"message": "POST the webhook here"}),
+            );
+        }
+        match self.receive(req).await {
+            Ok(v) if v["status"] == "unavailable" => {
+                json_response(StatusCode::SERVICE_UNAVAILABLE, &v)
+            }
+            Ok(v) => json_response(StatusCode::ACCEPTED, &v),
+            Err(r) => {
+                self.ingest.dropped(SourceId::Webhook, r.label());
+                json_response(
+                    r.status(),
+                    &json!({"message": r.message(), "reason": r.label()}),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &str, body: &str) -> [u8; 32] {
+        let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        m.update(body.as_bytes());
+        m.finalize().into_bytes().into()
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn signatures_parse_strictly() {
+        let mac = [0xab; 32];
+        let h = format!("t=1700000000000;{}", hex(&mac));
+        assert_eq!(
+            Signature::parse(h.as_bytes()),
+            Some(Signature {
+                timestamp: 1_700_000_000_000,
+                mac
+            })
+        );
+        assert!(Signature::parse(h.to_uppercase().replace("T=", "t=").as_bytes()).is_some());
+        let m = hex(&mac);
+        for bad in [
+            String::new(),
+            format!("t=;{m}"),
+            format!("t=1;{}", hex(&mac[..31])),
+            format!("t=1;{m}00"),
+            format!("t=1:{m}"),
+            format!("t=-1;{m}"),
+            format!("t=1;{}", "zz".repeat(32)),
+            format!("t=99999999999999999999;{m}"),
+            format!("x=1;{m}"),
+            format!("t=1;\u{e9}{}", "0".repeat(62)),
+        ] {
+            assert_eq!(Signature::parse(bad.as_bytes()), None, "{bad}");
+        }
+        assert_eq!(Signature::parse(&vec![b't'; 1 << 20]), None);
+    }
+
+    #[test]
+    fn any_configured_secret_verifies_and_no_other() {
+        let body = r#"{"event":"secrets.modified","timestamp":1}"#;
+        let old = Secret::new("old-secret-0123456789");
+        let new = Secret::new("new-secret-0123456789");
+        let mac = sign("new-secret-0123456789", body);
+        assert!(signed_by_any(&[old.clone(), new], body.as_bytes(), &mac));
+        assert!(!signed_by_any(
+            std::slice::from_ref(&old),
+            body.as_bytes(),
+            &mac
+        ));
+        assert!(!signed_by_any(&[old], b"{}", &mac));
+        assert!(!signed_by_any(&[], body.as_bytes(), &mac));
+    }
+
+    #[test]
+    fn bodies_become_one_event_or_a_reason() {
+        let sig = |t| Signature {
+            timestamp: t,
+            mac: [7; 32],
+        };
+        let body = r#"{"event":"secrets.modified","project":{"workspaceId":"p1","projectId":"p1","projectName":"P","environment":"prod","environmentName":"Production","secretPath":"/apps","changedBy":"u","changedByActorType":"user"},"timestamp":1700000000000}"#;
+        let e = event_of(body.as_bytes(), &sig(1_700_000_000_000), 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.key.project.as_str(), "p1");
+        assert_eq!(e.key.env.as_str(), "prod");
+        assert_eq!(e.key.path.as_str(), "/apps");
+        assert_eq!(e.key.event_type.name(), "secret:updated");
+        assert!(e.id.starts_with("infisical-webhook-"));
+        let same = event_of(body.as_bytes(), &sig(1_700_000_000_000), 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.id, same.id, "one delivery, one id");
+        // The signed timestamp is the header's.
+        assert_eq!(
+            event_of(body.as_bytes(), &sig(5), 1 << 20).unwrap_err(),
+            Refusal::Stale
+        );
+        let no_path = r#"{"event":"secrets.modified","project":{"projectId":"p1","environment":"prod"},"timestamp":1}"#;
+        let e = event_of(no_path.as_bytes(), &sig(1), 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.key.path.as_str(), "/");
+        let test =
+            r#"{"event":"test","project":{"projectId":"p1","environment":"prod"},"timestamp":1}"#;
+        assert!(event_of(test.as_bytes(), &sig(1), 1 << 20)
+            .unwrap()
+            .is_none());
+        for (b, why) in [
+            ("nope", Refusal::MalformedBody),
+            ("[]", Refusal::Stale),
+            (
+                r#"{"event":"secrets.rotation-failed","timestamp":1}"#,
+                Refusal::UnsupportedEvent,
+            ),
+            (r#"{"timestamp":1}"#, Refusal::MalformedBody),
+            (
+                r#"{"event":"secrets.modified","timestamp":1}"#,
+                Refusal::MalformedBody,
+            ),
+            (
+                r#"{"event":"secrets.modified","project":{"projectId":7,"environment":"prod"},"timestamp":1}"#,
+                Refusal::MalformedBody,
+            ),
+            (
+                r#"{"event":"secrets.modified","project":{"projectId":"p1","environment":"prod","secretPath":["/"]},"timestamp":1}"#,
+                Refusal::MalformedBody,
+            ),
+            (
+                r#"{"event":"secrets.modified","project":{"projectId":"p 1","environment":"prod"},"timestamp":1}"#,
+                Refusal::BadEvent,
+            ),
+            (
+                r#"{"event":"secrets.modified","project":{"projectId":"p1","environment":"prod","secretPath":"a//b"},"timestamp":1}"#,
+                Refusal::BadEvent,
+            ),
+        ] {
+            assert_eq!(
+                event_of(b.as_bytes(), &sig(1), 1 << 20).unwrap_err(),
+                why,
+                "{b}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_delivery_is_taken_once() {
+        let mut seen = Seen::default();
+        let s = Signature {
+            timestamp: 1000,
+            mac: [1; 32],
+        };
+        assert!(seen.first(&s, 1000, 300_000));
+        assert!(!seen.first(&s, 1001, 300_000));
+        let other = Signature {
+            timestamp: 1000,
+            mac: [2; 32],
+        };
+        assert!(seen.first(&other, 1001, 300_000));
+    }
+}
