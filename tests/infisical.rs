@@ -509,3 +509,33 @@ async fn after_a_kill_each_client_gets_what_it_missed_from_another_instance() {
         assert!(s.next().await.is_none() && s.read_error, "a read error");
     }
 }
+
+#[tokio::test]
+async fn a_body_sent_too_slowly_is_refused_in_infisicals_shape() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = HeraldBuilder::new()
+        .env("SERVER__INFISICAL_LISTEN", "127.0.0.1:0")
+        .env("SERVER__BODY_READ_TIMEOUT", "300ms")
+        .start();
+    let mut tcp = tokio::net::TcpStream::connect(h.infisical.unwrap())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {SUBSCRIBE} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"projectId\"",
+        token_for("reader", HOUR)
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["statusCode"], 408, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}

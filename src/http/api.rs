@@ -96,6 +96,10 @@ impl Handler for Api {
         true
     }
 
+    fn render(&self, e: ApiError) -> Response<HttpBody> {
+        self.error(e)
+    }
+
     async fn handle(
         self: Arc<Self>,
         req: Request<RequestBody>,

@@ -57,11 +57,13 @@ pub enum First {
 }
 
 /// Reads the first request of a connection. `is_stream` says from the method
-/// and path (without query) whether a request is a stream request.
+/// and path (without query) whether a request is a stream request; `render`
+/// answers an error in the listener's shape.
 pub async fn read_first(
     tcp: &mut TcpStream,
     limits: &ServeOptions,
     is_stream: impl Fn(&Method, &str) -> bool,
+    render: impl Fn(super::error::ApiError) -> Response<HttpBody>,
 ) -> First {
     let mut buf = BytesMut::with_capacity(2048);
     let head = tokio::time::timeout(limits.header_read_timeout, async {
@@ -107,8 +109,9 @@ pub async fn read_first(
             Ok(true) => buf.split_to(want).freeze(),
             Ok(false) => return First::Done,
             Err(_) => {
-                let resp = super::error::ApiError::from(crate::request::BodyError::Timeout)
-                    .into_response();
+                let resp = render(super::error::ApiError::from(
+                    crate::request::BodyError::Timeout,
+                ));
                 let head = response_head(&resp, Framing::Length(body_len(resp.body())));
                 if let HttpBody::Full(body) = resp.into_body() {
                     write_complete(tcp, &head, body).await;

@@ -185,6 +185,12 @@ pub trait Handler: Send + Sync + 'static {
         false
     }
 
+    /// An error as this listener answers it (its dialect's shape), for
+    /// what `direct` refuses before the handler sees the request.
+    fn render(&self, e: error::ApiError) -> Response<HttpBody> {
+        e.into_response()
+    }
+
     /// Whether this listener serves streams at all (if not, `direct` never
     /// reads its connections).
     fn serves_streams(&self) -> bool {
@@ -239,7 +245,8 @@ async fn serve_connection<H: Handler>(parts: ConnectionParts<H>) {
     // boxed, and an HTTP/1 stream moves to a small task of its own.
     let prefix = if handler.serves_streams() {
         let is_stream = |m: &Method, p: &str| handler.is_stream(m, p);
-        match Box::pin(direct::read_first(&mut tcp, &opts, is_stream)).await {
+        let render = |e: error::ApiError| handler.render(e);
+        match Box::pin(direct::read_first(&mut tcp, &opts, is_stream, render)).await {
             direct::First::Done => return,
             direct::First::Pass(prefix) => prefix,
             direct::First::Stream(mut req) => {
