@@ -113,7 +113,7 @@ impl Config {
         self.replay.validate(!self.nats.urls.is_empty())?;
         self.remember.validate()?;
         self.ingest
-            .validate(!self.nats.urls.is_empty(), self.replay.enabled)?;
+            .validate(!self.nats.urls.is_empty(), &self.replay)?;
         Ok(())
     }
 

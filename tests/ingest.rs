@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 const HOUR: Duration = Duration::from_secs(3600);
 const OLD_SECRET: &str = "webhook-secret-old-0123456789";
 const NEW_SECRET: &str = "webhook-secret-new-0123456789";
+const P2_SECRET: &str = "webhook-secret-of-p2-0123456789";
 
 async fn post(h: &Herald, body: &str, signature: Option<&str>) -> (u16, Value) {
     let url = format!(
@@ -56,7 +57,7 @@ async fn a_signed_webhook_reaches_every_client_once_and_nothing_else_gets_in() {
     let h = HeraldBuilder::new()
         .env("SERVER__INFISICAL_LISTEN", "127.0.0.1:0")
         .config(&format!(
-            "[auth]\nhs_secret = \"{}\"\n[ingest.webhook]\nlisten = \"127.0.0.1:0\"\nsecrets = [\"{OLD_SECRET}\", \"{NEW_SECRET}\"]\nmax_skew = \"1m\"\n",
+            "[auth]\nhs_secret = \"{}\"\n[ingest.webhook]\nlisten = \"127.0.0.1:0\"\nsecrets = [\"{OLD_SECRET}\", \"{NEW_SECRET}\"]\nmax_skew = \"1m\"\n[ingest.webhook.project_secrets]\np2 = [\"{P2_SECRET}\"]\n",
             common::SECRET
         ))
         .start();
@@ -125,6 +126,13 @@ async fn a_signed_webhook_reaches_every_client_once_and_nothing_else_gets_in() {
             400,
             "malformed",
         ),
+        // Project p2's key cannot speak for p1.
+        (
+            other.clone(),
+            Some(signature(P2_SECRET, &other, t2)),
+            403,
+            "wrong_project",
+        ),
         (
             "x".repeat(70_000),
             Some(signature(NEW_SECRET, "x", t2)),
@@ -176,7 +184,7 @@ async fn infisicals_redis_bus_reaches_each_client_once_through_two_ingesting_ins
             .env("REPLAY__ENABLED", "true")
             .env("SERVER__INFISICAL_LISTEN", "127.0.0.1:0")
             .config(&format!(
-                "[auth]\nhs_secret = \"{}\"\n[ingest.redis]\nurl = \"{}\"\n",
+                "[auth]\nhs_secret = \"{}\"\n[ingest.redis]\nurl = \"{}\"\nping_every = \"100ms\"\n",
                 common::SECRET,
                 redis.url()
             ))
@@ -195,6 +203,8 @@ async fn infisicals_redis_bus_reaches_each_client_once_through_two_ingesting_ins
         {"event": "secret:deleted"}, {"event": "secret:import-mutation"}]});
     let mut native = h2.subscribe(&token, &all).await;
     let mut op = Operator::new(open_at(&operator_url(&h2), &token, &operator_body("/apps")).await);
+    // Subscriptions checked with PING every 100 ms stay up: no gap comes
+    // before the first event below.
 
     // Both instances hear it; JetStream stores it once.
     let m = bus_message(

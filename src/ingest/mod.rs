@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::bus::replay::ReplayConfig;
 use crate::bus::{Bus, BusError, Published};
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -46,13 +47,32 @@ pub struct IngestConfig {
 impl IngestConfig {
     /// Checks what serde cannot; `nats` and `replay` say how events are
     /// distributed (several instances need replay's dedupe).
-    pub fn validate(&self, nats: bool, replay: bool) -> Result<(), Invalid> {
+    pub fn validate(&self, nats: bool, replay: &ReplayConfig) -> Result<(), Invalid> {
         self.webhook.validate()?;
         self.redis.validate()?;
-        if nats && !replay && self.enabled() {
+        if !nats || !self.enabled() {
+            return Ok(());
+        }
+        if !replay.enabled {
             return Err(crate::setting::invalid(
                 "ingest",
                 "ingest on NATS needs replay.enabled = true: each source message is then stored once in JetStream (Nats-Msg-Id) whichever instances ingest it; without replay several instances would each publish it",
+            ));
+        }
+        // A delivery replayed to another instance anywhere within the skew
+        // (either side of now) must still be within JetStream's dedupe.
+        let window = if replay.duplicate_window.is_zero() {
+            std::time::Duration::from_secs(120) // JetStream's default
+        } else {
+            replay.duplicate_window
+        };
+        if self.webhook.listen.is_some() && window < self.webhook.max_skew * 2 {
+            return Err(crate::setting::invalid(
+                "ingest.webhook.max_skew",
+                format!(
+                    "must be at most half of replay.duplicate_window ({}), so that a delivery replayed to another instance is stored once",
+                    humantime::format_duration(window)
+                ),
             ));
         }
         Ok(())

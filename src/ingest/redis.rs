@@ -37,6 +37,10 @@ pub struct RedisConfig {
     /// The longest wait between reconnection attempts.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// How often a subscription that hears nothing is checked (`PING`), so
+    /// that a connection that died without a reset is noticed.
+    #[serde(with = "humantime_serde")]
+    pub ping_every: Duration,
 }
 
 impl Default for RedisConfig {
@@ -47,6 +51,7 @@ impl Default for RedisConfig {
             channel: "infisical::core-servers".into(),
             max_message_bytes: 256 * 1024,
             max_backoff: Duration::from_secs(30),
+            ping_every: Duration::from_secs(15),
         }
     }
 }
@@ -73,6 +78,12 @@ impl RedisConfig {
             "ingest.redis.max_message_bytes",
             self.max_message_bytes,
             1024,
+        )?;
+        setting::duration(
+            "ingest.redis.ping_every",
+            self.ping_every,
+            Duration::from_millis(50),
+            Duration::from_secs(3600),
         )?;
         setting::duration(
             "ingest.redis.max_backoff",
@@ -135,6 +146,8 @@ impl Drop {
         "no_project",
         "bad_event",
         "bus_unavailable",
+        "overflow",
+        "lost",
     ];
 }
 
@@ -158,23 +171,38 @@ pub fn decode(raw: &[u8], max_bytes: usize, max_event_bytes: usize) -> Result<Ve
     let Some(m) = v.as_object() else {
         return Err(Drop::Malformed);
     };
-    // One message, one id: every instance that hears it publishes the same.
-    let digest = Sha256::digest(raw);
-    let id: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     let payloads = shapes(m)?;
+    // One message, one id: every instance that hears it publishes the same.
+    // Only when the message carries its time: without it, two changes could
+    // have the same bytes, and a repeat is better than a loss.
+    let id: String = if m.get("timestamp").is_some_and(Value::is_string) {
+        Sha256::digest(raw)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    } else {
+        uuid::Uuid::new_v4().simple().to_string()
+    };
     let mut out = Vec::with_capacity(payloads.len());
     for (i, p) in payloads.into_iter().enumerate() {
-        let e = json!({
-            "specversion": "1.0",
-            "id": format!("infisical-redis-{id}-{i}"),
-            "source": "/infisical/redis",
-            "type": p.ty,
-            "projectid": p.project,
-            "environment": p.env,
-            "secretpath": p.path,
-            "data": {"secretKeys": p.keys},
-        });
-        out.push(Event::from_json(e, max_event_bytes).map_err(|_| Drop::BadEvent)?);
+        let event = |keys: &[&str]| {
+            let e = json!({
+                "specversion": "1.0",
+                "id": format!("infisical-redis-{id}-{i}"),
+                "source": "/infisical/redis",
+                "type": p.ty,
+                "projectid": p.project,
+                "environment": p.env,
+                "secretpath": p.path,
+                "data": {"secretKeys": keys},
+            });
+            Event::from_json(e, max_event_bytes)
+        };
+        // Too many names for one event: the change without them.
+        let e = event(&p.keys)
+            .or_else(|_| event(&[]))
+            .map_err(|_| Drop::BadEvent)?;
+        out.push(e);
     }
     Ok(out)
 }
@@ -263,7 +291,20 @@ fn shapes(m: &serde_json::Map<String, Value>) -> Result<Vec<Change<'_>>, Drop> {
     Err(Drop::UnknownShape)
 }
 
+/// Messages waiting to be published; beyond it they are dropped and
+/// streams told `gap` (the bus is slower than Redis).
+const QUEUE: usize = 1024;
+
+/// How long one event's publish is retried (its id is derived from the
+/// message: a retry is stored once) before it counts as lost.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A session that lasted this long resets the backoff.
+const HEALTHY: Duration = Duration::from_secs(30);
+
 /// Subscribes to the channel until `stop`; reconnects with backoff.
+/// Messages are read into a bounded queue and published in order by a
+/// task of their own, so a slow bus never stops the reading.
 pub async fn run(
     cfg: RedisConfig,
     ingest: Arc<Ingest>,
@@ -272,7 +313,15 @@ pub async fn run(
 ) {
     tokio::pin!(stop);
     let Some(url) = cfg.url.clone() else { return };
-    let mut backoff = Duration::from_millis(200);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(QUEUE);
+    let publisher = tokio::spawn(publish_all(
+        rx,
+        ingest.clone(),
+        cfg.max_message_bytes,
+        max_event_bytes,
+    ));
+    let _abort = AbortOnDrop(publisher);
+    let mut backoff = Duration::from_millis(200).min(cfg.max_backoff);
     let mut was_down = false;
     loop {
         let session = async {
@@ -287,12 +336,26 @@ pub async fn run(
             pubsub.subscribe(&cfg.channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
-        let pubsub = tokio::select! {
+        let subscribed = tokio::select! {
             _ = &mut stop => return,
             s = tokio::time::timeout(Duration::from_secs(10), session) => s,
         };
-        let mut pubsub = match pubsub {
-            Ok(Ok(p)) => p,
+        let started = tokio::time::Instant::now();
+        match subscribed {
+            Ok(Ok(pubsub)) => {
+                ingest.connected(SourceId::Redis, true, None);
+                tracing::info!(channel = %cfg.channel, "subscribed to Infisical's Redis bus");
+                if was_down {
+                    // Whatever was published meanwhile is gone.
+                    ingest.tell_gap();
+                }
+                let why = tokio::select! {
+                    _ = &mut stop => return,
+                    why = listen(pubsub, &tx, &ingest, cfg.ping_every) => why,
+                };
+                tracing::warn!(reason = %why, "the Redis subscription ended; reconnecting");
+                ingest.connected(SourceId::Redis, false, Some(why));
+            }
             failed => {
                 let why = match failed {
                     Ok(Err(e)) => e.to_string(),
@@ -300,57 +363,96 @@ pub async fn run(
                 };
                 tracing::warn!(error = %why, "cannot subscribe to Infisical's Redis bus; retrying");
                 ingest.connected(SourceId::Redis, false, Some(why));
-                was_down = true;
-                let jitter = rand::Rng::gen_range(
-                    &mut rand::thread_rng(),
-                    0..=backoff.as_millis() as u64 / 4,
-                );
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+            }
+        }
+        was_down = true;
+        if started.elapsed() >= HEALTHY {
+            backoff = Duration::from_millis(200).min(cfg.max_backoff);
+        }
+        let quarter = u64::try_from(backoff.as_millis() / 4).unwrap_or(0);
+        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=quarter);
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+        }
+        backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+/// Reads one subscription into `queue` until it ends; says why.
+async fn listen(
+    pubsub: redis::aio::PubSub,
+    queue: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    ingest: &Ingest,
+    every: Duration,
+) -> String {
+    let (mut sink, mut messages) = pubsub.split();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            m = messages.next() => {
+                let Some(m) = m else {
+                    return "the connection closed".into();
+                };
+                ingest.received(SourceId::Redis);
+                if queue.try_send(m.get_payload_bytes().to_vec()).is_err() {
+                    // The bus is slower than Redis: this one is lost.
+                    ingest.dropped(SourceId::Redis, "overflow");
+                    ingest.tell_gap();
                 }
-                backoff = (backoff * 2).min(cfg.max_backoff);
+            }
+            _ = ping.tick() => {
+                let pong = tokio::time::timeout(Duration::from_secs(5), sink.ping::<redis::Value>());
+                if !matches!(pong.await, Ok(Ok(_))) {
+                    return "Redis did not answer a PING".into();
+                }
+            }
+        }
+    }
+}
+
+/// Publishes queued messages in order; an event the bus does not take is
+/// retried (its id makes a retry stored once) for [`PUBLISH_PATIENCE`],
+/// then counted lost and streams are told `gap`.
+async fn publish_all(
+    mut queue: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ingest: Arc<Ingest>,
+    max_bytes: usize,
+    max_event_bytes: usize,
+) {
+    while let Some(raw) = queue.recv().await {
+        let events = match decode(&raw, max_bytes, max_event_bytes) {
+            Ok(e) => e,
+            Err(d) => {
+                ingest.dropped(SourceId::Redis, d.label());
                 continue;
             }
         };
-        ingest.connected(SourceId::Redis, true, None);
-        tracing::info!(channel = %cfg.channel, "subscribed to Infisical's Redis bus");
-        if was_down {
-            // Whatever was published meanwhile is gone.
-            ingest.tell_gap();
-        }
-        backoff = Duration::from_millis(200);
-        let mut messages = pubsub.on_message();
-        loop {
-            let msg = tokio::select! {
-                _ = &mut stop => return,
-                m = messages.next() => m,
-            };
-            let Some(msg) = msg else { break };
-            ingest.received(SourceId::Redis);
-            match decode(
-                msg.get_payload_bytes(),
-                cfg.max_message_bytes,
-                max_event_bytes,
-            ) {
-                Ok(events) => {
-                    for e in events {
-                        if ingest.publish(SourceId::Redis, e).await.is_err() {
-                            // Counted by `publish`; the next message may go through.
-                            break;
-                        }
-                    }
+        for e in events {
+            let give_up = tokio::time::Instant::now() + PUBLISH_PATIENCE;
+            let mut wait = Duration::from_millis(100);
+            loop {
+                if ingest.publish(SourceId::Redis, e.clone()).await.is_ok() {
+                    break;
                 }
-                Err(d) => ingest.dropped(SourceId::Redis, d.label()),
+                if tokio::time::Instant::now() + wait > give_up {
+                    ingest.dropped(SourceId::Redis, "lost");
+                    ingest.tell_gap();
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
-        tracing::warn!("the Redis subscription ended; reconnecting");
-        ingest.connected(
-            SourceId::Redis,
-            false,
-            Some("the subscription ended".into()),
-        );
-        was_down = true;
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl std::ops::Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

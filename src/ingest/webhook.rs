@@ -45,8 +45,13 @@ pub struct WebhookConfig {
     pub listen: Option<SocketAddr>,
     /// The path Infisical posts to.
     pub path: String,
-    /// The webhooks' secret keys; a delivery signed with any of them is taken.
+    /// Secret keys valid for any project; a delivery signed with any of
+    /// them is taken.
     pub secrets: Vec<Secret>,
+    /// Secret keys valid for one project each (`projectId` = keys): a
+    /// project's admin, who sets its webhook's key in Infisical, cannot
+    /// sign for another project.
+    pub project_secrets: std::collections::BTreeMap<String, Vec<Secret>>,
     /// How far a delivery's timestamp may be from now.
     #[serde(with = "humantime_serde")]
     pub max_skew: Duration,
@@ -60,7 +65,8 @@ impl Default for WebhookConfig {
             listen: None,
             path: "/api/v1/ingest/infisical/webhook".into(),
             secrets: Vec::new(),
-            max_skew: Duration::from_secs(300),
+            project_secrets: Default::default(),
+            max_skew: Duration::from_secs(60),
             max_body_bytes: 64 * 1024,
         }
     }
@@ -72,10 +78,15 @@ impl WebhookConfig {
         if self.listen.is_none() {
             return Ok(());
         }
-        if self.secrets.is_empty() || self.secrets.iter().any(|s| s.expose().len() < 16) {
+        let all = || {
+            self.secrets
+                .iter()
+                .chain(self.project_secrets.values().flatten())
+        };
+        if all().next().is_none() || all().any(|s| s.expose().len() < 16) {
             return Err(setting::invalid(
                 "ingest.webhook.secrets",
-                "the receiver needs the webhooks' secret keys (at least 16 characters each; set the same key on the webhook in Infisical)",
+                "the receiver needs the webhooks' secret keys, in secrets or project_secrets (at least 16 characters each; set the same key on the webhook in Infisical)",
             ));
         }
         if !self.path.starts_with('/') || self.path.len() > 256 {
@@ -113,6 +124,10 @@ pub enum Refusal {
     UnsupportedEvent,
     /// Its project, environment or path is not one herald takes.
     BadEvent,
+    /// Signed with a key of another project.
+    WrongProject,
+    /// Too many deliveries within the skew window to remember them.
+    Busy,
 }
 
 impl Refusal {
@@ -127,6 +142,8 @@ impl Refusal {
             Refusal::Body => "body",
             Refusal::UnsupportedEvent => "unsupported_event",
             Refusal::BadEvent => "bad_event",
+            Refusal::WrongProject => "wrong_project",
+            Refusal::Busy => "busy",
         }
     }
 
@@ -140,6 +157,8 @@ impl Refusal {
         "body",
         "unsupported_event",
         "bad_event",
+        "wrong_project",
+        "busy",
         "bus_unavailable",
     ];
 
@@ -149,6 +168,8 @@ impl Refusal {
             | Refusal::MalformedSignature
             | Refusal::BadSignature
             | Refusal::Stale => StatusCode::UNAUTHORIZED,
+            Refusal::WrongProject => StatusCode::FORBIDDEN,
+            Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Body => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::MalformedBody | Refusal::BadEvent => StatusCode::BAD_REQUEST,
             Refusal::UnsupportedEvent => StatusCode::OK,
@@ -165,6 +186,10 @@ impl Refusal {
             Refusal::Body => "the body is too large or was not sent in time",
             Refusal::UnsupportedEvent => "this event is not taken; nothing was published",
             Refusal::BadEvent => "the project, environment or path is not one herald takes",
+            Refusal::WrongProject => {
+                "this key signs for another project (ingest.webhook.project_secrets)"
+            }
+            Refusal::Busy => "too many deliveries at once; try again",
         }
     }
 }
@@ -216,6 +241,31 @@ pub fn signed_by_any(secrets: &[Secret], body: &[u8], mac: &[u8; 32]) -> bool {
     })
 }
 
+/// Which projects the key that signed a delivery may speak for.
+#[derive(Debug, PartialEq, Eq)]
+enum Scope<'a> {
+    /// A key of `secrets`.
+    Any,
+    /// Keys of `project_secrets` for these projects.
+    Projects(Vec<&'a str>),
+}
+
+impl WebhookConfig {
+    /// The scope of the keys that sign `body` with `mac`, if any does.
+    fn scope(&self, body: &[u8], mac: &[u8; 32]) -> Option<Scope<'_>> {
+        if signed_by_any(&self.secrets, body, mac) {
+            return Some(Scope::Any);
+        }
+        let projects: Vec<&str> = self
+            .project_secrets
+            .iter()
+            .filter(|(_, keys)| signed_by_any(keys, body, mac))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        (!projects.is_empty()).then_some(Scope::Projects(projects))
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -241,7 +291,9 @@ pub fn event_of(
     }
     let project = v.get("project").ok_or(Refusal::MalformedBody)?;
     let field = |k: &str| project.get(k).and_then(Value::as_str);
-    let (Some(project_id), Some(env)) = (field("projectId"), field("environment")) else {
+    // Older Infisical versions name the project `workspaceId` only.
+    let project_id = field("projectId").or_else(|| field("workspaceId"));
+    let (Some(project_id), Some(env)) = (project_id, field("environment")) else {
         return Err(Refusal::MalformedBody);
     };
     let path = match project.get("secretPath") {
@@ -251,8 +303,8 @@ pub fn event_of(
         Some(_) => return Err(Refusal::MalformedBody),
     };
     // One delivery, one id: the same delivery posted to two instances is
-    // stored once.
-    let digest = Sha256::digest(signature.mac);
+    // stored once (its body carries Infisical's millisecond timestamp).
+    let digest = Sha256::digest(body);
     let id: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     let event = json!({
         "specversion": "1.0",
@@ -277,16 +329,23 @@ struct Seen {
     at: HashMap<[u8; 32], u64>,
 }
 
-/// Most deliveries remembered at once (beyond it the oldest half goes).
+/// Most deliveries remembered at once (more within the skew window are
+/// refused with 503).
 const MAX_SEEN: usize = 100_000;
 
 impl Seen {
     /// Whether `s` is new (and now seen).
-    fn first(&mut self, s: &Signature, now: u64, skew: u64) -> bool {
+    /// `Some(true)` when the delivery whose body hashes to `digest` is new
+    /// (and now seen), `Some(false)` when it was seen, `None` when too many
+    /// deliveries are remembered to take another.
+    fn first(&mut self, digest: [u8; 32], timestamp: u64, now: u64, skew: u64) -> Option<bool> {
         if self.at.len() >= MAX_SEEN {
             self.at.retain(|_, t| t.saturating_add(skew) >= now);
+            if self.at.len() >= MAX_SEEN {
+                return None;
+            }
         }
-        self.at.insert(s.mac, s.timestamp).is_none()
+        Some(self.at.insert(digest, timestamp).is_none())
     }
 }
 
@@ -342,22 +401,37 @@ impl Receiver {
         )
         .await
         .map_err(|_| Refusal::Body)?;
-        if !signed_by_any(&self.cfg.secrets, &body, &signature.mac) {
-            return Err(Refusal::BadSignature);
-        }
+        let scope = self
+            .cfg
+            .scope(&body, &signature.mac)
+            .ok_or(Refusal::BadSignature)?;
         let Some(event) = event_of(&body, &signature, self.max_event_bytes)? else {
             return Ok(json!({"status": "test delivery received; nothing published"}));
         };
+        if let Scope::Projects(p) = &scope {
+            if !p.contains(&event.key.project.as_str()) {
+                return Err(Refusal::WrongProject);
+            }
+        }
         self.ingest.received(SourceId::Webhook);
-        if !self.seen.lock().first(&signature, now, skew) {
-            self.ingest.duplicate(SourceId::Webhook);
-            return Ok(json!({"status": "duplicate", "id": event.id}));
+        let digest: [u8; 32] = Sha256::digest(&body).into();
+        let first = self
+            .seen
+            .lock()
+            .first(digest, signature.timestamp, now, skew);
+        match first {
+            None => return Err(Refusal::Busy),
+            Some(false) => {
+                self.ingest.duplicate(SourceId::Webhook);
+                return Ok(json!({"status": "duplicate", "id": event.id}));
+            }
+            Some(true) => {}
         }
         match self.ingest.publish(SourceId::Webhook, event).await {
             Ok(p) => Ok(json!({"status": "published", "id": p.id, "sequence": p.sequence})),
             Err(e) => {
                 // Not taken: the same delivery may be posted again.
-                self.seen.lock().at.remove(&signature.mac);
+                self.seen.lock().at.remove(&digest);
                 Ok(json!({"status": "unavailable", "error": e.to_string()}))
             }
         }
@@ -484,6 +558,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(e.key.path.as_str(), "/");
+        let old = r#"{"event":"secrets.modified","project":{"workspaceId":"p2","environment":"prod"},"timestamp":1}"#;
+        let e = event_of(old.as_bytes(), &sig(1), 1 << 20).unwrap().unwrap();
+        assert_eq!(e.key.project.as_str(), "p2");
         let test =
             r#"{"event":"test","project":{"projectId":"p1","environment":"prod"},"timestamp":1}"#;
         assert!(event_of(test.as_bytes(), &sig(1), 1 << 20)
@@ -529,16 +606,41 @@ mod tests {
     #[test]
     fn a_delivery_is_taken_once() {
         let mut seen = Seen::default();
-        let s = Signature {
-            timestamp: 1000,
-            mac: [1; 32],
+        assert_eq!(seen.first([1; 32], 1000, 1000, 300_000), Some(true));
+        assert_eq!(seen.first([1; 32], 1000, 1001, 300_000), Some(false));
+        assert_eq!(seen.first([2; 32], 1000, 1001, 300_000), Some(true));
+        // Full of deliveries still within the window: refused, not grown.
+        for i in 0..MAX_SEEN as u32 {
+            let mut d = [0u8; 32];
+            d[..4].copy_from_slice(&i.to_be_bytes());
+            d[31] = 9;
+            seen.first(d, 2000, 2000, 300_000);
+        }
+        assert_eq!(seen.first([3; 32], 2000, 2000, 300_000), None);
+        assert!(seen.at.len() <= MAX_SEEN);
+        // Once they are past the window, room again.
+        assert_eq!(seen.first([3; 32], 2000, 400_000, 300_000), Some(true));
+    }
+
+    #[test]
+    fn a_project_key_signs_for_its_project_only() {
+        let cfg = WebhookConfig {
+            secrets: vec![Secret::new("global-secret-0123456789")],
+            project_secrets: [("p1".to_owned(), vec![Secret::new("p1-secret-0123456789")])].into(),
+            ..Default::default()
         };
-        assert!(seen.first(&s, 1000, 300_000));
-        assert!(!seen.first(&s, 1001, 300_000));
-        let other = Signature {
-            timestamp: 1000,
-            mac: [2; 32],
-        };
-        assert!(seen.first(&other, 1001, 300_000));
+        let body = b"{}";
+        assert_eq!(
+            cfg.scope(body, &sign("global-secret-0123456789", "{}")),
+            Some(Scope::Any)
+        );
+        assert_eq!(
+            cfg.scope(body, &sign("p1-secret-0123456789", "{}")),
+            Some(Scope::Projects(vec!["p1"]))
+        );
+        assert_eq!(
+            cfg.scope(body, &sign("other-secret-0123456789", "{}")),
+            None
+        );
     }
 }
