@@ -202,6 +202,16 @@ const MAX_VALUE: usize = STREAMS_PER_KEY * 61;
 pub struct Entries(Vec<Saved>);
 
 impl Entries {
+    /// How many streams' positions these are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn encode(&self) -> Bytes {
         let mut out = String::new();
         for s in &self.0 {

@@ -103,6 +103,30 @@ pub const TARGETS: &[Target] = &[
         run: |r| report(r.run(&mutated(JWKS_SEEDS, JWKS_DICT), |b| check_jwks(&b))),
     },
     Target {
+        name: "infisical_bus_messages",
+        run: |r| report(r.run(&mutated(BUS_SEEDS, BUS_DICT), |b| check_bus_message(&b))),
+    },
+    Target {
+        name: "infisical_webhooks",
+        run: |r| {
+            report(r.run(
+                &(
+                    mutated(WEBHOOK_SEEDS, BUS_DICT),
+                    mutated(SIGNATURE_SEEDS, SIGNATURE_DICT),
+                ),
+                |(b, h)| check_webhook(&b, &h),
+            ))
+        },
+    },
+    Target {
+        name: "remembered_positions",
+        run: |r| {
+            report(r.run(&mutated(POSITION_SEEDS, POSITION_DICT), |b| {
+                check_positions(&b)
+            }))
+        },
+    },
+    Target {
         name: "nats_subjects",
         run: |r| report(r.run(&subject_input(), |s| check_subject(&s))),
     },
@@ -1337,6 +1361,126 @@ pub fn check_infisical_frames(v: &Value) -> Result<(), TestCaseError> {
             .any(|i| i["environment"] != "prod" || i["secretPath"] != ev.key.path.as_str())
     {
         return Err(fail(format!("items {payload}")));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Ingest: whatever arrives on Infisical's Redis channel or at the webhook
+// receiver is an event herald takes or a reason, never a panic.
+
+const BUS_SEEDS: &[&[u8]] = &[
+    br#"{"type":"project-events","timestamp":"2025-01-01T00:00:00.000Z","sourceContainer":"container-a","payload":{"type":"secret:update","environment":"prod","secretPath":"/apps","projectId":"p1","secretKeys":["A","B"]}}"#,
+    br#"{"type":"secret.mutation","timestamp":"t","sourceContainer":"c","payload":{"type":"secret:delete","projectId":"p1","environment":"dev","secretPath":"/","secretKey":"K"}}"#,
+    br#"{"type":"secret.created","timestamp":"t","sourceContainer":"c","payload":{"projectId":"p1","environment":"dev"}}"#,
+    br#"{"type":"secret-manager","source":"x","data":{"event":"secret:update","payload":[{"secretKey":"K","secretPath":"/","environment":"dev"}]}}"#,
+];
+
+const BUS_DICT: &[&[u8]] = &[
+    b"\"secret:import-mutation\"",
+    b"\"secret:create\"",
+    b"\"secretKeys\":[]",
+    b"\"secretKeys\":[1]",
+    b"\"secretPath\":\"a//b\"",
+    b"\"projectId\":\"\"",
+    b"\"workspaceId\":\"p2\"",
+    b"\"timestamp\":1",
+    b"\"payload\":null",
+    b"\\u0000",
+    b"null",
+    b",",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+];
+
+pub fn check_bus_message(bytes: &[u8]) -> Result<(), TestCaseError> {
+    use herald::ingest::redis::decode;
+    let Ok(events) = decode(bytes, 256 * 1024, 64 * 1024) else {
+        return Ok(());
+    };
+    if events.len() != 1 {
+        return Err(fail(format!("{} events from one message", events.len())));
+    }
+    let again = decode(bytes, 256 * 1024, 64 * 1024).map_err(|d| fail(format!("{d:?}")))?;
+    let stamped = serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .is_some_and(|v| v["timestamp"].is_string());
+    if stamped && again[0].id != events[0].id {
+        return Err(fail("one message, two ids".into()));
+    }
+    if events[0].json.len() > 64 * 1024 {
+        return Err(fail("an event over the limit".into()));
+    }
+    Ok(())
+}
+
+const WEBHOOK_SEEDS: &[&[u8]] = &[
+    br#"{"event":"secrets.modified","project":{"workspaceId":"p1","projectId":"p1","projectName":"P","environment":"prod","environmentName":"Production","secretPath":"/apps","changedBy":"u","changedByActorType":"user"},"timestamp":1700000000000}"#,
+    br#"{"event":"test","project":{"projectId":"p1","environment":"prod"},"timestamp":1700000000000}"#,
+    br#"{"event":"secrets.rotation-failed","project":{"projectId":"p1","environment":"prod"},"timestamp":1700000000000}"#,
+];
+
+const SIGNATURE_SEEDS: &[&[u8]] = &[
+    b"t=1700000000000;0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    b"t=1;",
+];
+
+const SIGNATURE_DICT: &[&[u8]] = &[
+    b"t=",
+    b";",
+    b"ff",
+    b"-",
+    b"99999999999999999999",
+    b" ",
+    b"\xc3\xa9",
+];
+
+pub fn check_webhook(body: &[u8], header: &[u8]) -> Result<(), TestCaseError> {
+    use herald::ingest::webhook::{event_of, Signature};
+    let sig = Signature::parse(header).unwrap_or(Signature {
+        timestamp: 1_700_000_000_000,
+        mac: [0; 32],
+    });
+    match event_of(body, &sig, 64 * 1024) {
+        Ok(Some(e)) => {
+            let v: Value = serde_json::from_slice(body).map_err(|e| fail(e.to_string()))?;
+            if v["timestamp"].as_u64() != Some(sig.timestamp) {
+                return Err(fail(
+                    "taken with another timestamp than the signed one".into(),
+                ));
+            }
+            if e.key.event_type.name() != "secret:updated" {
+                return Err(fail(format!("a webhook became {}", e.key.event_type)));
+            }
+            Ok(())
+        }
+        Ok(None) | Err(_) => Ok(()),
+    }
+}
+
+const POSITION_SEEDS: &[&[u8]] = &[
+    b"abc 42 1700000000000\n1 7 1700000000001\n",
+    b"",
+    b"ffffffffffffffff 18446744073709551615 1\n",
+];
+
+const POSITION_DICT: &[&[u8]] = &[
+    b" ",
+    b"\n",
+    b"-",
+    b"g",
+    b"18446744073709551616",
+    b"0",
+    b"\t",
+];
+
+pub fn check_positions(bytes: &[u8]) -> Result<(), TestCaseError> {
+    use herald::remember::{Entries, STREAMS_PER_KEY};
+    let e = Entries::decode(bytes);
+    if e.len() > STREAMS_PER_KEY {
+        return Err(fail(format!("{} positions for one key", e.len())));
     }
     Ok(())
 }
