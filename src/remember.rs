@@ -390,6 +390,9 @@ struct Tracked {
     /// The position last saved, once one was.
     saved: Option<u64>,
     saved_at: Instant,
+    /// What it saves while its first resume is still held: where it
+    /// resumes from (its position is where it will be once written).
+    floor: Option<u64>,
 }
 
 /// How many samples a stream's history keeps over its margin.
@@ -399,7 +402,13 @@ impl Tracked {
     /// Takes a sample of the position now; returns the position to save
     /// (as of `margin` ago).
     fn sample(&mut self, now: Instant, margin: Duration) -> u64 {
-        let at = self.handle.position();
+        if !self.handle.is_paused() {
+            self.floor = None;
+        }
+        let at = match self.floor {
+            Some(f) => f.min(self.handle.position()),
+            None => self.handle.position(),
+        };
         let spacing = margin / SAMPLES_PER_MARGIN;
         let due = match self.history.back() {
             Some((_, p)) if *p == at => false,
@@ -514,17 +523,30 @@ impl Remember {
     /// Saves `handle`'s position under `key` while the returned guard
     /// lives, and once more when it is dropped.
     pub fn track(self: &Arc<Self>, key: Key, handle: &Arc<StreamHandle>) -> TrackGuard {
+        self.track_from(key, handle, None)
+    }
+
+    /// [`track`](Self::track) a stream held for a resume from `floor`:
+    /// until the resume is written, `floor` is its position.
+    pub fn track_from(
+        self: &Arc<Self>,
+        key: Key,
+        handle: &Arc<StreamHandle>,
+        floor: Option<u64>,
+    ) -> TrackGuard {
         let stream = rand::random::<u64>();
         let now = Instant::now();
+        let start = floor.map_or(handle.position(), |f| f.min(handle.position()));
         self.tracked.lock().insert(
             handle.id,
             Tracked {
                 key,
                 stream,
                 handle: handle.clone(),
-                history: [(now, handle.position())].into_iter().collect(),
+                history: [(now, start)].into_iter().collect(),
                 saved: None,
                 saved_at: now,
+                floor,
             },
         );
         // Its first position is saved now, not at the next round.
@@ -894,6 +916,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_held_for_its_resume_saves_where_it_resumes_from() {
+        let (handle, mut stream) = crate::stream::test_stream().await;
+        let generation = handle.pause();
+        stream.start_after(500); // where the bus stood when it opened
+        let now = Instant::now();
+        let mut t = Tracked {
+            key: Key("p".into()),
+            stream: 1,
+            handle: handle.clone(),
+            history: [(now, 40)].into_iter().collect(),
+            saved: None,
+            saved_at: now,
+            floor: Some(40),
+        };
+        assert_eq!(t.sample(now, Duration::ZERO), 40, "held: its resume point");
+        stream.apply_resume(crate::stream::Resumed::nothing(generation, 40, None));
+        assert_eq!(t.sample(now, Duration::ZERO), 500, "resumed: its position");
+    }
+
+    #[tokio::test]
     async fn the_saved_position_is_the_one_of_a_margin_ago() {
         let (handle, mut stream) = crate::stream::test_stream().await;
         stream.start_after(100);
@@ -906,6 +948,7 @@ mod tests {
             history: [(t0, handle.position())].into_iter().collect(),
             saved: None,
             saved_at: t0,
+            floor: None,
         };
         let at = |secs| t0 + Duration::from_secs(secs);
         assert_eq!(t.sample(at(0), margin), 100, "young: where it started");

@@ -81,6 +81,9 @@ pub struct Resumed {
     pub events: Vec<Queued>,
     /// A control event written after them (the replay stopped short).
     pub tail: Option<Control>,
+    /// The stream wrote nothing before it (a new stream held from its
+    /// start): its position restarts at `from`, whatever it started at.
+    pub restart: bool,
 }
 
 impl Resumed {
@@ -93,6 +96,20 @@ impl Resumed {
             seam: None,
             events: Vec::new(),
             tail: None,
+            restart: false,
+        }
+    }
+
+    /// Nothing: the hold ends and live delivery goes on.
+    pub fn nothing(generation: u64, from: u64, open: Option<Control>) -> Self {
+        Self {
+            generation,
+            from,
+            open,
+            seam: None,
+            events: Vec::new(),
+            tail: None,
+            restart: false,
         }
     }
 }
@@ -535,6 +552,9 @@ impl SseStream {
         if r.generation < self.handle.pauses() {
             // Read for an earlier hold: the newer one's plan covers it.
             return;
+        }
+        if r.restart && self.replay.is_empty() {
+            self.set_written(r.from);
         }
         let written = self.last_written.max(r.from);
         if let Some(c) = &r.open {
@@ -1171,6 +1191,7 @@ mod tests {
             seam: Some(through),
             events,
             tail: None,
+            restart: false,
         }
     }
 

@@ -23,7 +23,9 @@ use crate::remember::{Key, Recall, Remember};
 use crate::request::{BodyError, RequestError, SubscribeLimits, SubscribeRequest};
 use crate::router::Router;
 use crate::shutdown::Shutdown;
-use crate::stream::{new_stream, CloseWatch, SseStream, StreamHandle, StreamSettings, Subscriber};
+use crate::stream::{
+    new_stream, CloseWatch, Resumed, SseStream, StreamHandle, StreamSettings, Subscriber,
+};
 
 /// Why a stream was not opened.
 #[derive(Debug, thiserror::Error)]
@@ -199,20 +201,6 @@ impl Subscriptions {
         // stream of the same registrations left off, when remembered.
         let remember = self.remember.as_ref().filter(|r| r.remembers(dialect));
         let key = remember.map(|_| Key::new(identity, &project, &interests));
-        let mut resume = resume;
-        let mut opening_gap = None;
-        if let (Some(r), Some(k), None) = (remember, &key, resume) {
-            match r.recall(k).await {
-                Recall::Resume(seq) => resume = Some(seq),
-                Recall::ResumeAfterGap(seq) => {
-                    resume = Some(seq);
-                    opening_gap = Some(GapReason::WindowPassed);
-                }
-                Recall::WindowPassed => opening_gap = Some(GapReason::WindowPassed),
-                Recall::Unavailable => opening_gap = Some(GapReason::BusUnavailable),
-                Recall::New => {}
-            }
-        }
         let settings = StreamSettings {
             dialect,
             queue_frames: self.streams.queue_frames,
@@ -250,15 +238,47 @@ impl Subscriptions {
             stream.hold(Box::new(TouchOnDrop(c.clone())));
             c.touch();
         }
-        if let Some(reason) = opening_gap {
-            stream.open_with(&Control::Gap(reason), 0);
-        }
+        // Without Last-Event-ID, a remembered stream is held from its start
+        // and resumed once its position is read: its response head does not
+        // wait for the read.
+        let held = (remember.is_some() && resume.is_none()).then(|| handle.pause());
         self.bus
             .attach(&mut stream, resume)
             .await
             .map_err(SubscribeError::BusUnavailable)?;
         if let (Some(r), Some(k)) = (remember, key) {
-            stream.hold(Box::new(r.track(k, &handle)));
+            match held {
+                Some(generation) => {
+                    let tracking = Arc::new(parking_lot::Mutex::new(None));
+                    stream.hold(Box::new(tracking.clone()));
+                    let (r, bus, handle) = (r.clone(), self.bus.clone(), handle.clone());
+                    tokio::spawn(async move {
+                        let recall = r.recall(&k).await;
+                        let (after, open) = match recall {
+                            Recall::Resume(seq) => (Some(seq), None),
+                            Recall::ResumeAfterGap(seq) => {
+                                (Some(seq), Some(GapReason::WindowPassed))
+                            }
+                            Recall::WindowPassed => (None, Some(GapReason::WindowPassed)),
+                            Recall::Unavailable => (None, Some(GapReason::BusUnavailable)),
+                            Recall::New => (None, None),
+                        };
+                        let open = open.map(Control::Gap);
+                        // Until its resume is written, what it saves is where it resumes from.
+                        let guard = r.track_from(k, &handle, after);
+                        match after {
+                            Some(seq) => bus.resume_held(&handle, generation, seq, open),
+                            None => handle.resume_with(Resumed::nothing(
+                                generation,
+                                handle.position(),
+                                open,
+                            )),
+                        }
+                        *tracking.lock() = Some(guard);
+                    });
+                }
+                None => stream.hold(Box::new(r.track(k, &handle))),
+            }
         }
         Ok(stream)
     }

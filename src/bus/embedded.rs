@@ -18,8 +18,9 @@ use crate::delivery::Delivery;
 use crate::event::Event;
 use crate::ident::ProjectId;
 use crate::metrics::Metrics;
+use crate::protocol::Control;
 use crate::router::Router;
-use crate::stream::SseStream;
+use crate::stream::{SseStream, StreamHandle};
 
 use super::{first_sequence, Position, Published, Retained};
 
@@ -119,6 +120,29 @@ impl EmbeddedBus {
             truncated: false,
             through: newest,
         }
+    }
+
+    pub(super) fn resume_held(
+        &self,
+        handle: &Arc<StreamHandle>,
+        generation: u64,
+        after: u64,
+        open: Option<Control>,
+    ) {
+        let retained = self.retained(&handle.project, after);
+        let mut plan = super::plan_resume(
+            handle,
+            generation,
+            after,
+            retained,
+            &self.router,
+            &self.metrics,
+        );
+        plan.restart = true;
+        if plan.open.is_none() {
+            plan.open = open;
+        }
+        handle.resume_with(plan);
     }
 
     pub(super) fn attach(&self, stream: &mut SseStream, resume_from: Option<u64>) {

@@ -172,6 +172,23 @@ impl Bus {
         }
     }
 
+    /// Resumes an attached stream, held since before it was attached (hold
+    /// `generation`, nothing written yet), from `after`: a position found
+    /// once the stream was open (a remembered one). `open` is written
+    /// first when the resume has no opening of its own.
+    pub fn resume_held(
+        &self,
+        handle: &Arc<StreamHandle>,
+        generation: u64,
+        after: u64,
+        open: Option<Control>,
+    ) {
+        match self {
+            Bus::Embedded(b) => b.resume_held(handle, generation, after, open),
+            Bus::Nats(b) => b.resume_held(handle.clone(), generation, after, open),
+        }
+    }
+
     /// Stops the bus's own tasks and waits for them, up to `deadline`.
     pub async fn close(&self, deadline: std::time::Duration) {
         if let Bus::Nats(b) = self {
@@ -257,6 +274,7 @@ pub fn plan_resume(
         tail: retained
             .truncated
             .then_some(Control::Gap(GapReason::TooFarBehind)),
+        restart: false,
     }
 }
 

@@ -53,13 +53,16 @@ use super::replay::Replay;
 use super::{first_sequence, BusError, BusErrorKind, Position, Published, Retained};
 
 /// Where a resume starts.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum ResumeFrom {
     /// After the client's `Last-Event-ID`.
     Client(u64),
     /// In place, after the last event the stream wrote; a stream with no
     /// such point gets `gap` with this reason.
     InPlace(GapReason),
+    /// After a remembered position, for a new stream held since before it
+    /// was attached; with the control to open with when the resume has none.
+    Remembered(u64, Option<Control>),
 }
 
 /// How long a resume is retried (JetStream electing a leader, say) before
@@ -472,6 +475,30 @@ impl NatsBus {
     /// supersedes this one (its task gives up, its plan would be dropped).
     fn spawn_resume(self: &Arc<Self>, handle: Arc<StreamHandle>, from: ResumeFrom) {
         let generation = handle.pause();
+        self.spawn_resume_of(handle, generation, from);
+    }
+
+    /// [`Bus::resume_held`](super::Bus::resume_held) on NATS: the read in a task.
+    pub(super) fn resume_held(
+        self: &Arc<Self>,
+        handle: Arc<StreamHandle>,
+        generation: u64,
+        after: u64,
+        open: Option<Control>,
+    ) {
+        if self.replay.is_none() {
+            handle.resume_with(Resumed::nothing(generation, after, open));
+            return;
+        }
+        self.spawn_resume_of(handle, generation, ResumeFrom::Remembered(after, open));
+    }
+
+    fn spawn_resume_of(
+        self: &Arc<Self>,
+        handle: Arc<StreamHandle>,
+        generation: u64,
+        from: ResumeFrom,
+    ) {
         let bus = self.clone();
         self.tasks.spawn(async move {
             tokio::select! {
@@ -485,8 +512,12 @@ impl NatsBus {
         let Some(replay) = &self.replay else {
             return;
         };
+        let (restart, open) = match &from {
+            ResumeFrom::Remembered(_, open) => (true, open.clone()),
+            _ => (false, None),
+        };
         let after = match from {
-            ResumeFrom::Client(id) => id,
+            ResumeFrom::Client(id) | ResumeFrom::Remembered(id, _) => id,
             ResumeFrom::InPlace(gap) => match handle.position() {
                 // The stream has no point to resume from (it opened on a
                 // new subscription and wrote nothing): it may have missed some.
@@ -507,7 +538,7 @@ impl NatsBus {
             }
             let e = match self.retained(replay, &handle.project, after, &wanted).await {
                 Ok(Some(retained)) => {
-                    let plan = super::plan_resume(
+                    let mut plan = super::plan_resume(
                         handle,
                         generation,
                         after,
@@ -515,6 +546,10 @@ impl NatsBus {
                         &self.router,
                         &self.metrics,
                     );
+                    plan.restart = restart;
+                    if plan.open.is_none() {
+                        plan.open = open;
+                    }
                     handle.resume_with(plan);
                     return;
                 }
