@@ -100,6 +100,16 @@ impl Resumed {
         }
     }
 
+    /// This plan for a stream held since it opened (`restart`), opening
+    /// with `open` when it has no opening of its own.
+    pub fn held(mut self, restart: bool, open: Option<Control>) -> Self {
+        self.restart = restart;
+        if self.open.is_none() {
+            self.open = open;
+        }
+        self
+    }
+
     /// Nothing: the hold ends and live delivery goes on.
     pub fn nothing(generation: u64, from: u64, open: Option<Control>) -> Self {
         Self {

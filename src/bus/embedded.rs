@@ -130,7 +130,7 @@ impl EmbeddedBus {
         open: Option<Control>,
     ) {
         let retained = self.retained(&handle.project, after);
-        let mut plan = super::plan_resume(
+        let plan = super::plan_resume(
             handle,
             generation,
             after,
@@ -138,11 +138,7 @@ impl EmbeddedBus {
             &self.router,
             &self.metrics,
         );
-        plan.restart = true;
-        if plan.open.is_none() {
-            plan.open = open;
-        }
-        handle.resume_with(plan);
+        handle.resume_with(plan.held(true, open));
     }
 
     pub(super) fn attach(&self, stream: &mut SseStream, resume_from: Option<u64>) {

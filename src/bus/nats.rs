@@ -538,7 +538,7 @@ impl NatsBus {
             }
             let e = match self.retained(replay, &handle.project, after, &wanted).await {
                 Ok(Some(retained)) => {
-                    let mut plan = super::plan_resume(
+                    let plan = super::plan_resume(
                         handle,
                         generation,
                         after,
@@ -546,11 +546,7 @@ impl NatsBus {
                         &self.router,
                         &self.metrics,
                     );
-                    plan.restart = restart;
-                    if plan.open.is_none() {
-                        plan.open = open;
-                    }
-                    handle.resume_with(plan);
+                    handle.resume_with(plan.held(restart, open));
                     return;
                 }
                 Ok(None) => return,
