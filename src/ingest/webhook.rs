@@ -349,9 +349,15 @@ impl Seen {
     }
 }
 
+/// Most deliveries taken at once; more are answered 503 at once (Infisical
+/// sends one per change: many at once is someone else).
+const MAX_AT_ONCE: usize = 256;
+
 /// The receiver: a listener of its own.
 pub struct Receiver {
     cfg: WebhookConfig,
+    /// Deliveries being taken at once (beyond: 503).
+    taking: tokio::sync::Semaphore,
     ingest: Arc<Ingest>,
     seen: Mutex<Seen>,
     max_event_bytes: usize,
@@ -368,6 +374,7 @@ impl Receiver {
     ) -> Self {
         Self {
             cfg,
+            taking: tokio::sync::Semaphore::new(MAX_AT_ONCE),
             ingest,
             seen: Mutex::new(Seen::default()),
             max_event_bytes,
@@ -453,6 +460,14 @@ impl Handler for Receiver {
                 &json!({"message": "POST the webhook here"}),
             );
         }
+        let Ok(_taking) = self.taking.try_acquire() else {
+            self.ingest
+                .dropped(SourceId::Webhook, Refusal::Busy.label());
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"message": Refusal::Busy.message(), "reason": "busy"}),
+            );
+        };
         match self.receive(req).await {
             Ok(v) if v["status"] == "unavailable" => {
                 json_response(StatusCode::SERVICE_UNAVAILABLE, &v)
