@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::http::admin::Admin;
 use crate::http::api::{Api, BodyLimits};
 use crate::http::cors::Cors;
+use crate::http::webhook::Webhook;
 use crate::http::{self, ServeOptions};
 use crate::ingest::webhook::Receiver;
 use crate::ingest::{Ingest, SourceId};
@@ -151,7 +152,11 @@ pub async fn start(
             config.ingest.webhook.clone(),
             ingest.clone(),
             config.limits.max_event_bytes,
+        );
+        let receiver = Webhook::new(
+            receiver,
             config.server.body_read_timeout,
+            core.metrics.clone(),
         );
         ingest.connected(SourceId::Webhook, true, None);
         tasks.push(tokio::spawn(http::serve(

@@ -14,6 +14,7 @@ pub mod cors;
 pub mod direct;
 pub mod error;
 pub mod stuck;
+pub mod webhook;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -125,7 +125,7 @@ struct State {
 pub struct Ingest {
     bus: Arc<Bus>,
     router: Arc<Router>,
-    pub(crate) metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     states: [Mutex<State>; 2],
 }
 

@@ -65,7 +65,7 @@ impl RedisConfig {
         if let Err(e) = redis::Client::open(url.expose()) {
             return Err(setting::invalid(
                 "ingest.redis.url",
-                format!("not a Redis URL (redis:// or rediss://): {}", e.kind_name()),
+                format!("not a Redis URL (redis:// or rediss://): {:?}", e.kind()),
             ));
         }
         if self.channel.is_empty() {
@@ -91,19 +91,6 @@ impl RedisConfig {
             Duration::from_millis(100),
             Duration::from_secs(3600),
         )
-    }
-}
-
-trait KindName {
-    fn kind_name(&self) -> &'static str;
-}
-
-impl KindName for redis::RedisError {
-    fn kind_name(&self) -> &'static str {
-        match self.kind() {
-            redis::ErrorKind::InvalidClientConfig => "invalid client config",
-            _ => "invalid",
-        }
     }
 }
 

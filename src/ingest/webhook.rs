@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
-use http::{Method, Request, Response, StatusCode};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -28,9 +27,6 @@ use sha2::{Digest, Sha256};
 
 use super::{Ingest, SourceId};
 use crate::event::Event;
-use crate::http::body::read_limited;
-use crate::http::error::json_response;
-use crate::http::{Handler, HttpBody, RequestBody};
 use crate::setting::{self, Invalid, Secret};
 
 /// The header Infisical signs with.
@@ -162,21 +158,8 @@ impl Refusal {
         "bus_unavailable",
     ];
 
-    fn status(self) -> StatusCode {
-        match self {
-            Refusal::Unsigned
-            | Refusal::MalformedSignature
-            | Refusal::BadSignature
-            | Refusal::Stale => StatusCode::UNAUTHORIZED,
-            Refusal::WrongProject => StatusCode::FORBIDDEN,
-            Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::Body => StatusCode::PAYLOAD_TOO_LARGE,
-            Refusal::MalformedBody | Refusal::BadEvent => StatusCode::BAD_REQUEST,
-            Refusal::UnsupportedEvent => StatusCode::OK,
-        }
-    }
-
-    fn message(self) -> &'static str {
+    /// What the answer says.
+    pub fn message(self) -> &'static str {
         match self {
             Refusal::Unsigned => "unsigned delivery: set a secret key on the webhook in Infisical and in ingest.webhook.secrets",
             Refusal::MalformedSignature => "the x-infisical-signature header is not t=<ms>;<hex>",
@@ -349,71 +332,75 @@ impl Seen {
     }
 }
 
-/// Most deliveries taken at once; more are answered 503 at once (Infisical
-/// sends one per change: many at once is someone else).
-const MAX_AT_ONCE: usize = 256;
+/// What became of a verified delivery.
+#[derive(Debug)]
+pub enum Taken {
+    /// Published as this event.
+    Published {
+        /// Its id.
+        id: String,
+        /// Its sequence, when the bus assigns one.
+        sequence: Option<u64>,
+    },
+    /// Taken before: not published again.
+    Duplicate {
+        /// The id it was published as.
+        id: String,
+    },
+    /// Infisical's test delivery: nothing published.
+    Test,
+    /// The bus did not take it (the same delivery may be posted again).
+    Unavailable(String),
+}
 
-/// The receiver: a listener of its own.
+/// The receiver's use case: checking and taking deliveries. HTTP (the
+/// path, the body, the answers) is `http::webhook`'s.
 pub struct Receiver {
     cfg: WebhookConfig,
-    /// Deliveries being taken at once (beyond: 503).
-    taking: tokio::sync::Semaphore,
     ingest: Arc<Ingest>,
     seen: Mutex<Seen>,
     max_event_bytes: usize,
-    body_timeout: Duration,
 }
 
 impl Receiver {
     /// A receiver publishing through `ingest`.
-    pub fn new(
-        cfg: WebhookConfig,
-        ingest: Arc<Ingest>,
-        max_event_bytes: usize,
-        body_timeout: Duration,
-    ) -> Self {
+    pub fn new(cfg: WebhookConfig, ingest: Arc<Ingest>, max_event_bytes: usize) -> Self {
         Self {
             cfg,
-            taking: tokio::sync::Semaphore::new(MAX_AT_ONCE),
             ingest,
             seen: Mutex::new(Seen::default()),
             max_event_bytes,
-            body_timeout,
         }
     }
 
-    async fn receive(&self, req: Request<RequestBody>) -> Result<Value, Refusal> {
-        let signature = req
-            .headers()
-            .get(SIGNATURE_HEADER)
-            .ok_or(Refusal::Unsigned)?;
-        let signature =
-            Signature::parse(signature.as_bytes()).ok_or(Refusal::MalformedSignature)?;
-        let now = now_ms();
-        let skew = u64::try_from(self.cfg.max_skew.as_millis()).unwrap_or(u64::MAX);
-        if now.abs_diff(signature.timestamp) > skew {
+    /// The configuration (path, body bound).
+    pub fn config(&self) -> &WebhookConfig {
+        &self.cfg
+    }
+
+    fn skew_ms(&self) -> u64 {
+        u64::try_from(self.cfg.max_skew.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The signature header, checked before the body is read: present,
+    /// well-formed, and its timestamp within the skew of now.
+    pub fn check_header(&self, header: Option<&[u8]>) -> Result<Signature, Refusal> {
+        let signature = header.ok_or(Refusal::Unsigned)?;
+        let signature = Signature::parse(signature).ok_or(Refusal::MalformedSignature)?;
+        if now_ms().abs_diff(signature.timestamp) > self.skew_ms() {
             return Err(Refusal::Stale);
         }
-        let declared = req
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let body = read_limited(
-            req.into_body(),
-            declared,
-            self.cfg.max_body_bytes,
-            self.body_timeout,
-            &self.ingest.metrics,
-        )
-        .await
-        .map_err(|_| Refusal::Body)?;
+        Ok(signature)
+    }
+
+    /// Takes a delivery whose header passed [`check_header`](Self::check_header).
+    pub async fn take(&self, signature: &Signature, body: &[u8]) -> Result<Taken, Refusal> {
         let scope = self
             .cfg
-            .scope(&body, &signature.mac)
+            .scope(body, &signature.mac)
             .ok_or(Refusal::BadSignature)?;
-        let Some(event) = event_of(&body, &signature, self.max_event_bytes)? else {
-            return Ok(json!({"status": "test delivery received; nothing published"}));
+        let Some(event) = event_of(body, signature, self.max_event_bytes)? else {
+            return Ok(Taken::Test);
         };
         if let Scope::Projects(p) = &scope {
             if !p.contains(&event.key.project.as_str()) {
@@ -421,66 +408,35 @@ impl Receiver {
             }
         }
         self.ingest.received(SourceId::Webhook);
-        let digest: [u8; 32] = Sha256::digest(&body).into();
+        let digest: [u8; 32] = Sha256::digest(body).into();
         let first = self
             .seen
             .lock()
-            .first(digest, signature.timestamp, now, skew);
+            .first(digest, signature.timestamp, now_ms(), self.skew_ms());
         match first {
             None => return Err(Refusal::Busy),
             Some(false) => {
                 self.ingest.duplicate(SourceId::Webhook);
-                return Ok(json!({"status": "duplicate", "id": event.id}));
+                return Ok(Taken::Duplicate { id: event.id });
             }
             Some(true) => {}
         }
         match self.ingest.publish(SourceId::Webhook, event).await {
-            Ok(p) => Ok(json!({"status": "published", "id": p.id, "sequence": p.sequence})),
+            Ok(p) => Ok(Taken::Published {
+                id: p.id,
+                sequence: p.sequence,
+            }),
             Err(e) => {
                 // Not taken: the same delivery may be posted again.
                 self.seen.lock().at.remove(&digest);
-                Ok(json!({"status": "unavailable", "error": e.to_string()}))
+                Ok(Taken::Unavailable(e.to_string()))
             }
         }
     }
-}
 
-impl Handler for Receiver {
-    async fn handle(
-        self: Arc<Self>,
-        req: Request<RequestBody>,
-        _peer: SocketAddr,
-    ) -> Response<HttpBody> {
-        if req.uri().path() != self.cfg.path {
-            return json_response(StatusCode::NOT_FOUND, &json!({"message": "not found"}));
-        }
-        if req.method() != Method::POST {
-            return json_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &json!({"message": "POST the webhook here"}),
-            );
-        }
-        let Ok(_taking) = self.taking.try_acquire() else {
-            self.ingest
-                .dropped(SourceId::Webhook, Refusal::Busy.label());
-            return json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"message": Refusal::Busy.message(), "reason": "busy"}),
-            );
-        };
-        match self.receive(req).await {
-            Ok(v) if v["status"] == "unavailable" => {
-                json_response(StatusCode::SERVICE_UNAVAILABLE, &v)
-            }
-            Ok(v) => json_response(StatusCode::ACCEPTED, &v),
-            Err(r) => {
-                self.ingest.dropped(SourceId::Webhook, r.label());
-                json_response(
-                    r.status(),
-                    &json!({"message": r.message(), "reason": r.label()}),
-                )
-            }
-        }
+    /// Counts a refused delivery.
+    pub fn refused(&self, r: Refusal) {
+        self.ingest.dropped(SourceId::Webhook, r.label());
     }
 }
 
